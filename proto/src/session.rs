@@ -1,0 +1,717 @@
+//! Sans-IO session state machines: which message is legal when, handshake
+//! negotiation and the range checks that keep a peer's indices inside the
+//! guest. The drivers (pager, sender) feed every received message through
+//! `on_recv` before acting on it, so a peer cannot make them act on a message
+//! out of sequence or on a page outside the layout.
+//!
+//! Phases of the control connection, destination view:
+//!
+//! ```text
+//! AwaitHello --Hello--> PreSwitchover --Switchover--> Postcopy --(Complete sent)--> Completing --CompleteAck--> Done
+//!               GuestState, Outstanding*  RangeRequest out, Pages(demand) in
+//! ```
+//!
+//! The source's view mirrors it. The bulk connection has its own small
+//! machine ([`DestBulk`]).
+
+use crate::auth;
+use crate::bitmap::PageBitmap;
+use crate::types::{LayoutError, MemLayout, PageIdx, PageRange, PageSize};
+use crate::wire::{
+    ErrorCode, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, SERVER_FLAG_AUTH_REQUIRED, ServerHello,
+    SourceStats, Tag, VERSION, hello_mac_input,
+};
+
+/// Oldest protocol version this build accepts.
+pub const MIN_VERSION: u16 = 1;
+
+/// Feature bits this build understands (none yet beyond the base protocol).
+pub const SUPPORTED_FEATURES: u64 = 0;
+
+/// A message was illegal for the session, or the peer reported an error.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SessionError {
+    /// The message is not legal in the current phase.
+    #[error("unexpected {tag:?} while {phase}")]
+    Unexpected {
+        /// What arrived.
+        tag: Tag,
+        /// Where we were.
+        phase: &'static str,
+    },
+    /// No protocol version in common.
+    #[error("peer speaks protocol versions {min}..={max}, this build speaks {MIN_VERSION}..={VERSION}")]
+    Version {
+        /// Peer's oldest.
+        min: u16,
+        /// Peer's newest.
+        max: u16,
+    },
+    /// The hello was not authenticated.
+    #[error("hello not authenticated: {0}")]
+    Auth(&'static str),
+    /// The peers disagree about the guest.
+    #[error("peer's guest does not match ours: {0}")]
+    Mismatch(String),
+    /// The layout named in the hello is invalid.
+    #[error("peer sent an invalid memory layout")]
+    Layout(#[from] LayoutError),
+    /// Page indices outside the guest.
+    #[error("{what} names pages {first}..+{n_pages}, guest has {n_pages_total} pages")]
+    OutOfRange {
+        /// Which message.
+        what: &'static str,
+        /// First page.
+        first: u64,
+        /// Count.
+        n_pages: u64,
+        /// Pages in the guest.
+        n_pages_total: u64,
+    },
+    /// A count the peer stated disagrees with what it sent.
+    #[error("{what}: peer said {said}, sent {sent}")]
+    Count {
+        /// What was counted.
+        what: &'static str,
+        /// Stated.
+        said: u64,
+        /// Observed.
+        sent: u64,
+    },
+    /// The peer reported an error and will close.
+    #[error("peer reported {code:?} error: {message}")]
+    Peer {
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+}
+
+impl SessionError {
+    /// The code to send the peer when we fail with this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SessionError::Version { .. } => ErrorCode::Version,
+            SessionError::Auth(_) => ErrorCode::Auth,
+            SessionError::Mismatch(_) | SessionError::Layout(_) => ErrorCode::Mismatch,
+            SessionError::Peer { code, .. } => *code,
+            _ => ErrorCode::Protocol,
+        }
+    }
+}
+
+fn peer_error(msg: &Msg<'_>) -> Option<SessionError> {
+    match msg {
+        Msg::Error { code, message } => Some(SessionError::Peer { code: *code, message: (*message).to_string() }),
+        _ => None,
+    }
+}
+
+fn check_pages(layout: &MemLayout, what: &'static str, first: PageIdx, n_pages: u64) -> Result<(), SessionError> {
+    if layout.contains_range(first, n_pages) {
+        Ok(())
+    } else {
+        Err(SessionError::OutOfRange { what, first: first.0, n_pages, n_pages_total: layout.n_pages() })
+    }
+}
+
+/// What the destination requires of the source's guest, beyond a valid layout.
+#[derive(Clone, Debug, Default)]
+pub struct DestExpect {
+    /// Pre-shared key; when set, the hello must carry a valid MAC.
+    pub key: Option<Vec<u8>>,
+    /// Required guest kind, if the destination was told.
+    pub guest_kind: Option<GuestKind>,
+    /// Required page size, if the destination was told.
+    pub page_size: Option<PageSize>,
+    /// Required total memory in bytes, if the destination was told.
+    pub mem_bytes: Option<u64>,
+}
+
+/// What the destination accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Accepted {
+    /// The guest layout.
+    pub layout: MemLayout,
+    /// Migration mode.
+    pub mode: Mode,
+    /// Guest kind.
+    pub guest_kind: GuestKind,
+    /// Negotiated features.
+    pub features: u64,
+    /// Negotiated version.
+    pub version: u16,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DestPhase {
+    AwaitHello,
+    PreSwitchover,
+    Postcopy,
+    Completing,
+    Done,
+}
+
+impl DestPhase {
+    fn name(self) -> &'static str {
+        match self {
+            DestPhase::AwaitHello => "awaiting hello",
+            DestPhase::PreSwitchover => "before switchover",
+            DestPhase::Postcopy => "in postcopy",
+            DestPhase::Completing => "completing",
+            DestPhase::Done => "done",
+        }
+    }
+}
+
+/// What a legal message means to the destination driver.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DestEvent {
+    /// The hello was accepted; answer with `HelloAck` and set up memory.
+    Accepted(Accepted),
+    /// Store the message's content (state, outstanding words, demand pages).
+    Data,
+    /// All state and outstanding pages are in: evict, arm, resume, acknowledge.
+    SwitchoverReady {
+        /// Outstanding pages (all pages in pure postcopy).
+        outstanding: PageBitmap,
+    },
+    /// A keep-alive; nothing to do but note the peer is alive.
+    KeepAlive,
+    /// The source acknowledged completion: the run is over.
+    Finished(SourceStats),
+}
+
+/// The destination's control-connection state machine.
+#[derive(Debug)]
+pub struct DestSession {
+    phase: DestPhase,
+    expect: DestExpect,
+    nonce: [u8; NONCE_LEN],
+    session: u64,
+    layout: Option<MemLayout>,
+    got_state: bool,
+    outstanding: Option<PageBitmap>,
+}
+
+impl DestSession {
+    /// A session that will challenge with `nonce` and hand out `session` as the
+    /// bulk-connection cookie. Both must be fresh random values.
+    pub fn new(expect: DestExpect, nonce: [u8; NONCE_LEN], session: u64) -> Self {
+        DestSession { phase: DestPhase::AwaitHello, expect, nonce, session, layout: None, got_state: false, outstanding: None }
+    }
+
+    /// The first message to send.
+    pub fn server_hello(&self) -> Msg<'static> {
+        let flags = if self.expect.key.is_some() { SERVER_FLAG_AUTH_REQUIRED } else { 0 };
+        Msg::ServerHello(ServerHello { min_version: MIN_VERSION, max_version: VERSION, flags, nonce: self.nonce })
+    }
+
+    /// The session cookie.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// The accepted layout, once the hello is in.
+    pub fn layout(&self) -> Option<&MemLayout> {
+        self.layout.as_ref()
+    }
+
+    fn accept(&self, h: &Hello) -> Result<Accepted, SessionError> {
+        if h.version < MIN_VERSION || h.version > VERSION {
+            return Err(SessionError::Version { min: h.version, max: h.version });
+        }
+        if let Some(key) = &self.expect.key {
+            if h.mac == [0u8; MAC_LEN] {
+                return Err(SessionError::Auth("the destination requires a key and the hello carries none"));
+            }
+            if !auth::verify_hello_mac(key, &self.nonce, &hello_mac_input(h), &h.mac) {
+                return Err(SessionError::Auth("wrong key"));
+            }
+        }
+        let layout = MemLayout::new(h.page_size, h.regions.clone())?;
+        if let Some(k) = self.expect.guest_kind {
+            if k != h.guest_kind {
+                return Err(SessionError::Mismatch(format!("guest is {:?}, destination expects {k:?}", h.guest_kind)));
+            }
+        }
+        if let Some(ps) = self.expect.page_size {
+            if ps != h.page_size {
+                return Err(SessionError::Mismatch(format!("page size {}, destination expects {ps}", h.page_size)));
+            }
+        }
+        if let Some(bytes) = self.expect.mem_bytes {
+            if bytes != layout.len_bytes() {
+                return Err(SessionError::Mismatch(format!(
+                    "guest has {} bytes, destination expects {bytes}",
+                    layout.len_bytes()
+                )));
+            }
+        }
+        Ok(Accepted {
+            layout,
+            mode: h.mode,
+            guest_kind: h.guest_kind,
+            features: h.features & SUPPORTED_FEATURES,
+            version: h.version,
+        })
+    }
+
+    /// Check a received message and advance.
+    pub fn on_recv(&mut self, msg: &Msg<'_>) -> Result<DestEvent, SessionError> {
+        if let Some(e) = peer_error(msg) {
+            self.phase = DestPhase::Done;
+            return Err(e);
+        }
+        let unexpected = |phase: DestPhase| SessionError::Unexpected { tag: msg.tag(), phase: phase.name() };
+        match (self.phase, msg) {
+            (DestPhase::AwaitHello, Msg::Hello(h)) => {
+                let a = self.accept(h)?;
+                self.outstanding = Some(PageBitmap::new(a.layout.n_pages()));
+                self.layout = Some(a.layout.clone());
+                self.phase = DestPhase::PreSwitchover;
+                Ok(DestEvent::Accepted(a))
+            }
+            (DestPhase::AwaitHello, _) => Err(unexpected(self.phase)),
+            (_, Msg::KeepAlive) => Ok(DestEvent::KeepAlive),
+            (DestPhase::PreSwitchover, Msg::GuestState(_)) if !self.got_state => {
+                self.got_state = true;
+                Ok(DestEvent::Data)
+            }
+            (DestPhase::PreSwitchover, Msg::Outstanding { first_word, words }) => {
+                let bm = self.outstanding.as_mut().expect("set at hello");
+                let mut buf = Vec::with_capacity(words.len());
+                buf.extend(words.iter());
+                let fits = usize::try_from(*first_word).is_ok_and(|w| bm.load_words(w, &buf));
+                if !fits {
+                    return Err(SessionError::OutOfRange {
+                        what: "outstanding bitmap",
+                        first: first_word.saturating_mul(64),
+                        n_pages: words.len() as u64 * 64,
+                        n_pages_total: bm.len(),
+                    });
+                }
+                Ok(DestEvent::Data)
+            }
+            (DestPhase::PreSwitchover, Msg::Switchover { n_outstanding }) => {
+                if !self.got_state {
+                    return Err(unexpected(self.phase));
+                }
+                let bm = self.outstanding.take().expect("set at hello");
+                let sent = bm.count_ones();
+                if sent != *n_outstanding {
+                    return Err(SessionError::Count { what: "outstanding pages", said: *n_outstanding, sent });
+                }
+                self.phase = DestPhase::Postcopy;
+                Ok(DestEvent::SwitchoverReady { outstanding: bm })
+            }
+            (DestPhase::Postcopy | DestPhase::Completing, Msg::Pages { first, n_pages, kind: PageKind::Demand, .. }) => {
+                check_pages(self.layout.as_ref().expect("set at hello"), "demand pages", *first, u64::from(*n_pages))?;
+                Ok(DestEvent::Data)
+            }
+            (DestPhase::Completing, Msg::CompleteAck(s)) => {
+                self.phase = DestPhase::Done;
+                Ok(DestEvent::Finished(*s))
+            }
+            (p, _) => Err(unexpected(p)),
+        }
+    }
+
+    /// We sent Complete; only demand stragglers and CompleteAck may follow.
+    pub fn on_complete_sent(&mut self) {
+        debug_assert_eq!(self.phase, DestPhase::Postcopy);
+        self.phase = DestPhase::Completing;
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BulkPhase {
+    AwaitHello,
+    Streaming,
+    Done,
+}
+
+/// The destination's bulk-connection state machine.
+#[derive(Debug)]
+pub struct DestBulk {
+    phase: BulkPhase,
+    session: u64,
+    layout: MemLayout,
+    pushed: u64,
+    switched: bool,
+}
+
+/// What a legal bulk message means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BulkEvent {
+    /// Connection bound to the session.
+    Bound,
+    /// Install the pages.
+    Pages,
+    /// A precopy round ended.
+    RoundEnd,
+    /// The push is over; the count matched.
+    PushDone,
+}
+
+impl DestBulk {
+    /// A bulk machine for the session `session` over `layout`.
+    pub fn new(session: u64, layout: MemLayout) -> Self {
+        DestBulk { phase: BulkPhase::AwaitHello, session, layout, pushed: 0, switched: false }
+    }
+
+    /// The guest switched over: push pages are legal from now on, precopy pages no longer.
+    pub fn on_switchover(&mut self) {
+        self.switched = true;
+    }
+
+    /// Check a received bulk message.
+    pub fn on_recv(&mut self, msg: &Msg<'_>) -> Result<BulkEvent, SessionError> {
+        if let Some(e) = peer_error(msg) {
+            self.phase = BulkPhase::Done;
+            return Err(e);
+        }
+        let phase = match self.phase {
+            BulkPhase::AwaitHello => "awaiting bulk hello",
+            BulkPhase::Streaming => "streaming",
+            BulkPhase::Done => "done",
+        };
+        match (self.phase, msg) {
+            (BulkPhase::AwaitHello, Msg::BulkHello { version, session }) => {
+                if *version < MIN_VERSION || *version > VERSION {
+                    return Err(SessionError::Version { min: *version, max: *version });
+                }
+                if *session != self.session {
+                    return Err(SessionError::Auth("bulk connection presented an unknown session"));
+                }
+                self.phase = BulkPhase::Streaming;
+                Ok(BulkEvent::Bound)
+            }
+            (BulkPhase::Streaming, Msg::Pages { first, n_pages, kind, .. }) => {
+                let legal = match kind {
+                    PageKind::Precopy => !self.switched,
+                    PageKind::Push => true,
+                    PageKind::Demand => false,
+                };
+                if !legal {
+                    return Err(SessionError::Unexpected { tag: Tag::Pages, phase });
+                }
+                check_pages(&self.layout, "bulk pages", *first, u64::from(*n_pages))?;
+                if *kind == PageKind::Push {
+                    self.pushed += u64::from(*n_pages);
+                }
+                Ok(BulkEvent::Pages)
+            }
+            (BulkPhase::Streaming, Msg::PrecopyRound { .. }) if !self.switched => Ok(BulkEvent::RoundEnd),
+            (BulkPhase::Streaming, Msg::PushDone { n_pushed }) => {
+                if *n_pushed != self.pushed {
+                    return Err(SessionError::Count { what: "pushed pages", said: *n_pushed, sent: self.pushed });
+                }
+                self.phase = BulkPhase::Done;
+                Ok(BulkEvent::PushDone)
+            }
+            (_, m) => Err(SessionError::Unexpected { tag: m.tag(), phase }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SourcePhase {
+    AwaitServerHello,
+    AwaitHelloAck,
+    Ready,
+    AwaitSwitchoverAck,
+    Postcopy,
+    Done,
+}
+
+impl SourcePhase {
+    fn name(self) -> &'static str {
+        match self {
+            SourcePhase::AwaitServerHello => "awaiting server hello",
+            SourcePhase::AwaitHelloAck => "awaiting hello ack",
+            SourcePhase::Ready => "before switchover",
+            SourcePhase::AwaitSwitchoverAck => "awaiting switchover ack",
+            SourcePhase::Postcopy => "in postcopy",
+            SourcePhase::Done => "done",
+        }
+    }
+}
+
+/// What the source asks for in its hello.
+#[derive(Clone, Debug)]
+pub struct SourceOffer {
+    /// Guest kind.
+    pub guest_kind: GuestKind,
+    /// Mode.
+    pub mode: Mode,
+    /// Layout.
+    pub layout: MemLayout,
+    /// Pre-shared key, if any.
+    pub key: Option<Vec<u8>>,
+}
+
+/// What a legal message means to the source driver.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// Send this hello.
+    SendHello(Hello),
+    /// Hello accepted: open the bulk connection with this cookie.
+    Accepted {
+        /// Session cookie.
+        session: u64,
+        /// Accepted features.
+        features: u64,
+    },
+    /// The guest runs on the destination now.
+    Resumed(crate::wire::ResumeTimes),
+    /// Serve the ranges of this request.
+    Request,
+    /// The destination holds every page: acknowledge and release memory.
+    Complete,
+    /// Peer alive.
+    KeepAlive,
+}
+
+/// The source's control-connection state machine.
+#[derive(Debug)]
+pub struct SourceSession {
+    phase: SourcePhase,
+    offer: SourceOffer,
+}
+
+impl SourceSession {
+    /// A new session making `offer`.
+    pub fn new(offer: SourceOffer) -> Self {
+        SourceSession { phase: SourcePhase::AwaitServerHello, offer }
+    }
+
+    /// Check a received message and advance.
+    pub fn on_recv(&mut self, msg: &Msg<'_>) -> Result<SourceEvent, SessionError> {
+        if let Some(e) = peer_error(msg) {
+            self.phase = SourcePhase::Done;
+            return Err(e);
+        }
+        let unexpected = |phase: SourcePhase| SessionError::Unexpected { tag: msg.tag(), phase: phase.name() };
+        match (self.phase, msg) {
+            (SourcePhase::AwaitServerHello, Msg::ServerHello(s)) => {
+                if s.min_version > VERSION || s.max_version < MIN_VERSION {
+                    return Err(SessionError::Version { min: s.min_version, max: s.max_version });
+                }
+                let version = VERSION.min(s.max_version);
+                let mut hello = Hello {
+                    version,
+                    guest_kind: self.offer.guest_kind,
+                    mode: self.offer.mode,
+                    features: SUPPORTED_FEATURES,
+                    page_size: self.offer.layout.page_size(),
+                    regions: self.offer.layout.regions().to_vec(),
+                    mac: [0; MAC_LEN],
+                };
+                match (&self.offer.key, s.flags & SERVER_FLAG_AUTH_REQUIRED != 0) {
+                    (Some(key), _) => hello.mac = auth::hello_mac(key, &s.nonce, &hello_mac_input(&hello)),
+                    (None, true) => return Err(SessionError::Auth("the destination requires a key and none was given")),
+                    (None, false) => {}
+                }
+                self.phase = SourcePhase::AwaitHelloAck;
+                Ok(SourceEvent::SendHello(hello))
+            }
+            (SourcePhase::AwaitHelloAck, Msg::HelloAck { session, features }) => {
+                if features & !SUPPORTED_FEATURES != 0 {
+                    return Err(SessionError::Mismatch(format!("destination accepted features {features:#x} never offered")));
+                }
+                self.phase = SourcePhase::Ready;
+                Ok(SourceEvent::Accepted { session: *session, features: *features })
+            }
+            (SourcePhase::AwaitServerHello | SourcePhase::AwaitHelloAck, _) => Err(unexpected(self.phase)),
+            (_, Msg::KeepAlive) => Ok(SourceEvent::KeepAlive),
+            (SourcePhase::AwaitSwitchoverAck, Msg::SwitchoverAck(t)) => {
+                self.phase = SourcePhase::Postcopy;
+                Ok(SourceEvent::Resumed(*t))
+            }
+            (SourcePhase::Postcopy, Msg::RangeRequest { ranges, .. }) => {
+                for r in ranges.iter() {
+                    check_pages(&self.offer.layout, "range request", r.first, r.n_pages)?;
+                }
+                Ok(SourceEvent::Request)
+            }
+            (SourcePhase::Postcopy, Msg::Complete { n_present }) => {
+                let n = self.offer.layout.n_pages();
+                if *n_present != n {
+                    return Err(SessionError::Count { what: "pages present at completion", said: *n_present, sent: n });
+                }
+                self.phase = SourcePhase::Done;
+                Ok(SourceEvent::Complete)
+            }
+            (p, _) => Err(unexpected(p)),
+        }
+    }
+
+    /// We sent the switchover: the guest is committed to move.
+    pub fn on_switchover_sent(&mut self) {
+        debug_assert_eq!(self.phase, SourcePhase::Ready);
+        self.phase = SourcePhase::AwaitSwitchoverAck;
+    }
+
+    /// Whether the guest has been acknowledged as running on the destination:
+    /// from then on the source must never resume it.
+    pub fn switched_over(&self) -> bool {
+        matches!(self.phase, SourcePhase::Postcopy | SourcePhase::Done)
+    }
+
+    /// Whether the switchover was sent but not acknowledged: the outcome is
+    /// unknown, so the source must neither resume nor drop the guest.
+    pub fn switchover_in_doubt(&self) -> bool {
+        self.phase == SourcePhase::AwaitSwitchoverAck
+    }
+}
+
+/// Validate a page run the driver is about to request or install, for use
+/// outside the machines (e.g. precopy installs).
+pub fn check_range(layout: &MemLayout, what: &'static str, r: PageRange) -> Result<(), SessionError> {
+    check_pages(layout, what, r.first, r.n_pages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{ResumeTimes, encode_ranges, encode_words, range_list, word_list};
+
+    fn layout() -> MemLayout {
+        MemLayout::single(PageSize::Size4K, 128 * 4096).unwrap()
+    }
+
+    fn offer(key: Option<&[u8]>) -> SourceOffer {
+        SourceOffer { guest_kind: GuestKind::Workload, mode: Mode::Postcopy, layout: layout(), key: key.map(<[u8]>::to_vec) }
+    }
+
+    /// Drive both machines through a handshake; returns them ready.
+    fn handshake(key_d: Option<&[u8]>, key_s: Option<&[u8]>) -> Result<(DestSession, SourceSession), SessionError> {
+        let mut d = DestSession::new(DestExpect { key: key_d.map(<[u8]>::to_vec), ..Default::default() }, [5; 16], 77);
+        let mut s = SourceSession::new(offer(key_s));
+        let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello())? else { panic!("no hello") };
+        let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h))? else { panic!("not accepted") };
+        assert_eq!(a.layout, layout());
+        let ack = Msg::HelloAck { session: d.session(), features: a.features };
+        assert_eq!(s.on_recv(&ack)?, SourceEvent::Accepted { session: 77, features: 0 });
+        Ok((d, s))
+    }
+
+    #[test]
+    fn full_sequence() {
+        let (mut d, mut s) = handshake(None, None).unwrap();
+        assert_eq!(d.on_recv(&Msg::GuestState(b"st")).unwrap(), DestEvent::Data);
+        let mut wb = Vec::new();
+        encode_words(&[u64::MAX, 0b1011], &mut wb);
+        assert_eq!(d.on_recv(&Msg::Outstanding { first_word: 0, words: word_list(&wb) }).unwrap(), DestEvent::Data);
+        let ev = d.on_recv(&Msg::Switchover { n_outstanding: 67 }).unwrap();
+        assert!(matches!(ev, DestEvent::SwitchoverReady { outstanding } if outstanding.count_ones() == 67));
+        s.on_switchover_sent();
+        assert!(s.switchover_in_doubt());
+        assert!(matches!(s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default())).unwrap(), SourceEvent::Resumed(_)));
+        assert!(s.switched_over());
+        let mut rb = Vec::new();
+        encode_ranges(&[PageRange::new(PageIdx(3), 4)], &mut rb);
+        assert_eq!(s.on_recv(&Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }).unwrap(), SourceEvent::Request);
+        let data = vec![0; 4096];
+        let demand = Msg::Pages { first: PageIdx(127), n_pages: 1, kind: PageKind::Demand, data: &data };
+        assert_eq!(d.on_recv(&demand).unwrap(), DestEvent::Data);
+        d.on_complete_sent();
+        assert_eq!(s.on_recv(&Msg::Complete { n_present: 128 }).unwrap(), SourceEvent::Complete);
+        assert!(matches!(d.on_recv(&Msg::CompleteAck(SourceStats::default())).unwrap(), DestEvent::Finished(_)));
+    }
+
+    #[test]
+    fn out_of_order_and_out_of_range_are_rejected() {
+        let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
+        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 0 }), Err(SessionError::Unexpected { .. })));
+        let (mut d, mut s) = handshake(None, None).unwrap();
+        // Switchover before the guest state.
+        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 0 }), Err(SessionError::Unexpected { .. })));
+        // Outstanding words past the end of the bitmap (128 pages = 2 words).
+        let (mut d2, _) = handshake(None, None).unwrap();
+        let mut wb = Vec::new();
+        encode_words(&[1, 1], &mut wb);
+        let r = d2.on_recv(&Msg::Outstanding { first_word: 1, words: word_list(&wb) });
+        assert!(matches!(r, Err(SessionError::OutOfRange { .. })));
+        let r = d2.on_recv(&Msg::Outstanding { first_word: u64::MAX, words: word_list(&wb) });
+        assert!(matches!(r, Err(SessionError::OutOfRange { .. })));
+        // A wrong outstanding count.
+        d.on_recv(&Msg::GuestState(b"")).unwrap();
+        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 5 }), Err(SessionError::Count { .. })));
+        // A range request before switchover, then one out of range.
+        let mut rb = Vec::new();
+        encode_ranges(&[PageRange::new(PageIdx(120), 9)], &mut rb);
+        let req = Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) };
+        assert!(matches!(s.on_recv(&req), Err(SessionError::Unexpected { .. })));
+        s.on_switchover_sent();
+        s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default())).unwrap();
+        assert!(matches!(s.on_recv(&req), Err(SessionError::OutOfRange { .. })));
+        // Completion with the wrong count.
+        assert!(matches!(s.on_recv(&Msg::Complete { n_present: 5 }), Err(SessionError::Count { .. })));
+    }
+
+    #[test]
+    fn auth_is_enforced_both_ways() {
+        assert!(handshake(Some(b"k"), Some(b"k")).is_ok());
+        assert!(matches!(handshake(Some(b"k"), Some(b"x")), Err(SessionError::Auth("wrong key"))));
+        assert!(matches!(handshake(Some(b"k"), None), Err(SessionError::Auth(_))));
+        // A hello forged without the key (zero MAC) against a keyed destination.
+        let mut d = DestSession::new(DestExpect { key: Some(b"k".to_vec()), ..Default::default() }, [1; 16], 1);
+        let mut s = SourceSession::new(offer(None));
+        let unkeyed = ServerHello { min_version: 1, max_version: 1, flags: 0, nonce: [1; 16] };
+        let SourceEvent::SendHello(h) = s.on_recv(&Msg::ServerHello(unkeyed)).unwrap() else { panic!() };
+        assert!(matches!(d.on_recv(&Msg::Hello(h)), Err(SessionError::Auth(_))));
+    }
+
+    #[test]
+    fn version_and_mismatch() {
+        let mut s = SourceSession::new(offer(None));
+        let future = ServerHello { min_version: VERSION + 1, max_version: VERSION + 5, flags: 0, nonce: [0; 16] };
+        assert!(matches!(s.on_recv(&Msg::ServerHello(future)), Err(SessionError::Version { .. })));
+        let mut d = DestSession::new(
+            DestExpect { mem_bytes: Some(1 << 30), guest_kind: Some(GuestKind::Vm), ..Default::default() },
+            [0; 16],
+            1,
+        );
+        let mut s = SourceSession::new(offer(None));
+        let SourceEvent::SendHello(mut h) = s.on_recv(&d.server_hello()).unwrap() else { panic!() };
+        let e = d.on_recv(&Msg::Hello(h.clone())).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Mismatch);
+        h.version = VERSION + 1;
+        let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
+        assert!(matches!(d.on_recv(&Msg::Hello(h)), Err(SessionError::Version { .. })));
+    }
+
+    #[test]
+    fn peer_errors_surface() {
+        let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
+        let e = d.on_recv(&Msg::Error { code: ErrorCode::Aborted, message: "bye" }).unwrap_err();
+        assert_eq!(e, SessionError::Peer { code: ErrorCode::Aborted, message: "bye".into() });
+    }
+
+    #[test]
+    fn bulk_machine() {
+        let mut b = DestBulk::new(9, layout());
+        let data = vec![0; 4096];
+        let push = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data };
+        assert!(matches!(b.on_recv(&push), Err(SessionError::Unexpected { .. })));
+        assert!(matches!(b.on_recv(&Msg::BulkHello { version: 1, session: 8 }), Err(SessionError::Auth(_))));
+        let mut b = DestBulk::new(9, layout());
+        assert_eq!(b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap(), BulkEvent::Bound);
+        let pre = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Precopy, data: &data };
+        assert_eq!(b.on_recv(&pre).unwrap(), BulkEvent::Pages);
+        b.on_switchover();
+        assert!(b.on_recv(&pre).is_err(), "precopy pages after switchover");
+        assert_eq!(b.on_recv(&push).unwrap(), BulkEvent::Pages);
+        let far = Msg::Pages { first: PageIdx(128), n_pages: 1, kind: PageKind::Push, data: &data };
+        assert!(matches!(b.on_recv(&far), Err(SessionError::OutOfRange { .. })));
+        assert!(matches!(b.on_recv(&Msg::PushDone { n_pushed: 2 }), Err(SessionError::Count { .. })));
+        let mut b = DestBulk::new(9, layout());
+        b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap();
+        b.on_switchover();
+        b.on_recv(&push).unwrap();
+        assert_eq!(b.on_recv(&Msg::PushDone { n_pushed: 1 }).unwrap(), BulkEvent::PushDone);
+    }
+}

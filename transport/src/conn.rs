@@ -1,0 +1,178 @@
+//! The connection trait every transport implements, and its error type.
+//!
+//! A connection is owned by one thread at a time (`Send`, not `Sync`): the
+//! destination's fault thread owns the control connection, its push receiver
+//! owns the bulk connection, and so on. Nothing here queues data in user
+//! space on the way out: `send*` returns once the kernel (or the peer's queue)
+//! holds the bytes, so a demand reply is never stuck behind our own backlog.
+
+use std::marker::PhantomData;
+use std::os::fd::BorrowedFd;
+use std::time::{Duration, Instant};
+
+use proto::wire::{DecodeError, Msg, PageKind};
+use proto::{HostAddr, PageIdx, PageSize};
+
+/// How long a receive may wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// Return at once if no whole message is buffered or readable.
+    No,
+    /// Wait until this instant at most.
+    Until(Instant),
+}
+
+impl Wait {
+    /// Wait at most `d` from now.
+    pub fn for_(d: Duration) -> Wait {
+        Wait::Until(Instant::now() + d)
+    }
+}
+
+/// Why a transport operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The peer closed the connection (or it was reset).
+    #[error("connection to {peer} closed{}", if *.mid_frame { " in the middle of a frame" } else { "" })]
+    Closed {
+        /// Who the peer was.
+        peer: String,
+        /// Whether a partial frame was pending.
+        mid_frame: bool,
+    },
+    /// A send could not complete in time: the peer stopped reading.
+    #[error("sending to {peer} made no progress for {after:?}")]
+    SendTimeout {
+        /// Who the peer was.
+        peer: String,
+        /// The limit that expired.
+        after: Duration,
+    },
+    /// The peer sent bytes that are not a valid frame.
+    #[error("invalid frame from {peer}")]
+    Decode {
+        /// Who the peer was.
+        peer: String,
+        /// What was wrong.
+        #[source]
+        source: DecodeError,
+    },
+    /// An operating-system call failed.
+    #[error("{op} failed for {peer}")]
+    Io {
+        /// The operation.
+        op: &'static str,
+        /// Who the peer was.
+        peer: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting or accepting did not succeed in time.
+    #[error("{what} timed out after {after:?}")]
+    Timeout {
+        /// What was attempted.
+        what: String,
+        /// The limit.
+        after: Duration,
+    },
+}
+
+/// A span of memory the kernel reads from when sending: guest memory on the
+/// source, which Rust code never dereferences while the guest may write it.
+#[derive(Clone, Copy, Debug)]
+pub struct IoSpan<'a> {
+    ptr: *const u8,
+    len: usize,
+    _life: PhantomData<&'a [u8]>,
+}
+
+impl<'a> IoSpan<'a> {
+    /// A span over a slice.
+    pub fn from_slice(s: &'a [u8]) -> Self {
+        IoSpan { ptr: s.as_ptr(), len: s.len(), _life: PhantomData }
+    }
+
+    /// A span over raw memory.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must stay mapped and readable for `'a`. Concurrent
+    /// writes to it are allowed: only the kernel (or a `copy_nonoverlapping`
+    /// in the in-memory transport) reads it, and a torn page is the caller's
+    /// concern (the source sends a page again if it was dirtied meanwhile).
+    #[allow(unsafe_code)]
+    pub unsafe fn from_raw(addr: HostAddr, len: usize) -> Self {
+        IoSpan { ptr: addr.0 as *const u8, len, _life: PhantomData }
+    }
+
+    /// Start address.
+    pub fn ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the span is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One framed connection.
+pub trait Conn: Send {
+    /// Send one message. Blocks at most the connection's send timeout.
+    fn send(&mut self, msg: &Msg<'_>) -> Result<(), TransportError>;
+
+    /// Send a Pages frame whose data is gathered from `data` (total
+    /// `n_pages * page_size` bytes) without copying it in user space.
+    fn send_pages(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, data: &[IoSpan<'_>]) -> Result<(), TransportError>;
+
+    /// Receive one message, waiting as `wait` allows: `Ok(None)` when nothing
+    /// whole arrived in time.
+    fn recv(&mut self, wait: Wait) -> Result<Option<Msg<'_>>, TransportError>;
+
+    /// Tell the decoder the negotiated page size (Pages frames are rejected
+    /// before it is known).
+    fn set_page_size(&mut self, ps: PageSize);
+
+    /// A descriptor that polls readable when `recv` may have something.
+    fn readiness(&self) -> BorrowedFd<'_>;
+
+    /// Whether a whole frame is already buffered (poll would not say so).
+    fn has_buffered(&self) -> bool;
+
+    /// Bytes sent so far, frames included.
+    fn bytes_sent(&self) -> u64;
+
+    /// Bytes received so far.
+    fn bytes_received(&self) -> u64;
+
+    /// Who the peer is, for messages.
+    fn peer(&self) -> &str;
+}
+
+/// Wait for `fd` to be readable (or writable) until `deadline`; `Ok(false)` on timeout.
+pub(crate) fn poll_fd(fd: BorrowedFd<'_>, writable: bool, deadline: Instant) -> std::io::Result<bool> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let flags = if writable { PollFlags::POLLOUT } else { PollFlags::POLLIN };
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis().min(u128::from(u16::MAX))).unwrap_or(u16::MAX);
+        // Round up so a sub-millisecond remainder still waits.
+        let ms = if left > Duration::ZERO && ms == 0 { 1 } else { ms };
+        let mut fds = [PollFd::new(fd, flags)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) => {
+                if Instant::now() >= deadline {
+                    return Ok(false);
+                }
+            }
+            Ok(_) => return Ok(true),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Moving postcopy frames between the two ends.
+//!
+//! * [`Conn`]: one framed, bidirectional connection owned by one thread. It
+//!   sends whole messages (page data gathered from guest memory without an
+//!   intermediate copy) and hands out received messages that borrow its
+//!   buffer. Every blocking call has a deadline; readiness is exposed as a file
+//!   descriptor so a caller can wait on a connection and a userfaultfd at once.
+//! * [`tcp`]: TCP, for every host.
+//! * [`mem`]: an in-memory pair that can delay, drop, reorder and disconnect,
+//!   for deterministic tests of the session logic.
+//!
+//! RDMA (one-sided writes for the push, reads or requests for faults) will be a
+//! third implementation behind a cargo feature; see DESIGN.md for how it maps
+//! onto this trait.
+
+mod conn;
+mod frames;
+pub mod mem;
+pub mod tcp;
+
+pub use conn::{Conn, IoSpan, TransportError, Wait};

@@ -1,0 +1,397 @@
+//! TCP connections: nonblocking sockets driven with `poll`, frames gathered
+//! with `writev` straight from guest memory, and a receive buffer that decodes
+//! frames in place.
+//!
+//! Both connections use TCP_NODELAY: a range request or a demand reply is
+//! one small write that must leave at once. The bulk connection may set
+//! TCP_NOTSENT_LOWAT so the kernel holds little unsent push data: the pusher
+//! then blocks early and re-reads its restart hint often, instead of having
+//! megabytes committed in the socket when the guest faults elsewhere.
+#![allow(unsafe_code)]
+
+use std::io::{ErrorKind, Read};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::time::{Duration, Instant};
+
+use proto::wire::{self, FrameHeader, HEADER_LEN, Msg, PageKind};
+use proto::{PageIdx, PageSize};
+
+use crate::conn::{Conn, IoSpan, TransportError, Wait, poll_fd};
+use crate::frames::RecvBuf;
+
+/// Tunables of one TCP connection.
+#[derive(Clone, Debug)]
+pub struct TcpOptions {
+    /// A send that makes no progress for this long fails: the peer is gone or stuck.
+    pub send_timeout: Duration,
+    /// TCP_NOTSENT_LOWAT in bytes, if set.
+    pub notsent_lowat: Option<u32>,
+    /// Initial receive buffer in bytes (grows to fit a frame).
+    pub recv_buf: usize,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions { send_timeout: Duration::from_secs(10), notsent_lowat: None, recv_buf: 4 << 20 }
+    }
+}
+
+/// A framed TCP connection.
+pub struct TcpConn {
+    stream: TcpStream,
+    rb: RecvBuf,
+    scratch: Vec<u8>,
+    page_size: Option<PageSize>,
+    peer: String,
+    sent: u64,
+    received: u64,
+    send_timeout: Duration,
+}
+
+impl std::fmt::Debug for TcpConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpConn").field("peer", &self.peer).finish_non_exhaustive()
+    }
+}
+
+fn io_err(op: &'static str, peer: &str, source: std::io::Error) -> TransportError {
+    match source.kind() {
+        ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
+            TransportError::Closed { peer: peer.to_string(), mid_frame: false }
+        }
+        _ => TransportError::Io { op, peer: peer.to_string(), source },
+    }
+}
+
+fn set_int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("small");
+    // SAFETY: `fd` is an open socket for the call's duration; the option value
+    // points at a live c_int of the length passed.
+    let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const v).cast(), len) };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+impl TcpConn {
+    fn from_stream(stream: TcpStream, opts: &TcpOptions) -> std::io::Result<TcpConn> {
+        let peer = stream.peer_addr().map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
+        stream.set_nodelay(true)?;
+        stream.set_nonblocking(true)?;
+        if let Some(lowat) = opts.notsent_lowat {
+            let v = libc::c_int::try_from(lowat).unwrap_or(libc::c_int::MAX);
+            set_int_opt(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
+        }
+        Ok(TcpConn {
+            stream,
+            rb: RecvBuf::new(opts.recv_buf),
+            scratch: Vec::with_capacity(64 * 1024),
+            page_size: None,
+            peer,
+            sent: 0,
+            received: 0,
+            send_timeout: opts.send_timeout,
+        })
+    }
+
+    /// Connect to `addr`, failing after `timeout`.
+    pub fn connect(addr: &str, timeout: Duration, opts: &TcpOptions) -> Result<TcpConn, TransportError> {
+        let addrs: Vec<SocketAddr> = addr
+            .to_socket_addrs()
+            .map_err(|source| TransportError::Io { op: "resolve", peer: addr.to_string(), source })?
+            .collect();
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(s) => {
+                    return TcpConn::from_stream(s, opts)
+                        .map_err(|source| TransportError::Io { op: "configure socket", peer: a.to_string(), source });
+                }
+                Err(e) if e.kind() == ErrorKind::TimedOut => {
+                    last = Some(TransportError::Timeout { what: format!("connecting to {a}"), after: timeout });
+                }
+                Err(source) => last = Some(TransportError::Io { op: "connect", peer: a.to_string(), source }),
+            }
+        }
+        Err(last.unwrap_or_else(|| TransportError::Io {
+            op: "resolve",
+            peer: addr.to_string(),
+            source: std::io::Error::new(ErrorKind::NotFound, "no address"),
+        }))
+    }
+
+    /// Apply TCP_NOTSENT_LOWAT after the fact (the bulk connection is set up
+    /// as a normal one first).
+    pub fn set_notsent_lowat(&mut self, bytes: u32) -> Result<(), TransportError> {
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        set_int_opt(self.stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)
+            .map_err(|source| TransportError::Io { op: "setsockopt TCP_NOTSENT_LOWAT", peer: self.peer.clone(), source })
+    }
+
+    /// Write every byte of `iov`, waiting for room at most `send_timeout` at a
+    /// time (the clock restarts whenever bytes move).
+    fn write_all_vectored(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
+        let mut first = 0;
+        let mut stalled_since: Option<Instant> = None;
+        while first < iov.len() {
+            let cnt = libc::c_int::try_from((iov.len() - first).min(1024)).expect("at most IOV_MAX");
+            // SAFETY: every iovec points at memory the caller keeps readable for
+            // this call (slices it borrows, or IoSpans whose constructor promised
+            // it); the socket fd is open.
+            let n = unsafe { libc::writev(self.stream.as_raw_fd(), iov[first..].as_ptr(), cnt) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    ErrorKind::Interrupted => continue,
+                    ErrorKind::WouldBlock => {
+                        let since = *stalled_since.get_or_insert_with(Instant::now);
+                        let deadline = since + self.send_timeout;
+                        let ready = poll_fd(self.stream.as_fd(), true, deadline)
+                            .map_err(|source| io_err("poll", &self.peer, source))?;
+                        if !ready {
+                            return Err(TransportError::SendTimeout { peer: self.peer.clone(), after: self.send_timeout });
+                        }
+                        continue;
+                    }
+                    _ => return Err(io_err("writev", &self.peer, e)),
+                }
+            }
+            stalled_since = None;
+            let mut n = usize::try_from(n).expect("non-negative");
+            self.sent += n as u64;
+            while n > 0 {
+                let v = &mut iov[first];
+                if n >= v.iov_len {
+                    n -= v.iov_len;
+                    first += 1;
+                } else {
+                    // SAFETY: n < iov_len, so the advanced pointer stays inside
+                    // the same readable span.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                    v.iov_len -= n;
+                    n = 0;
+                }
+            }
+            while first < iov.len() && iov[first].iov_len == 0 {
+                first += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn iovec_of(ptr: *const u8, len: usize) -> libc::iovec {
+    libc::iovec { iov_base: ptr.cast_mut().cast(), iov_len: len }
+}
+
+impl Conn for TcpConn {
+    fn send(&mut self, msg: &Msg<'_>) -> Result<(), TransportError> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        msg.encode(&mut buf);
+        let mut iov = [iovec_of(buf.as_ptr(), buf.len())];
+        let r = self.write_all_vectored(&mut iov);
+        self.scratch = buf;
+        r
+    }
+
+    fn send_pages(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, data: &[IoSpan<'_>]) -> Result<(), TransportError> {
+        let ps = self.page_size.expect("page size set before pages are sent");
+        debug_assert_eq!(data.iter().map(IoSpan::len).sum::<usize>() as u64, u64::from(n_pages) * ps.bytes());
+        let prefix = wire::pages_prefix(first, n_pages, kind, ps);
+        let mut iov = Vec::with_capacity(data.len() + 1);
+        iov.push(iovec_of(prefix.as_ptr(), prefix.len()));
+        iov.extend(data.iter().map(|s| iovec_of(s.ptr(), s.len())));
+        self.write_all_vectored(&mut iov)
+    }
+
+    fn recv(&mut self, wait: Wait) -> Result<Option<Msg<'_>>, TransportError> {
+        let range = loop {
+            match self.rb.take_frame() {
+                Ok(Some(r)) => break r,
+                Ok(None) => {}
+                Err(source) => return Err(TransportError::Decode { peer: self.peer.clone(), source }),
+            }
+            let space = self.rb.space();
+            match (&self.stream).read(space) {
+                Ok(0) => {
+                    return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: self.rb.pending() > 0 });
+                }
+                Ok(n) => {
+                    self.received += n as u64;
+                    self.rb.commit(n);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => match wait {
+                    Wait::No => return Ok(None),
+                    Wait::Until(deadline) => {
+                        let ready = poll_fd(self.stream.as_fd(), false, deadline)
+                            .map_err(|source| io_err("poll", &self.peer, source))?;
+                        if !ready {
+                            return Ok(None);
+                        }
+                    }
+                },
+                Err(e) => return Err(io_err("read", &self.peer, e)),
+            }
+        };
+        let bytes = self.rb.bytes(range);
+        let h = FrameHeader::decode(bytes).expect("validated by take_frame");
+        wire::decode(h, &bytes[HEADER_LEN..], self.page_size)
+            .map(Some)
+            .map_err(|source| TransportError::Decode { peer: self.peer.clone(), source })
+    }
+
+    fn set_page_size(&mut self, ps: PageSize) {
+        self.page_size = Some(ps);
+    }
+
+    fn readiness(&self) -> BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+
+    fn has_buffered(&self) -> bool {
+        self.rb.has_frame()
+    }
+
+    fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.received
+    }
+
+    fn peer(&self) -> &str {
+        &self.peer
+    }
+}
+
+/// A listening socket that hands out framed connections.
+#[derive(Debug)]
+pub struct TcpListen {
+    l: TcpListener,
+    opts: TcpOptions,
+}
+
+impl TcpListen {
+    /// Listen on `addr` (port 0 picks a free port).
+    pub fn bind(addr: &str, opts: TcpOptions) -> Result<TcpListen, TransportError> {
+        let l = TcpListener::bind(addr).map_err(|source| TransportError::Io { op: "bind", peer: addr.to_string(), source })?;
+        l.set_nonblocking(true).map_err(|source| TransportError::Io { op: "listen", peer: addr.to_string(), source })?;
+        Ok(TcpListen { l, opts })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.l.local_addr().expect("a bound listener has an address")
+    }
+
+    /// Accept one connection, waiting at most until `deadline`.
+    pub fn accept(&self, deadline: Instant) -> Result<TcpConn, TransportError> {
+        let me = self.local_addr().to_string();
+        loop {
+            match self.l.accept() {
+                Ok((s, _)) => {
+                    return TcpConn::from_stream(s, &self.opts)
+                        .map_err(|source| TransportError::Io { op: "configure socket", peer: me, source });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    let ready = poll_fd(self.l.as_fd(), false, deadline)
+                        .map_err(|source| TransportError::Io { op: "poll", peer: me.clone(), source })?;
+                    if !ready {
+                        let after = deadline.saturating_duration_since(Instant::now());
+                        return Err(TransportError::Timeout { what: format!("waiting for a connection on {me}"), after });
+                    }
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(source) => return Err(TransportError::Io { op: "accept", peer: me, source }),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (TcpConn, TcpConn) {
+        let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
+        let addr = l.local_addr().to_string();
+        let t = std::thread::spawn(move || TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap());
+        let a = l.accept(Instant::now() + Duration::from_secs(5)).unwrap();
+        (a, t.join().unwrap())
+    }
+
+    #[test]
+    fn messages_and_gathered_pages_cross() {
+        let (mut a, mut b) = pair();
+        a.set_page_size(PageSize::Size4K);
+        b.set_page_size(PageSize::Size4K);
+        let p1 = vec![1u8; 4096];
+        let p2 = vec![2u8; 8192];
+        a.send(&Msg::KeepAlive).unwrap();
+        a.send_pages(PageIdx(9), 3, PageKind::Push, &[IoSpan::from_slice(&p1), IoSpan::from_slice(&p2)]).unwrap();
+        let deadline = Wait::for_(Duration::from_secs(5));
+        assert_eq!(b.recv(deadline).unwrap(), Some(Msg::KeepAlive));
+        match b.recv(deadline).unwrap() {
+            Some(Msg::Pages { first, n_pages, kind, data }) => {
+                assert_eq!((first, n_pages, kind), (PageIdx(9), 3, PageKind::Push));
+                assert!(data[..4096].iter().all(|&x| x == 1) && data[4096..].iter().all(|&x| x == 2));
+            }
+            other => panic!("got {other:?}"),
+        }
+        assert_eq!(b.recv(Wait::No).unwrap(), None);
+        assert_eq!(a.bytes_sent(), b.bytes_received());
+    }
+
+    #[test]
+    fn large_frames_stream_through_a_small_buffer() {
+        let (mut a, mut b) = pair();
+        let blob = vec![7u8; 10 << 20];
+        let t = std::thread::spawn(move || {
+            for _ in 0..3 {
+                a.send(&Msg::GuestState(&blob)).unwrap();
+            }
+            a
+        });
+        for _ in 0..3 {
+            match b.recv(Wait::for_(Duration::from_secs(10))).unwrap() {
+                Some(Msg::GuestState(s)) => assert!(s.len() == 10 << 20 && s.iter().all(|&x| x == 7)),
+                other => panic!("got {:?}", other.map(|m| m.tag())),
+            }
+        }
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn close_garbage_and_timeouts_are_errors() {
+        let (a, mut b) = pair();
+        let t0 = Instant::now();
+        assert_eq!(b.recv(Wait::for_(Duration::from_millis(50))).unwrap(), None);
+        assert!(t0.elapsed() >= Duration::from_millis(50));
+        drop(a);
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(5))), Err(TransportError::Closed { .. })));
+
+        let (a, mut b) = pair();
+        use std::io::Write;
+        (&a.stream).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(5))), Err(TransportError::Decode { .. })));
+
+        // A peer that never reads: the sender gives up after its timeout.
+        let (a, mut b) = pair();
+        b.send_timeout = Duration::from_millis(200);
+        let blob = vec![0u8; 1 << 20];
+        let r = (0..200).try_for_each(|_| b.send(&Msg::GuestState(&blob)));
+        assert!(matches!(r, Err(TransportError::SendTimeout { .. })), "{r:?}");
+        drop(a);
+    }
+
+    #[test]
+    fn refused_connection_is_a_clear_error() {
+        let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
+        let addr = l.local_addr().to_string();
+        drop(l);
+        let e = TcpConn::connect(&addr, Duration::from_secs(2), &TcpOptions::default()).unwrap_err();
+        assert!(e.to_string().contains("connect"), "{e}");
+    }
+}
