@@ -1,1 +1,24 @@
-//! placeholder
+//! Guests for postcopy: what runs on top of guest memory and checks itself.
+//!
+//! * [`memory`]: guest memory regions ([`GuestMemory`]), mapped but never
+//!   populated up front.
+//! * [`workload`]: the workload guest, vCPU threads touching memory with a
+//!   [`pattern`], pausable, migratable through its [`state`].
+//! * [`stamp`]: the self-checking page format and full verification.
+//! * [`rng`]: the generator whose state migrates with the guest.
+//!
+//! The pager and sender never see these types; the CLI adapts them to the
+//! pager's and sender's guest traits.
+#![deny(unsafe_code)]
+
+pub mod memory;
+pub mod pattern;
+pub mod rng;
+pub mod stamp;
+pub mod state;
+pub mod workload;
+
+pub use memory::{GuestMemory, HostRegion, MemoryError};
+pub use pattern::{Pattern, parse_size};
+pub use state::{WorkloadConfig, WorkloadState};
+pub use workload::{GuestStats, Workload, WorkloadError, WorkloadReport};

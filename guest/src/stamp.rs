@@ -1,0 +1,136 @@
+//! The self-checking memory format of the workload guest.
+//!
+//! The first `table_pages` pages hold the *version table*: one u64 per page,
+//! entry `p` the last version written to data page `p`. Every data page holds:
+//!
+//! ```text
+//! word 0        version (equal to table[p] whenever no store is in flight)
+//! word 1        p ^ TAG           (catches a page installed at the wrong index)
+//! words 2..W-1  fill(p, w)        (catches torn or zeroed pages; never changes)
+//! word W-1      version again     (catches a partially copied page)
+//! ```
+//!
+//! A store to page `p` (only by its owner vCPU) writes version v+1 to word 0
+//! and word W-1, then to `table[p]`, all with release ordering. So a reader
+//! that sees `table[p] = t` must see both version words `>= t`; the owner must
+//! see them equal to `t`. A page that comes back stale, zero or from another
+//! index violates one of these. Because every store adds exactly 1 to exactly
+//! one table entry, `sum(table) = n_data + total stores`: a stale *table* page
+//! is caught by the final verification even if it agrees with stale data.
+
+use std::sync::atomic::Ordering;
+
+use proto::PageIdx;
+
+use crate::memory::GuestMemory;
+
+/// Mixed into word 1 so a zero page never looks tagged.
+pub const TAG: u64 = 0x5043_5059_7461_6721;
+
+/// The constant fill of word `w` of page `p`.
+#[inline]
+pub fn fill(p: u64, w: u64) -> u64 {
+    let mut z = p.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ w.wrapping_mul(0xc2b2_ae3d_27d4_eb4f);
+    z = (z ^ (z >> 31)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 29) ^ 1
+}
+
+/// Words per page.
+#[inline]
+pub fn words_per_page(mem: &GuestMemory) -> usize {
+    mem.page_size().bytes_usize() / 8
+}
+
+/// Pages the version table needs for a guest of `n_pages`.
+pub fn table_pages(n_pages: u64, page_bytes: u64) -> u64 {
+    (n_pages * 8).div_ceil(page_bytes)
+}
+
+/// The table entry of data page `p`.
+#[inline]
+pub fn table_word(mem: &GuestMemory, p: u64) -> &std::sync::atomic::AtomicU64 {
+    let per_page = words_per_page(mem) as u64;
+    let w = usize::try_from(p % per_page).expect("word index below words per page");
+    mem.word(PageIdx(p / per_page), w)
+}
+
+/// Write the initial content of every data page (version 1) and its table entry.
+pub fn initialize(mem: &GuestMemory, table_pages: u64) {
+    let n = mem.layout().n_pages();
+    let wpp = words_per_page(mem);
+    for p in table_pages..n {
+        let page = PageIdx(p);
+        mem.word(page, 0).store(1, Ordering::Relaxed);
+        mem.word(page, 1).store(p ^ TAG, Ordering::Relaxed);
+        for w in 2..wpp - 1 {
+            mem.word(page, w).store(fill(p, w as u64), Ordering::Relaxed);
+        }
+        mem.word(page, wpp - 1).store(1, Ordering::Relaxed);
+        table_word(mem, p).store(1, Ordering::Release);
+    }
+}
+
+/// What a full verification found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Pages whose content checked out (data pages, plus the table pages when
+    /// the table's sum matched).
+    pub verified_pages: u64,
+    /// Data pages with wrong content.
+    pub bad_pages: u64,
+    /// Whether `sum(table) == n_data + total stores`.
+    pub table_sum_ok: bool,
+    /// The first few problems, for the error message.
+    pub problems: Vec<String>,
+}
+
+impl VerifyReport {
+    /// Whether every page checked out.
+    pub fn ok(&self) -> bool {
+        self.bad_pages == 0 && self.table_sum_ok
+    }
+}
+
+const MAX_PROBLEMS: usize = 8;
+
+/// Check every page of a stopped guest. `total_stores` is the number of stores
+/// the guest made over its whole life (both hosts).
+pub fn verify(mem: &GuestMemory, table_pages: u64, total_stores: u64) -> VerifyReport {
+    let n = mem.layout().n_pages();
+    let wpp = words_per_page(mem);
+    let mut r = VerifyReport::default();
+    let mut sum: u64 = 0;
+    for p in table_pages..n {
+        let page = PageIdx(p);
+        let t = table_word(mem, p).load(Ordering::Acquire);
+        sum = sum.wrapping_add(t);
+        let w0 = mem.word(page, 0).load(Ordering::Acquire);
+        let wl = mem.word(page, wpp - 1).load(Ordering::Acquire);
+        let tag = mem.word(page, 1).load(Ordering::Relaxed);
+        let mut problem = None;
+        if w0 != t || wl != t {
+            problem = Some(format!("page {p}: version words {w0}/{wl}, table says {t}"));
+        } else if tag != p ^ TAG {
+            problem = Some(format!("page {p}: tag names page {}", tag ^ TAG));
+        } else if let Some(w) = (2..wpp - 1).find(|&w| mem.word(page, w).load(Ordering::Relaxed) != fill(p, w as u64)) {
+            problem = Some(format!("page {p}: fill word {w} corrupt"));
+        }
+        match problem {
+            Some(s) => {
+                r.bad_pages += 1;
+                if r.problems.len() < MAX_PROBLEMS {
+                    r.problems.push(s);
+                }
+            }
+            None => r.verified_pages += 1,
+        }
+    }
+    let expected = (n - table_pages).wrapping_add(total_stores);
+    r.table_sum_ok = sum == expected;
+    if r.table_sum_ok {
+        r.verified_pages += table_pages;
+    } else if r.problems.len() < MAX_PROBLEMS {
+        r.problems.push(format!("version table sums to {sum}, stores say {expected}: a table page is stale"));
+    }
+    r
+}
