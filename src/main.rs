@@ -1,1 +1,41 @@
-fn main() {}
+//! `postcopy`: post-copy live migration of a guest's memory.
+
+use clap::{Parser, Subcommand};
+
+/// Post-copy live-migration paging engine.
+#[derive(Parser, Debug)]
+#[command(name = "postcopy", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Migrate a guest on this machine: destination and source as two processes over loopback.
+    Migrate(postcopy::cmd::MigrateArgs),
+    /// Run the destination: listen, receive the guest, serve its faults.
+    Dest(postcopy::cmd::DestArgs),
+    /// Run the source: start the guest, connect to the destination, migrate it.
+    Source(postcopy::cmd::SourceArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("POSTCOPY_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let r = match &cli.cmd {
+        Cmd::Migrate(a) => postcopy::cmd::migrate(a),
+        Cmd::Dest(a) => postcopy::cmd::dest(a),
+        Cmd::Source(a) => postcopy::cmd::source(a),
+    };
+    match r {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("postcopy: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -297,16 +297,12 @@ impl Workload {
 
     /// Stop every vCPU and collect the report. vCPUs blocked in a userfault
     /// stop when their page arrives.
-    pub fn stop(self) -> WorkloadReport {
-        {
-            let _park = self.shared.park.lock();
-            self.shared.control.store(STOP, Ordering::Release);
-            self.shared.park_cv.notify_all();
-        }
+    pub fn stop(mut self) -> WorkloadReport {
+        self.signal_stop();
         let mut stalls = LatencyHist::new();
         let mut vcpus = Vec::with_capacity(self.threads.len());
         let mut lost = false;
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             match t.join() {
                 Ok(exit) => {
                     stalls.merge(&exit.stalls);
@@ -332,6 +328,22 @@ impl Workload {
             vcpus,
         });
         WorkloadReport { total, here, stalls, violation_log, state }
+    }
+}
+
+impl Workload {
+    fn signal_stop(&self) {
+        let _park = self.shared.park.lock();
+        self.shared.control.store(STOP, Ordering::Release);
+        self.shared.park_cv.notify_all();
+    }
+}
+
+impl Drop for Workload {
+    /// A dropped workload stops its vCPUs (without waiting: a vCPU blocked in
+    /// a userfault stops when its page arrives or the userfaultfd closes).
+    fn drop(&mut self) {
+        self.signal_stop();
     }
 }
 

@@ -154,12 +154,18 @@ impl PageBitmap {
         next_with(from, self.len, value, |w| self.words[w])
     }
 
+    /// First page in `[from, below)` whose bit equals `value`; the search
+    /// reads no word past `below`.
+    pub fn next_with_below(&self, from: u64, below: u64, value: bool) -> Option<PageIdx> {
+        next_with(from, below.min(self.len), value, |w| self.words[w])
+    }
+
     /// The maximal run of pages with bit `value` starting at the first such page
     /// `>= from`, at most `max` long.
     pub fn run_from(&self, from: u64, value: bool, max: u64) -> Option<PageRange> {
         let first = self.next_with(from, value)?;
         let limit = self.len.min(first.0.saturating_add(max));
-        let end = self.next_with(first.0, !value).map_or(limit, |p| p.0.min(limit));
+        let end = self.next_with_below(first.0, limit, !value).map_or(limit, |p| p.0);
         Some(PageRange::new(first, end - first.0))
     }
 
@@ -258,6 +264,17 @@ impl AtomicPageBitmap {
         newly
     }
 
+    /// Clear every page of `r`; returns how many were set before.
+    pub fn clear_range(&self, r: PageRange) -> u64 {
+        debug_assert!(r.end() <= self.len);
+        let mut cleared = 0;
+        for_each_word(r.first.0, r.n_pages, |w, m| {
+            let prev = self.words[w].fetch_and(!m, Ordering::AcqRel);
+            cleared += u64::from((m & prev).count_ones());
+        });
+        cleared
+    }
+
     /// Whether any page of `r` is set.
     pub fn any_in(&self, r: PageRange) -> bool {
         let mut any = false;
@@ -288,12 +305,18 @@ impl AtomicPageBitmap {
         next_with(from, self.len, value, |w| self.load_word(w))
     }
 
+    /// First page in `[from, below)` whose bit equals `value` (snapshot); the
+    /// search reads no word past `below`, so it costs O(below - from).
+    pub fn next_with_below(&self, from: u64, below: u64, value: bool) -> Option<PageIdx> {
+        next_with(from, below.min(self.len), value, |w| self.load_word(w))
+    }
+
     /// The maximal run with bit `value` starting at the first such page `>= from`,
     /// at most `max` long (snapshot).
     pub fn run_from(&self, from: u64, value: bool, max: u64) -> Option<PageRange> {
         let first = self.next_with(from, value)?;
         let limit = self.len.min(first.0.saturating_add(max));
-        let end = self.next_with(first.0, !value).map_or(limit, |p| p.0.min(limit));
+        let end = self.next_with_below(first.0, limit, !value).map_or(limit, |p| p.0);
         Some(PageRange::new(first, end - first.0))
     }
 
@@ -349,6 +372,11 @@ mod tests {
         assert_eq!(a.count_ones(), 121);
         assert_eq!(a.snapshot().count_ones(), 121);
         assert_eq!(a.next_with(0, false), Some(PageIdx(1)));
+        assert_eq!(a.next_with_below(1, 10, true), None);
+        assert_eq!(a.next_with_below(1, 11, true), Some(PageIdx(10)));
+        assert_eq!(a.run_from(5, false, 100), Some(PageRange::new(PageIdx(5), 5)));
+        assert_eq!(a.clear_range(PageRange::new(PageIdx(8), 4)), 2);
+        assert_eq!(a.count_ones(), 119);
     }
 
     proptest! {

@@ -142,6 +142,10 @@ pub struct Accepted {
     pub features: u64,
     /// Negotiated version.
     pub version: u16,
+    /// Prefetch window the source asked for (0: the destination decides).
+    pub prefetch_pages: u32,
+    /// Whether that window is centered on the fault.
+    pub prefetch_around: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +180,8 @@ pub enum DestEvent {
     SwitchoverReady {
         /// Outstanding pages (all pages in pure postcopy).
         outstanding: PageBitmap,
+        /// Precopy rounds the bulk connection must have delivered first.
+        precopy_rounds: u32,
     },
     /// A keep-alive; nothing to do but note the peer is alive.
     KeepAlive,
@@ -255,6 +261,8 @@ impl DestSession {
             guest_kind: h.guest_kind,
             features: h.features & SUPPORTED_FEATURES,
             version: h.version,
+            prefetch_pages: h.prefetch_pages,
+            prefetch_around: h.prefetch_around,
         })
     }
 
@@ -294,7 +302,7 @@ impl DestSession {
                 }
                 Ok(DestEvent::Data)
             }
-            (DestPhase::PreSwitchover, Msg::Switchover { n_outstanding }) => {
+            (DestPhase::PreSwitchover, Msg::Switchover { n_outstanding, precopy_rounds }) => {
                 if !self.got_state {
                     return Err(unexpected(self.phase));
                 }
@@ -304,7 +312,7 @@ impl DestSession {
                     return Err(SessionError::Count { what: "outstanding pages", said: *n_outstanding, sent });
                 }
                 self.phase = DestPhase::Postcopy;
-                Ok(DestEvent::SwitchoverReady { outstanding: bm })
+                Ok(DestEvent::SwitchoverReady { outstanding: bm, precopy_rounds: *precopy_rounds })
             }
             (DestPhase::Postcopy | DestPhase::Completing, Msg::Pages { first, n_pages, kind: PageKind::Demand, .. }) => {
                 check_pages(self.layout.as_ref().expect("set at hello"), "demand pages", *first, u64::from(*n_pages))?;
@@ -450,6 +458,10 @@ pub struct SourceOffer {
     pub layout: MemLayout,
     /// Pre-shared key, if any.
     pub key: Option<Vec<u8>>,
+    /// Prefetch window to ask for (0: the destination decides).
+    pub prefetch_pages: u32,
+    /// Whether that window is centered on the fault.
+    pub prefetch_around: bool,
 }
 
 /// What a legal message means to the source driver.
@@ -506,6 +518,8 @@ impl SourceSession {
                     mode: self.offer.mode,
                     features: SUPPORTED_FEATURES,
                     page_size: self.offer.layout.page_size(),
+                    prefetch_pages: self.offer.prefetch_pages,
+                    prefetch_around: self.offer.prefetch_around,
                     regions: self.offer.layout.regions().to_vec(),
                     mac: [0; MAC_LEN],
                 };
@@ -583,7 +597,14 @@ mod tests {
     }
 
     fn offer(key: Option<&[u8]>) -> SourceOffer {
-        SourceOffer { guest_kind: GuestKind::Workload, mode: Mode::Postcopy, layout: layout(), key: key.map(<[u8]>::to_vec) }
+        SourceOffer {
+            guest_kind: GuestKind::Workload,
+            mode: Mode::Postcopy,
+            layout: layout(),
+            key: key.map(<[u8]>::to_vec),
+            prefetch_pages: 0,
+            prefetch_around: false,
+        }
     }
 
     /// Drive both machines through a handshake; returns them ready.
@@ -605,8 +626,8 @@ mod tests {
         let mut wb = Vec::new();
         encode_words(&[u64::MAX, 0b1011], &mut wb);
         assert_eq!(d.on_recv(&Msg::Outstanding { first_word: 0, words: word_list(&wb) }).unwrap(), DestEvent::Data);
-        let ev = d.on_recv(&Msg::Switchover { n_outstanding: 67 }).unwrap();
-        assert!(matches!(ev, DestEvent::SwitchoverReady { outstanding } if outstanding.count_ones() == 67));
+        let ev = d.on_recv(&Msg::Switchover { n_outstanding: 67, precopy_rounds: 0 }).unwrap();
+        assert!(matches!(ev, DestEvent::SwitchoverReady { outstanding, .. } if outstanding.count_ones() == 67));
         s.on_switchover_sent();
         assert!(s.switchover_in_doubt());
         assert!(matches!(s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default())).unwrap(), SourceEvent::Resumed(_)));
@@ -625,10 +646,10 @@ mod tests {
     #[test]
     fn out_of_order_and_out_of_range_are_rejected() {
         let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
-        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 0 }), Err(SessionError::Unexpected { .. })));
+        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }), Err(SessionError::Unexpected { .. })));
         let (mut d, mut s) = handshake(None, None).unwrap();
         // Switchover before the guest state.
-        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 0 }), Err(SessionError::Unexpected { .. })));
+        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }), Err(SessionError::Unexpected { .. })));
         // Outstanding words past the end of the bitmap (128 pages = 2 words).
         let (mut d2, _) = handshake(None, None).unwrap();
         let mut wb = Vec::new();
@@ -639,7 +660,7 @@ mod tests {
         assert!(matches!(r, Err(SessionError::OutOfRange { .. })));
         // A wrong outstanding count.
         d.on_recv(&Msg::GuestState(b"")).unwrap();
-        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 5 }), Err(SessionError::Count { .. })));
+        assert!(matches!(d.on_recv(&Msg::Switchover { n_outstanding: 5, precopy_rounds: 0 }), Err(SessionError::Count { .. })));
         // A range request before switchover, then one out of range.
         let mut rb = Vec::new();
         encode_ranges(&[PageRange::new(PageIdx(120), 9)], &mut rb);

@@ -45,6 +45,8 @@
 //!                  (bit 0: a pre-shared key is required), nonce [16]
 //! 2  Hello         magic u32, version u16, guest_kind u8, mode u8, features u64,
 //!                  page_size u32, n_regions u16, reserved u16,
+//!                  prefetch_pages u32 (0: the destination decides),
+//!                  prefetch_mode u8 (0 after, 1 around), reserved [3],
 //!                  n_regions x (guest_offset u64, len_bytes u64), mac [32]
 //!                  mac = HMAC-SHA256(key, nonce || body-without-mac), or zeros
 //! 3  HelloAck      session u64, features u64 (the accepted subset)
@@ -54,7 +56,9 @@
 //! 7  GuestState    opaque guest state, <= 16 MiB
 //! 8  Outstanding   first_word u64, words u64 x n (bitmap of outstanding pages,
 //!                  bit i of word w is page 64w+i; n <= 131072)
-//! 9  Switchover    n_outstanding u64 (population count of the bitmap sent)
+//! 9  Switchover    n_outstanding u64 (population count of the bitmap sent),
+//!                  precopy_rounds u32 (rounds sent on the bulk connection; the
+//!                  destination applies them all before resuming), reserved u32
 //! 10 SwitchoverAck restore_ns u64, evict_ns u64, arm_ns u64
 //! 11 RangeRequest  req_id u32, n u32 (1..=4096), n x (first u64, n_pages u32 >= 1)
 //! 12 Pages         first u64, n_pages u32, kind u8, reserved [3],
@@ -172,14 +176,14 @@ impl Tag {
         }
         match self {
             Tag::ServerHello => 28,
-            Tag::Hello => u32_of(24 + 16 * crate::types::MAX_REGIONS as u64 + MAC_LEN as u64),
+            Tag::Hello => u32_of(32 + 16 * crate::types::MAX_REGIONS as u64 + MAC_LEN as u64),
             Tag::HelloAck => 16,
             Tag::BulkHello => 16,
             Tag::Error => 4 + MAX_ERROR_LEN as u32,
             Tag::KeepAlive => 0,
             Tag::GuestState => MAX_STATE_BYTES,
             Tag::Outstanding => 8 + 8 * MAX_OUTSTANDING_WORDS,
-            Tag::Switchover => 8,
+            Tag::Switchover => 16,
             Tag::SwitchoverAck => 24,
             Tag::RangeRequest => 8 + 12 * MAX_REQUEST_RANGES,
             Tag::Pages => u32_of(PAGES_PREFIX_LEN as u64 + MAX_RUN_BYTES),
@@ -421,6 +425,11 @@ pub struct Hello {
     pub features: u64,
     /// Guest page size.
     pub page_size: PageSize,
+    /// Pages per fault the source asks the destination to request (0: the
+    /// destination decides).
+    pub prefetch_pages: u32,
+    /// Whether that window is centered on the fault (else after it).
+    pub prefetch_around: bool,
     /// Guest regions (at most `MAX_REGIONS`).
     pub regions: Vec<RegionDesc>,
     /// HMAC over the nonce and the rest of the body, or zeros.
@@ -546,6 +555,8 @@ pub enum Msg<'a> {
     Switchover {
         /// Pages outstanding in total.
         n_outstanding: u64,
+        /// Precopy rounds sent before it on the bulk connection.
+        precopy_rounds: u32,
     },
     /// See module doc.
     SwitchoverAck(ResumeTimes),
@@ -695,12 +706,30 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
             if rd.u16()? != 0 {
                 return Err(DecodeError::Reserved(tag));
             }
+            let prefetch_pages = rd.u32()?;
+            let pm = rd.u8()?;
+            if pm > 1 {
+                return Err(DecodeError::Invalid { tag, field: "prefetch_mode", value: pm.into() });
+            }
+            if rd.array::<3>()? != [0; 3] {
+                return Err(DecodeError::Reserved(tag));
+            }
             let mut regions = Vec::with_capacity(usize::from(n));
             for _ in 0..n {
                 regions.push(RegionDesc { guest: GuestOffset(rd.u64()?), len_bytes: rd.u64()? });
             }
             let mac = rd.array::<MAC_LEN>()?;
-            Msg::Hello(Hello { version, guest_kind, mode, features, page_size, regions, mac })
+            Msg::Hello(Hello {
+                version,
+                guest_kind,
+                mode,
+                features,
+                page_size,
+                prefetch_pages,
+                prefetch_around: pm == 1,
+                regions,
+                mac,
+            })
         }
         Tag::HelloAck => Msg::HelloAck { session: rd.u64()?, features: rd.u64()? },
         Tag::BulkHello => {
@@ -735,7 +764,14 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
             }
             Msg::Outstanding { first_word, words: WordList(rest) }
         }
-        Tag::Switchover => Msg::Switchover { n_outstanding: rd.u64()? },
+        Tag::Switchover => {
+            let n_outstanding = rd.u64()?;
+            let precopy_rounds = rd.u32()?;
+            if rd.u32()? != 0 {
+                return Err(DecodeError::Reserved(tag));
+            }
+            Msg::Switchover { n_outstanding, precopy_rounds }
+        }
         Tag::SwitchoverAck => {
             Msg::SwitchoverAck(ResumeTimes { restore_ns: rd.u64()?, evict_ns: rd.u64()?, arm_ns: rd.u64()? })
         }
@@ -829,7 +865,7 @@ fn len_u32(n: usize) -> u32 {
 
 /// The Hello body without its MAC: what the MAC covers.
 pub fn hello_mac_input(h: &Hello) -> Vec<u8> {
-    let mut out = Vec::with_capacity(24 + 16 * h.regions.len());
+    let mut out = Vec::with_capacity(32 + 16 * h.regions.len());
     put_u32(&mut out, MAGIC);
     put_u16(&mut out, h.version);
     out.push(h.guest_kind as u8);
@@ -838,6 +874,8 @@ pub fn hello_mac_input(h: &Hello) -> Vec<u8> {
     put_u32(&mut out, len_u32(h.page_size.bytes_usize()));
     put_u16(&mut out, u16::try_from(h.regions.len()).expect("regions bounded by MAX_REGIONS"));
     put_u16(&mut out, 0);
+    put_u32(&mut out, h.prefetch_pages);
+    out.extend_from_slice(&[u8::from(h.prefetch_around), 0, 0, 0]);
     for r in &h.regions {
         put_u64(&mut out, r.guest.0);
         put_u64(&mut out, r.len_bytes);
@@ -928,7 +966,11 @@ impl Msg<'_> {
                 put_u64(out, *first_word);
                 out.extend_from_slice(words.0);
             }
-            Msg::Switchover { n_outstanding } => put_u64(out, *n_outstanding),
+            Msg::Switchover { n_outstanding, precopy_rounds } => {
+                put_u64(out, *n_outstanding);
+                put_u32(out, *precopy_rounds);
+                put_u32(out, 0);
+            }
             Msg::SwitchoverAck(t) => {
                 put_u64(out, t.restore_ns);
                 put_u64(out, t.evict_ns);
@@ -1032,6 +1074,8 @@ mod tests {
             mode: Mode::Hybrid,
             features: 0,
             page_size: PageSize::Size4K,
+            prefetch_pages: 8,
+            prefetch_around: true,
             regions: vec![
                 RegionDesc { guest: GuestOffset(0), len_bytes: 1 << 30 },
                 RegionDesc { guest: GuestOffset(1 << 32), len_bytes: 1 << 20 },
@@ -1056,7 +1100,7 @@ mod tests {
             Msg::KeepAlive,
             Msg::GuestState(b"state bytes"),
             Msg::Outstanding { first_word: 17, words: word_list(&wb) },
-            Msg::Switchover { n_outstanding: 12345 },
+            Msg::Switchover { n_outstanding: 12345, precopy_rounds: 3 },
             Msg::SwitchoverAck(ResumeTimes { restore_ns: 1, evict_ns: 2, arm_ns: 3 }),
             Msg::RangeRequest { req_id: 9, ranges: range_list(&rb) },
             Msg::Pages { first: PageIdx(77), n_pages: 2, kind: PageKind::Demand, data: &data },
@@ -1203,7 +1247,7 @@ mod tests {
         #[test]
         fn hello_round_trip(n in 1usize..=64, version in any::<u16>(), features in any::<u64>(), mac in any::<[u8; 32]>()) {
             let regions = (0..n as u64).map(|i| RegionDesc { guest: GuestOffset(i << 32), len_bytes: (i + 1) * 4096 }).collect();
-            let m = Msg::Hello(Hello { version, guest_kind: GuestKind::Workload, mode: Mode::Postcopy, features, page_size: PageSize::Size2M, regions, mac });
+            let m = Msg::Hello(Hello { version, guest_kind: GuestKind::Workload, mode: Mode::Postcopy, features, page_size: PageSize::Size2M, prefetch_pages: version.into(), prefetch_around: false, regions, mac });
             let f = m.to_frame();
             let (back, _) = decode_frame(&f, PS).unwrap().unwrap();
             prop_assert_eq!(back, m);

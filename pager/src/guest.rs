@@ -1,0 +1,28 @@
+//! What the pager needs from the guest it serves, whoever built it.
+
+use proto::{HostAddr, PageRange};
+
+/// A failure reported by the guest side.
+pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The destination's view of a guest.
+///
+/// # Safety
+/// `regions()` must return, in layout order, the start of one private
+/// anonymous mapping per layout region, exactly as long as the region, that
+/// stays mapped for as long as the guest object lives and that nothing but the
+/// guest's own vCPUs reads or writes meanwhile: the pager registers these
+/// ranges with userfaultfd and the kernel writes pages into them.
+#[allow(unsafe_code)]
+pub unsafe trait DestGuest {
+    /// Where each region's memory starts.
+    fn regions(&self) -> Vec<HostAddr>;
+
+    /// Restore the guest from `state` and let its vCPUs run. Memory may still
+    /// be missing: vCPUs fault on it and wait.
+    fn resume(&mut self, state: &[u8]) -> Result<(), GuestError>;
+
+    /// Drop pages held from precopy that were dirtied again on the source, so
+    /// the guest faults on them.
+    fn evict(&self, pages: PageRange) -> Result<(), GuestError>;
+}

@@ -1,0 +1,452 @@
+//! The destination's whole run: handshake, guest memory registration,
+//! switchover, the fault loop and the bulk receiver, completion.
+//!
+//! Threads: the caller's thread runs the handshake and then the fault loop;
+//! one more thread receives the bulk connection. They share an [`Installer`]
+//! and a [`Shared`] block of flags. Any failure of either ends the run with
+//! an error (sent to the source too, best effort): a pager that cannot serve
+//! faults must not leave the guest hanging without saying so.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use proto::session::{Accepted, DestBulk, DestEvent, DestExpect, DestSession, SessionError};
+use proto::wire::{ErrorCode, Msg, ResumeTimes, SourceStats};
+use proto::{LatencyHist, PageBitmap, PageIdx, PageRange};
+use transport::{Conn, TransportError, Wait};
+
+use crate::fault::FaultLoop;
+use crate::guest::{DestGuest, GuestError};
+use crate::install::{GuestMap, Installer};
+use crate::metrics::PagerMetrics;
+use crate::planner::{Prefetch, PrefetchMode};
+use crate::uffd::{UffdError, Userfault};
+
+/// Why the destination's run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    /// A connection failed.
+    #[error("connection to the source failed")]
+    Transport(#[from] TransportError),
+    /// The source broke the protocol, or reported an error.
+    #[error("session with the source failed")]
+    Session(#[from] SessionError),
+    /// userfaultfd failed.
+    #[error("userfaultfd failed")]
+    Uffd(#[from] UffdError),
+    /// The guest failed.
+    #[error("guest failed: {0}")]
+    Guest(GuestError),
+    /// Nothing arrived from the source for too long.
+    #[error("no data from the source for {0:?}: presumed dead")]
+    PeerSilent(Duration),
+    /// A step did not finish in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// A fault arrived for memory that is not the guest's.
+    #[error("fault at {0:#x}, outside guest memory")]
+    StrayFault(usize),
+    /// poll failed.
+    #[error("poll failed")]
+    Poll(#[source] nix::Error),
+    /// The bulk receiver failed.
+    #[error("bulk connection failed")]
+    Bulk(#[source] Box<PagerError>),
+}
+
+impl PagerError {
+    fn code(&self) -> ErrorCode {
+        match self {
+            PagerError::Session(e) => e.code(),
+            _ => ErrorCode::Internal,
+        }
+    }
+}
+
+/// How the destination behaves.
+#[derive(Clone, Debug)]
+pub struct PagerConfig {
+    /// Pages asked for per fault; `None` takes what the source asked for
+    /// (and the default if it asked for nothing).
+    pub prefetch: Option<Prefetch>,
+    /// What the source must offer.
+    pub expect: DestExpect,
+    /// Longest wait for the hello and the bulk connection.
+    pub handshake_timeout: Duration,
+    /// The source is presumed dead after this long without a byte.
+    pub peer_timeout: Duration,
+    /// Send a keep-alive when idle this long.
+    pub keepalive: Duration,
+    /// Ask again for pages whose reply has not come after this long.
+    pub retry_after: Duration,
+}
+
+impl Default for PagerConfig {
+    fn default() -> Self {
+        PagerConfig {
+            prefetch: None,
+            expect: DestExpect::default(),
+            handshake_timeout: Duration::from_secs(30),
+            peer_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_millis(250),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Flags shared by the fault loop and the bulk receiver.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    epoch: Instant,
+    abort: AtomicBool,
+    switched: AtomicBool,
+    push_done: AtomicBool,
+    rounds_done: AtomicU32,
+    bulk_last_rx_ms: AtomicU64,
+    bulk_failed: AtomicBool,
+    bulk_error: Mutex<Option<PagerError>>,
+}
+
+impl Shared {
+    fn new() -> Self {
+        Shared {
+            epoch: Instant::now(),
+            abort: AtomicBool::new(false),
+            switched: AtomicBool::new(false),
+            push_done: AtomicBool::new(false),
+            rounds_done: AtomicU32::new(0),
+            bulk_last_rx_ms: AtomicU64::new(0),
+            bulk_failed: AtomicBool::new(false),
+            bulk_error: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn aborted(&self) -> bool {
+        self.abort.load(Ordering::Acquire)
+    }
+    pub(crate) fn switched(&self) -> bool {
+        self.switched.load(Ordering::Acquire)
+    }
+    pub(crate) fn push_done(&self) -> bool {
+        self.push_done.load(Ordering::Acquire)
+    }
+    pub(crate) fn set_push_done(&self) {
+        self.push_done.store(true, Ordering::Release);
+    }
+    pub(crate) fn round_done(&self) {
+        self.rounds_done.fetch_add(1, Ordering::AcqRel);
+    }
+    pub(crate) fn touch_bulk(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.bulk_last_rx_ms.store(ms, Ordering::Relaxed);
+    }
+    pub(crate) fn bulk_last_rx(&self) -> Instant {
+        self.epoch + Duration::from_millis(self.bulk_last_rx_ms.load(Ordering::Relaxed))
+    }
+    pub(crate) fn fail_bulk(&self, e: PagerError) {
+        *self.bulk_error.lock() = Some(e);
+        self.bulk_failed.store(true, Ordering::Release);
+    }
+    /// Surface a bulk receiver failure in the caller's thread.
+    pub(crate) fn check_bulk(&self) -> Result<(), PagerError> {
+        if self.bulk_failed.load(Ordering::Acquire) {
+            let e = self.bulk_error.lock().take();
+            return Err(PagerError::Bulk(Box::new(e.unwrap_or(PagerError::Timeout { what: "bulk error", after: Duration::ZERO }))));
+        }
+        Ok(())
+    }
+}
+
+/// What the destination measured.
+#[derive(Clone, Debug)]
+pub struct PagerReport {
+    /// What was negotiated.
+    pub accepted: Accepted,
+    /// The prefetch window in force.
+    pub prefetch: Prefetch,
+    /// Pages outstanding at switchover.
+    pub outstanding_pages: u64,
+    /// First byte of the handshake to the completion acknowledgement.
+    pub total_time: Duration,
+    /// Switchover received to guest resumed.
+    pub resume_time: Duration,
+    /// Guest resumed to every page present.
+    pub postcopy_time: Duration,
+    /// The parts of the destination's downtime.
+    pub resume: ResumeTimes,
+    /// The source's figures.
+    pub source: SourceStats,
+    /// Fault latency (event read to page installed).
+    pub fault_latency: LatencyHist,
+    /// Block time per faulting thread id, ns.
+    pub blocktime_ns: Vec<(u32, u64)>,
+}
+
+/// A finished run: the guest (running on, all memory local) and the report.
+pub struct Outcome<G> {
+    /// The guest.
+    pub guest: G,
+    /// The figures.
+    pub report: PagerReport,
+}
+
+fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the OS random source works");
+    u64::from_le_bytes(b)
+}
+
+/// Best effort: tell the source why we stop.
+fn send_error(conn: &mut dyn Conn, e: &PagerError) {
+    let text = format!("destination: {}", error_chain(e));
+    let _ = conn.send(&Msg::Error { code: e.code(), message: &text });
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Run the destination side over `control` (already connected); the bulk
+/// connection comes from `accept_bulk`; `make_guest` builds the guest (and
+/// its memory) once the layout is known.
+pub fn run<G: DestGuest>(
+    mut control: Box<dyn Conn>,
+    accept_bulk: impl FnOnce(Instant) -> Result<Box<dyn Conn>, TransportError>,
+    make_guest: impl FnOnce(&Accepted) -> Result<G, GuestError>,
+    cfg: &PagerConfig,
+    metrics: Arc<PagerMetrics>,
+) -> Result<Outcome<G>, PagerError> {
+    let mut nonce = [0u8; 16];
+    getrandom::fill(&mut nonce).expect("the OS random source works");
+    let mut session = DestSession::new(cfg.expect.clone(), nonce, random_u64());
+    let mut run = Run { control: &mut *control, session: &mut session, cfg, metrics, started: Instant::now() };
+    match run.go(accept_bulk, make_guest) {
+        Ok(o) => Ok(o),
+        Err(e) => {
+            send_error(&mut *control, &e);
+            Err(e)
+        }
+    }
+}
+
+struct Run<'a> {
+    control: &'a mut dyn Conn,
+    session: &'a mut DestSession,
+    cfg: &'a PagerConfig,
+    metrics: Arc<PagerMetrics>,
+    started: Instant,
+}
+
+/// Stops the bulk receiver when the run ends, however it ends.
+struct BulkGuard {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for BulkGuard {
+    fn drop(&mut self) {
+        self.shared.abort.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Run<'_> {
+    fn go<G: DestGuest>(
+        &mut self,
+        accept_bulk: impl FnOnce(Instant) -> Result<Box<dyn Conn>, TransportError>,
+        make_guest: impl FnOnce(&Accepted) -> Result<G, GuestError>,
+    ) -> Result<Outcome<G>, PagerError> {
+        self.control.send(&self.session.server_hello())?;
+        let accepted = self.await_hello()?;
+        let layout = accepted.layout.clone();
+        self.control.set_page_size(layout.page_size());
+        let mut guest = make_guest(&accepted).map_err(PagerError::Guest)?;
+
+        // Register all of guest memory before the guest can run: every page is
+        // missing until installed.
+        let uffd = Userfault::new()?;
+        let map = GuestMap::new(layout.clone(), guest.regions());
+        for (base, len) in map.spans() {
+            uffd.register(base, len)?;
+        }
+        let inst = Arc::new(Installer::new(uffd, map, Arc::clone(&self.metrics)));
+        self.control.send(&Msg::HelloAck { session: self.session.session(), features: accepted.features })?;
+
+        let deadline = Instant::now() + self.cfg.handshake_timeout;
+        let mut bulk = accept_bulk(deadline)?;
+        bulk.set_page_size(layout.page_size());
+        let mut bulk_session = DestBulk::new(self.session.session(), layout.clone());
+        match bulk.recv(Wait::Until(deadline))? {
+            Some(m) => {
+                bulk_session.on_recv(&m)?;
+            }
+            None => return Err(PagerError::Timeout { what: "bulk connection hello", after: self.cfg.handshake_timeout }),
+        }
+        let shared = Arc::new(Shared::new());
+        shared.touch_bulk();
+        let thread = {
+            let (inst, shared, metrics) = (Arc::clone(&inst), Arc::clone(&shared), Arc::clone(&self.metrics));
+            std::thread::Builder::new()
+                .name("pager-bulk".into())
+                .spawn(move || crate::bulk::run(bulk, bulk_session, inst, shared, metrics))
+                .map_err(|e| PagerError::Guest(Box::new(e)))?
+        };
+        let _bulk = BulkGuard { shared: Arc::clone(&shared), thread: Some(thread) };
+
+        let (state, outstanding, rounds) = self.await_switchover(&shared)?;
+        let t_switch = Instant::now();
+        self.wait_rounds(&shared, rounds)?;
+        let resume = self.switch(&mut guest, &inst, &state, &outstanding)?;
+        shared.switched.store(true, Ordering::Release);
+        let t_resumed = Instant::now();
+        self.control.send(&Msg::SwitchoverAck(resume))?;
+
+        let prefetch = self.cfg.prefetch.unwrap_or(match accepted.prefetch_pages {
+            0 => Prefetch::default(),
+            pages => Prefetch { pages, mode: if accepted.prefetch_around { PrefetchMode::Around } else { PrefetchMode::After } },
+        });
+        let source = FaultLoop {
+            prefetch,
+            conn: &mut *self.control,
+            session: &mut *self.session,
+            inst: &inst,
+            shared: &shared,
+            cfg: self.cfg,
+            metrics: &self.metrics,
+        }
+        .run()?;
+        let postcopy_time = t_resumed.elapsed();
+        drop(_bulk);
+        // Every page is present: the guest runs on without userfaultfd.
+        for (base, len) in inst.map().spans() {
+            inst.uffd().unregister(base, len)?;
+        }
+        let fault_latency = self.metrics.fault_latency.lock().clone();
+        let blocktime_ns = self.metrics.blocktime_ns.lock().iter().map(|(k, v)| (*k, *v)).collect();
+        let report = PagerReport {
+            accepted,
+            prefetch,
+            outstanding_pages: outstanding.count_ones(),
+            total_time: self.started.elapsed(),
+            resume_time: t_resumed.duration_since(t_switch),
+            postcopy_time,
+            resume,
+            source,
+            fault_latency,
+            blocktime_ns,
+        };
+        Ok(Outcome { guest, report })
+    }
+
+    fn await_hello(&mut self) -> Result<Accepted, PagerError> {
+        let deadline = Instant::now() + self.cfg.handshake_timeout;
+        loop {
+            let Some(msg) = self.control.recv(Wait::Until(deadline))? else {
+                return Err(PagerError::Timeout { what: "the source's hello", after: self.cfg.handshake_timeout });
+            };
+            match self.session.on_recv(&msg)? {
+                DestEvent::Accepted(a) => return Ok(a),
+                DestEvent::KeepAlive => {}
+                _ => unreachable!("the session accepts only a hello first"),
+            }
+        }
+    }
+
+    /// Collect the guest state and outstanding set until Switchover, keeping
+    /// the source alive meanwhile (precopy may run for a long time).
+    fn await_switchover(&mut self, shared: &Shared) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
+        let mut state = Vec::new();
+        let mut last_rx = Instant::now();
+        let mut last_tx = Instant::now();
+        loop {
+            shared.check_bulk()?;
+            let now = Instant::now();
+            if now.duration_since(last_rx.max(shared.bulk_last_rx())) > self.cfg.peer_timeout {
+                return Err(PagerError::PeerSilent(self.cfg.peer_timeout));
+            }
+            if now.duration_since(last_tx) >= self.cfg.keepalive {
+                self.control.send(&Msg::KeepAlive)?;
+                last_tx = now;
+            }
+            let Some(msg) = self.control.recv(Wait::for_(self.cfg.keepalive))? else { continue };
+            last_rx = Instant::now();
+            match self.session.on_recv(&msg)? {
+                DestEvent::Data => {
+                    if let Msg::GuestState(s) = msg {
+                        state = s.to_vec();
+                    }
+                }
+                DestEvent::KeepAlive => {}
+                DestEvent::SwitchoverReady { outstanding, precopy_rounds } => {
+                    return Ok((state, outstanding, precopy_rounds));
+                }
+                DestEvent::Accepted(_) | DestEvent::Finished(_) => unreachable!("rejected by the session before switchover"),
+            }
+        }
+    }
+
+    /// Every precopy round must be installed before the guest runs here.
+    fn wait_rounds(&self, shared: &Shared, rounds: u32) -> Result<(), PagerError> {
+        let deadline = Instant::now() + self.cfg.peer_timeout;
+        while shared.rounds_done.load(Ordering::Acquire) < rounds {
+            shared.check_bulk()?;
+            if Instant::now() > deadline {
+                return Err(PagerError::Timeout { what: "the last precopy round", after: self.cfg.peer_timeout });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    /// Evict outstanding pages held from precopy, resume the guest.
+    fn switch<G: DestGuest>(
+        &mut self,
+        guest: &mut G,
+        inst: &Installer,
+        state: &[u8],
+        outstanding: &PageBitmap,
+    ) -> Result<ResumeTimes, PagerError> {
+        let t0 = Instant::now();
+        let mut evicted = 0;
+        for r in outstanding.runs() {
+            // Only pages we hold need dropping; the rest are missing already.
+            let mut at = r.first.0;
+            while let Some(p) = inst.present().next_with_below(at, r.end(), true) {
+                let end = inst.present().next_with_below(p.0, r.end(), false).map_or(r.end(), |q| q.0);
+                let piece = PageRange::new(PageIdx(p.0), end - p.0);
+                inst.unmark_present(piece);
+                guest.evict(piece).map_err(PagerError::Guest)?;
+                evicted += piece.n_pages;
+                at = end;
+            }
+        }
+        // Pages never sent in precopy but not outstanding cannot exist: the
+        // source names every page it did not send as outstanding.
+        let t1 = Instant::now();
+        guest.resume(state).map_err(PagerError::Guest)?;
+        let t2 = Instant::now();
+        tracing::debug!(evicted, "switchover: guest resumed");
+        Ok(ResumeTimes {
+            restore_ns: u64::try_from(t2.duration_since(t1).as_nanos()).unwrap_or(u64::MAX),
+            evict_ns: u64::try_from(t1.duration_since(t0).as_nanos()).unwrap_or(u64::MAX),
+            arm_ns: 0,
+        })
+    }
+}

@@ -1,0 +1,42 @@
+//! What the sender needs from the guest it migrates.
+
+use proto::wire::GuestKind;
+use proto::{HostAddr, MemLayout, PageBitmap};
+
+/// A failure reported by the guest side.
+pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The source's view of a guest.
+///
+/// # Safety
+/// `regions()` must return, in layout order, the start of one mapping per
+/// region of `layout()`, exactly as long as the region, that stays mapped and
+/// readable for as long as the guest object lives: the kernel reads pages
+/// from these addresses while sending.
+#[allow(unsafe_code)]
+pub unsafe trait SourceGuest {
+    /// What kind of guest this is (the destination must build the same).
+    fn kind(&self) -> GuestKind;
+
+    /// Memory layout.
+    fn layout(&self) -> &MemLayout;
+
+    /// Where each region's memory starts.
+    fn regions(&self) -> Vec<HostAddr>;
+
+    /// Stop the vCPUs and return the guest's state. Memory must not change
+    /// after this returns, until `unpause`.
+    fn pause(&mut self) -> Result<Vec<u8>, GuestError>;
+
+    /// Let the vCPUs run again (the migration failed before switchover).
+    fn unpause(&mut self) -> Result<(), GuestError>;
+
+    /// Begin tracking written pages: every page written after this call is
+    /// reported by the next `collect_dirty`.
+    fn start_dirty_tracking(&mut self) -> Result<(), GuestError>;
+
+    /// Add the pages written since the previous call (or since tracking
+    /// started) to `into`, and re-arm tracking for them. Called before the
+    /// pages are copied, so a write during the copy shows up next time.
+    fn collect_dirty(&mut self, into: &mut PageBitmap) -> Result<(), GuestError>;
+}

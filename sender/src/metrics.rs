@@ -1,0 +1,34 @@
+//! The sender's counters (relaxed atomics, read for progress and reports).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Source-side counters.
+#[derive(Debug, Default)]
+pub struct SenderMetrics {
+    /// Range requests received.
+    pub requests: AtomicU64,
+    /// Pages sent in answer to requests.
+    pub pages_demand: AtomicU64,
+    /// Pages sent by the background push.
+    pub pages_pushed: AtomicU64,
+    /// Pages sent in precopy rounds.
+    pub pages_precopy: AtomicU64,
+    /// Times the push moved its cursor to a requested range.
+    pub push_restarts: AtomicU64,
+    /// Bytes written on both connections.
+    pub bytes_sent: AtomicU64,
+}
+
+impl SenderMetrics {
+    /// Add to a counter.
+    #[inline]
+    pub fn add(c: &AtomicU64, n: u64) {
+        c.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Read a counter.
+    #[inline]
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,127 @@
+//! The workload guest seen through the pager's and the sender's guest traits.
+#![allow(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guest::{GuestMemory, Workload, WorkloadState};
+use pager::DestGuest;
+use proto::wire::GuestKind;
+use proto::{HostAddr, MemLayout, PageBitmap, PageRange};
+use sender::SourceGuest;
+
+/// The source's workload guest: running until paused for switchover.
+pub struct WorkloadSource {
+    mem: Arc<GuestMemory>,
+    workload: Option<Workload>,
+    pause_timeout: Duration,
+}
+
+impl WorkloadSource {
+    /// Wrap a running workload.
+    pub fn new(workload: Workload, pause_timeout: Duration) -> Self {
+        WorkloadSource { mem: Arc::clone(workload.memory()), workload: Some(workload), pause_timeout }
+    }
+
+    /// The workload.
+    pub fn workload(&self) -> &Workload {
+        self.workload.as_ref().expect("present until taken")
+    }
+
+    /// Take the workload back (to stop it and report).
+    pub fn into_workload(mut self) -> Workload {
+        self.workload.take().expect("present until taken")
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+}
+
+// SAFETY: the regions are `GuestMemory`'s mappings, held by the Arc in this
+// object for its whole life, in layout order and of the layout's lengths.
+unsafe impl SourceGuest for WorkloadSource {
+    fn kind(&self) -> GuestKind {
+        GuestKind::Workload
+    }
+
+    fn layout(&self) -> &MemLayout {
+        self.mem.layout()
+    }
+
+    fn regions(&self) -> Vec<HostAddr> {
+        self.mem.host_regions().iter().map(|r| r.host).collect()
+    }
+
+    fn pause(&mut self) -> Result<Vec<u8>, sender::GuestError> {
+        Ok(self.workload().pause(self.pause_timeout)?.encode())
+    }
+
+    fn unpause(&mut self) -> Result<(), sender::GuestError> {
+        self.workload().unpause();
+        Ok(())
+    }
+
+    fn start_dirty_tracking(&mut self) -> Result<(), sender::GuestError> {
+        Err("dirty tracking is not available for this guest yet".into())
+    }
+
+    fn collect_dirty(&mut self, _into: &mut PageBitmap) -> Result<(), sender::GuestError> {
+        Err("dirty tracking is not available for this guest yet".into())
+    }
+}
+
+/// The destination's workload guest: memory first, vCPUs once the state arrives.
+pub struct WorkloadDest {
+    mem: Arc<GuestMemory>,
+    workload: Option<Workload>,
+    state: Option<WorkloadState>,
+}
+
+impl WorkloadDest {
+    /// Fresh, unpopulated memory for `layout`.
+    pub fn new(layout: MemLayout) -> Result<Self, guest::MemoryError> {
+        Ok(WorkloadDest { mem: Arc::new(GuestMemory::new(layout)?), workload: None, state: None })
+    }
+
+    /// The running workload, once resumed.
+    pub fn workload(&self) -> Option<&Workload> {
+        self.workload.as_ref()
+    }
+
+    /// Take the running workload.
+    pub fn take_workload(&mut self) -> Option<Workload> {
+        self.workload.take()
+    }
+
+    /// The state it was resumed from.
+    pub fn resumed_state(&self) -> Option<&WorkloadState> {
+        self.state.as_ref()
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+}
+
+// SAFETY: the regions are `GuestMemory`'s private anonymous mappings, held by
+// the Arc in this object for its whole life; only the workload's vCPUs touch
+// them, and only after `resume`.
+unsafe impl DestGuest for WorkloadDest {
+    fn regions(&self) -> Vec<HostAddr> {
+        self.mem.host_regions().iter().map(|r| r.host).collect()
+    }
+
+    fn resume(&mut self, state: &[u8]) -> Result<(), pager::GuestError> {
+        let st = WorkloadState::decode(state)?;
+        self.workload = Some(Workload::resume(Arc::clone(&self.mem), &st)?);
+        self.state = Some(st);
+        Ok(())
+    }
+
+    fn evict(&self, pages: PageRange) -> Result<(), pager::GuestError> {
+        Ok(self.mem.evict(pages)?)
+    }
+}

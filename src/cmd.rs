@@ -1,0 +1,744 @@
+//! The `dest`, `source` and `migrate` commands.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use guest::{GuestMemory, Pattern, Workload, WorkloadConfig, parse_size};
+use pager::{PagerConfig, PagerMetrics, Prefetch, PrefetchMode};
+use proto::session::DestExpect;
+use proto::wire::{GuestKind, Mode};
+use proto::{GuestOffset, MemLayout, PageSize, RegionDesc};
+use sender::{FailPhase, SenderConfig, SenderMetrics};
+use transport::tcp::{TcpConn, TcpListen, TcpOptions};
+use transport::Conn;
+
+use crate::adapters::{WorkloadDest, WorkloadSource};
+use crate::report::{DowntimeParts, GuestReport, PostcopyReport, PrefetchReport, Report, latency_of, ms, ns_ms};
+
+/// Migration mode on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// No precopy: the guest moves first, every page follows.
+    Postcopy,
+}
+
+impl ModeArg {
+    fn mode(self) -> Mode {
+        match self {
+            ModeArg::Postcopy => Mode::Postcopy,
+        }
+    }
+}
+
+/// Prefetch placement on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchModeArg {
+    /// The pages after the faulting one.
+    After,
+    /// Centered on the faulting page.
+    Around,
+}
+
+/// What the guest is and does (source and migrate).
+#[derive(Args, Clone, Debug)]
+pub struct GuestOpts {
+    /// Guest memory size (e.g. 256M, 1G, 1.5G).
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Access pattern: uniform, sequential, hotset:SIZE[:FRACTION], zipf:THETA.
+    #[arg(long, default_value = "uniform")]
+    pub pattern: String,
+    /// Share of accesses that are stores.
+    #[arg(long, default_value_t = 0.75)]
+    pub store_ratio: f64,
+    /// Seed of the guest's generators.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Split memory into this many regions (with holes between them).
+    #[arg(long, default_value_t = 1)]
+    pub regions: u32,
+    /// An access slower than this many microseconds counts as a stall.
+    #[arg(long, default_value_t = 5)]
+    pub stall_threshold_us: u64,
+}
+
+/// How the migration runs (source and migrate).
+#[derive(Args, Clone, Debug)]
+pub struct MigrationOpts {
+    /// Migration mode.
+    #[arg(long, value_enum, default_value = "postcopy")]
+    pub mode: ModeArg,
+    /// Pages requested per fault, the faulting page included (1: no prefetch).
+    #[arg(long)]
+    pub prefetch: Option<u32>,
+    /// Where the prefetch window lies.
+    #[arg(long, value_enum, default_value = "after")]
+    pub prefetch_mode: PrefetchModeArg,
+    /// Pages per background push frame.
+    #[arg(long, default_value_t = 256)]
+    pub push_run: u32,
+    /// File holding a pre-shared key; both sides must use the same.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// A peer silent for this many milliseconds is presumed dead.
+    #[arg(long, default_value_t = 5000)]
+    pub peer_timeout_ms: u64,
+}
+
+/// `postcopy dest`.
+#[derive(Args, Clone, Debug)]
+pub struct DestArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: String,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Pages requested per fault (overrides what the source asks for).
+    #[arg(long)]
+    pub prefetch: Option<u32>,
+    /// Where the prefetch window lies (with --prefetch).
+    #[arg(long, value_enum, default_value = "after")]
+    pub prefetch_mode: PrefetchModeArg,
+    /// File holding a pre-shared key the source must prove it has.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Keep the guest running this long after the migration, then verify it.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    /// Give up if no source connects within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub accept_timeout_s: u64,
+    /// A source silent for this many milliseconds is presumed dead.
+    #[arg(long, default_value_t = 5000)]
+    pub peer_timeout_ms: u64,
+    /// Print "LISTENING <addr>" on stdout once listening (for scripts).
+    #[arg(long)]
+    pub announce: bool,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Run under `migrate`: no summary (the parent prints the merged one).
+    #[arg(long, hide = true)]
+    pub child: bool,
+}
+
+/// `postcopy source`.
+#[derive(Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// Destination address.
+    #[arg(long)]
+    pub connect: String,
+    /// Guest options.
+    #[command(flatten)]
+    pub guest: GuestOpts,
+    /// Migration options.
+    #[command(flatten)]
+    pub migration: MigrationOpts,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Let the guest run this long before migrating.
+    #[arg(long, default_value_t = 500)]
+    pub run_before_ms: u64,
+    /// After a failed migration, keep the guest running this long, then verify it.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+}
+
+/// `postcopy migrate`.
+#[derive(Args, Clone, Debug)]
+pub struct MigrateArgs {
+    /// Guest options.
+    #[command(flatten)]
+    pub guest: GuestOpts,
+    /// Migration options.
+    #[command(flatten)]
+    pub migration: MigrationOpts,
+    /// Write the merged JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Let the guest run this long before migrating.
+    #[arg(long, default_value_t = 500)]
+    pub run_before_ms: u64,
+    /// Keep the guest running this long after the migration, then verify it.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn read_key(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>> {
+    let Some(p) = path else { return Ok(None) };
+    let k = std::fs::read(p).with_context(|| format!("reading key file {}", p.display()))?;
+    let k: Vec<u8> = k.trim_ascii().to_vec();
+    if k.is_empty() {
+        bail!("key file {} is empty", p.display());
+    }
+    Ok(Some(k))
+}
+
+fn prefetch_of(pages: Option<u32>, mode: PrefetchModeArg) -> Result<Option<Prefetch>> {
+    let Some(pages) = pages else { return Ok(None) };
+    if pages == 0 || pages > 4096 {
+        bail!("--prefetch must be 1..=4096 pages, got {pages}");
+    }
+    let mode = match mode {
+        PrefetchModeArg::After => PrefetchMode::After,
+        PrefetchModeArg::Around => PrefetchMode::Around,
+    };
+    Ok(Some(Prefetch { pages, mode }))
+}
+
+impl GuestOpts {
+    /// The memory layout these options describe.
+    pub fn layout(&self) -> Result<MemLayout> {
+        let bytes = parse_size(&self.mem).map_err(|e| anyhow!("--mem: {e}"))?;
+        let ps = PageSize::Size4K.bytes();
+        if bytes < 16 * ps || bytes % ps != 0 {
+            bail!("--mem must be a multiple of 4 KiB and at least 64 KiB, got {bytes} bytes");
+        }
+        if self.regions == 0 || u64::from(self.regions) > bytes / ps / 16 || self.regions > 64 {
+            bail!("--regions must be 1..=64 and leave each region at least 16 pages");
+        }
+        let n_pages = bytes / ps;
+        let per = n_pages / u64::from(self.regions);
+        let mut regions = Vec::new();
+        let mut guest = 0u64;
+        for i in 0..u64::from(self.regions) {
+            let pages = if i + 1 == u64::from(self.regions) { n_pages - per * i } else { per };
+            regions.push(RegionDesc { guest: GuestOffset(guest), len_bytes: pages * ps });
+            // Leave a 1 GiB-aligned hole after each region, as a VM's memory map would.
+            guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
+        }
+        Ok(MemLayout::new(PageSize::Size4K, regions)?)
+    }
+
+    /// The workload configuration.
+    pub fn workload(&self) -> Result<WorkloadConfig> {
+        let pattern: Pattern = self.pattern.parse().map_err(|e| anyhow!("--pattern: {e}"))?;
+        if !(0.0..=1.0).contains(&self.store_ratio) {
+            bail!("--store-ratio must be in 0..=1, got {}", self.store_ratio);
+        }
+        if self.vcpus == 0 || self.vcpus > 256 {
+            bail!("--vcpus must be 1..=256, got {}", self.vcpus);
+        }
+        Ok(WorkloadConfig {
+            vcpus: self.vcpus,
+            pattern,
+            store_ratio: self.store_ratio,
+            seed: self.seed,
+            stall_threshold_ns: self.stall_threshold_us * 1000,
+        })
+    }
+}
+
+/// A once-a-second progress line on stderr until dropped.
+struct Progress {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn start(quiet: bool, line: impl Fn(Duration) -> Option<String> + Send + 'static) -> Progress {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = (!quiet).then(|| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                let mut next = t0 + Duration::from_secs(1);
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if Instant::now() >= next {
+                        next += Duration::from_secs(1);
+                        if let Some(l) = line(t0.elapsed()) {
+                            eprintln!("{l}");
+                        }
+                    }
+                }
+            })
+        });
+        Progress { stop, thread }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn mode_name(m: Mode) -> String {
+    m.name().to_string()
+}
+
+/// Run the destination. Returns the process exit code.
+pub fn dest(args: &DestArgs) -> Result<i32> {
+    let key = read_key(&args.key_file)?;
+    let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
+    let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
+    let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
+        .with_context(|| format!("listening on {}", args.listen))?;
+    if args.announce {
+        println!("LISTENING {}", listener.local_addr());
+        std::io::stdout().flush()?;
+    }
+    let control = listener
+        .accept(Instant::now() + Duration::from_secs(args.accept_timeout_s))
+        .context("waiting for the source to connect")?;
+    let metrics = Arc::new(PagerMetrics::default());
+    let cfg = PagerConfig {
+        prefetch,
+        expect: DestExpect { key, guest_kind: Some(GuestKind::Workload), ..Default::default() },
+        peer_timeout,
+        ..PagerConfig::default()
+    };
+    let progress = {
+        let m = Arc::clone(&metrics);
+        Progress::start(args.quiet, move |t| {
+            let present = PagerMetrics::get(&m.pages_present);
+            (present > 0).then(|| {
+                let bytes = PagerMetrics::get(&m.bytes_received);
+                format!(
+                    "[dest {:5.1}s] {present} pages present, {:.2} GB received, {} faults, {} requests",
+                    t.as_secs_f64(),
+                    bytes as f64 / 1e9,
+                    PagerMetrics::get(&m.faults),
+                    PagerMetrics::get(&m.requests),
+                )
+            })
+        })
+    };
+    let listener = &listener;
+    let outcome = pager::run(
+        Box::new(control),
+        move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
+        |acc| WorkloadDest::new(acc.layout.clone()).map_err(|e| Box::new(e) as pager::GuestError),
+        &cfg,
+        Arc::clone(&metrics),
+    );
+    drop(progress);
+    let mut outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            let msg = format!("{:#}", anyhow::Error::new(e));
+            eprintln!("postcopy dest: error: {msg}");
+            if let Some(p) = &args.report {
+                let r = Report { status: "failed".into(), error: Some(msg), side: "destination".into(), ..Default::default() };
+                r.write(p)?;
+            }
+            return Ok(1);
+        }
+    };
+    let pr = &outcome.report;
+    // The guest runs on with all memory local; then stop it and check every page.
+    std::thread::sleep(Duration::from_millis(args.run_after_ms));
+    let workload = outcome.guest.take_workload().context("guest was never resumed")?;
+    let state0 = outcome.guest.resumed_state().cloned().context("guest was never resumed")?;
+    let wr = workload.stop();
+    let final_state = wr.state.clone().context("a vCPU thread panicked")?;
+    let verify = guest::workload::verify(outcome.guest.memory(), &final_state);
+    let layout = &pr.accepted.layout;
+    let (fault_lat, fault_hist) = latency_of(&pr.fault_latency);
+    let (stall_lat, stall_hist) = latency_of(&wr.stalls);
+    let mut problems = wr.violation_log.clone();
+    problems.extend(verify.problems.iter().cloned());
+    let blocktime: u64 = pr.blocktime_ns.iter().map(|(_, ns)| ns).sum();
+    let report = Report {
+        status: "ok".into(),
+        error: None,
+        side: "destination".into(),
+        mode: mode_name(pr.accepted.mode),
+        guest_kind: "workload".into(),
+        mem_bytes: layout.len_bytes(),
+        page_size: layout.page_size().bytes(),
+        regions: layout.regions().len(),
+        vcpus: state0.config.vcpus,
+        pattern: state0.config.pattern.to_string(),
+        store_ratio: state0.config.store_ratio,
+        prefetch: PrefetchReport {
+            pages: pr.prefetch.pages,
+            mode: match pr.prefetch.mode {
+                PrefetchMode::After => "after".into(),
+                PrefetchMode::Around => "around".into(),
+            },
+        },
+        total_time_ms: ms(pr.total_time),
+        downtime_ms: ns_ms(pr.source.downtime_ns),
+        downtime: DowntimeParts {
+            pause_to_sent_ms: ns_ms(pr.source.pause_to_sent_ns),
+            dest_evict_ms: ns_ms(pr.resume.evict_ns),
+            dest_restore_ms: ns_ms(pr.resume.restore_ns),
+        },
+        bytes_transferred: pr.source.bytes_sent,
+        postcopy: PostcopyReport {
+            pages_total: layout.n_pages(),
+            outstanding_pages: pr.outstanding_pages,
+            pages_pushed: PagerMetrics::get(&metrics.pages_push),
+            pages_requested: PagerMetrics::get(&metrics.pages_requested),
+            pages_demand: PagerMetrics::get(&metrics.pages_demand),
+            pages_duplicate: PagerMetrics::get(&metrics.pages_duplicate),
+            pages_rerequested: PagerMetrics::get(&metrics.pages_rerequested),
+            requests: PagerMetrics::get(&metrics.requests),
+            faults: PagerMetrics::get(&metrics.faults),
+            faults_resolved_early: PagerMetrics::get(&metrics.faults_resolved_early),
+            time_ms: ms(pr.postcopy_time),
+            fault_latency_us: fault_lat,
+            fault_latency_hist: fault_hist,
+            blocktime_ms: ns_ms(blocktime),
+            vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (format!("tid-{tid}"), ns_ms(*ns))).collect(),
+        },
+        guest: GuestReport {
+            accesses: wr.here.accesses,
+            accesses_total: wr.total.accesses,
+            loads: wr.here.loads,
+            stores: wr.here.stores,
+            violations: wr.total.violations,
+            stalls: wr.here.stalls,
+            stall_latency_us: stall_lat,
+            stall_latency_hist: stall_hist,
+            verified_pages: verify.verified_pages,
+            verify_ok: verify.ok(),
+            problems,
+            running_on_source: false,
+        },
+        source: None,
+    };
+    if let Some(p) = &args.report {
+        report.write(p)?;
+    }
+    if !args.quiet && !args.child {
+        eprintln!("{}", summary(&report));
+    }
+    Ok(if report.clean() { 0 } else { 2 })
+}
+
+/// Run the source. Returns the process exit code.
+pub fn source(args: &SourceArgs) -> Result<i32> {
+    let layout = args.guest.layout()?;
+    let wcfg = args.guest.workload()?;
+    let key = read_key(&args.migration.key_file)?;
+    let prefetch = prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
+    let peer_timeout = Duration::from_millis(args.migration.peer_timeout_ms.max(100));
+    let mem = Arc::new(GuestMemory::new(layout.clone())?);
+    let workload = Workload::boot(Arc::clone(&mem), wcfg)?;
+    std::thread::sleep(Duration::from_millis(args.run_before_ms));
+    let mut guest = WorkloadSource::new(workload, Duration::from_secs(5));
+    let cfg = SenderConfig {
+        mode: args.migration.mode.mode(),
+        key,
+        prefetch_pages: prefetch.map_or(0, |p| p.pages),
+        prefetch_around: prefetch.is_some_and(|p| p.mode == PrefetchMode::Around),
+        push_run_pages: args.migration.push_run.clamp(1, 2048),
+        peer_timeout,
+        ..SenderConfig::default()
+    };
+    let metrics = Arc::new(SenderMetrics::default());
+    let opts = TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() };
+    let before_accesses = guest.workload().stats().accesses;
+    let base = Report {
+        side: "source".into(),
+        mode: mode_name(cfg.mode),
+        guest_kind: "workload".into(),
+        mem_bytes: layout.len_bytes(),
+        page_size: layout.page_size().bytes(),
+        regions: layout.regions().len(),
+        vcpus: wcfg.vcpus,
+        pattern: wcfg.pattern.to_string(),
+        store_ratio: wcfg.store_ratio,
+        ..Default::default()
+    };
+    let connected = TcpConn::connect(&args.connect, Duration::from_secs(10), &opts)
+        .with_context(|| format!("connecting to the destination at {}", args.connect));
+    let result = match connected {
+        Err(e) => Err((FailPhase::BeforeSwitchover, e)),
+        Ok(control) => {
+            let addr = args.connect.clone();
+            let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), ..opts.clone() };
+            sender::run(
+                Box::new(control),
+                move || TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>),
+                &mut guest,
+                &cfg,
+                Arc::clone(&metrics),
+            )
+            .map_err(|f| (f.phase, anyhow::Error::new(f)))
+        }
+    };
+    match result {
+        Ok(r) => {
+            let wr = guest.into_workload().stop();
+            let report = Report {
+                status: "ok".into(),
+                total_time_ms: ms(r.total_time),
+                downtime_ms: ms(r.downtime),
+                downtime: DowntimeParts {
+                    pause_to_sent_ms: ms(r.pause_to_sent),
+                    dest_evict_ms: ns_ms(r.resume.evict_ns),
+                    dest_restore_ms: ns_ms(r.resume.restore_ns),
+                },
+                bytes_transferred: SenderMetrics::get(&metrics.bytes_sent),
+                postcopy: PostcopyReport {
+                    pages_total: layout.n_pages(),
+                    outstanding_pages: r.outstanding_pages,
+                    pages_pushed: SenderMetrics::get(&metrics.pages_pushed),
+                    pages_demand: SenderMetrics::get(&metrics.pages_demand),
+                    requests: SenderMetrics::get(&metrics.requests),
+                    ..Default::default()
+                },
+                guest: GuestReport {
+                    accesses: before_accesses,
+                    accesses_total: wr.total.accesses,
+                    violations: wr.total.violations,
+                    verify_ok: true,
+                    ..Default::default()
+                },
+                ..base
+            };
+            if let Some(p) = &args.report {
+                report.write(p)?;
+            }
+            Ok(0)
+        }
+        Err((phase, e)) => {
+            let msg = format!("{e:#}");
+            eprintln!("postcopy source: error: {msg}");
+            let mut report = Report { status: "failed".into(), error: Some(msg), ..base };
+            if phase == FailPhase::BeforeSwitchover {
+                // Nothing was committed: the guest runs on here. Prove it.
+                std::thread::sleep(Duration::from_millis(args.run_after_ms));
+                let w = guest.into_workload();
+                let wr = w.stop();
+                let verify = wr.state.as_ref().map(|s| guest::workload::verify(&mem, s));
+                report.guest = GuestReport {
+                    accesses: wr.here.accesses,
+                    accesses_total: wr.total.accesses,
+                    violations: wr.total.violations,
+                    verified_pages: verify.as_ref().map_or(0, |v| v.verified_pages),
+                    verify_ok: verify.as_ref().is_some_and(guest::stamp::VerifyReport::ok),
+                    running_on_source: true,
+                    ..Default::default()
+                };
+                eprintln!(
+                    "postcopy source: the guest kept running on the source: {} accesses since, {} violations, verification {}",
+                    wr.here.accesses - before_accesses.min(wr.here.accesses),
+                    wr.total.violations,
+                    if report.guest.verify_ok { "passed" } else { "FAILED" }
+                );
+            }
+            if let Some(p) = &args.report {
+                report.write(p)?;
+            }
+            Ok(1)
+        }
+    }
+}
+
+/// A human-readable summary of a report.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let gib = r.mem_bytes as f64 / f64::from(1u32 << 30);
+    s += &format!(
+        "postcopy {}: {} guest, {gib:.2} GiB, {} vCPU, {}, prefetch {} ({})\n",
+        r.mode, r.guest_kind, r.vcpus, r.pattern, r.prefetch.pages, r.prefetch.mode
+    );
+    s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+    s += &format!(
+        "  time         total {:.1} ms, postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, restore {:.2} ms)\n",
+        r.total_time_ms, r.postcopy.time_ms, r.downtime_ms, r.downtime.pause_to_sent_ms, r.downtime.dest_restore_ms
+    );
+    s += &format!(
+        "  transferred  {:.3} GB; pushed {} pages, demand {} pages in {} requests, duplicates {}\n",
+        r.bytes_transferred as f64 / 1e9,
+        r.postcopy.pages_pushed,
+        r.postcopy.pages_demand,
+        r.postcopy.requests,
+        r.postcopy.pages_duplicate
+    );
+    let f = &r.postcopy.fault_latency_us;
+    s += &format!(
+        "  faults       {} (latency p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us)\n",
+        r.postcopy.faults, f.p50, f.p90, f.p99, f.max
+    );
+    let g = &r.guest.stall_latency_us;
+    s += &format!(
+        "  guest        {} accesses here, {} violations, {} pages verified ({}), stalls {} (p50 {:.1} us, p99 {:.1} us)",
+        r.guest.accesses,
+        r.guest.violations,
+        r.guest.verified_pages,
+        if r.guest.verify_ok { "ok" } else { "FAILED" },
+        r.guest.stalls,
+        g.p50,
+        g.p99
+    );
+    s
+}
+
+fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
+    let mut a = vec![
+        "--mem".into(),
+        g.mem.clone(),
+        "--vcpus".into(),
+        g.vcpus.to_string(),
+        "--pattern".into(),
+        g.pattern.clone(),
+        "--store-ratio".into(),
+        g.store_ratio.to_string(),
+        "--seed".into(),
+        g.seed.to_string(),
+        "--regions".into(),
+        g.regions.to_string(),
+        "--stall-threshold-us".into(),
+        g.stall_threshold_us.to_string(),
+        "--mode".into(),
+        m.mode.to_possible_value().expect("no skipped values").get_name().into(),
+        "--push-run".into(),
+        m.push_run.to_string(),
+        "--peer-timeout-ms".into(),
+        m.peer_timeout_ms.to_string(),
+        "--prefetch-mode".into(),
+        m.prefetch_mode.to_possible_value().expect("no skipped values").get_name().into(),
+    ];
+    if let Some(p) = m.prefetch {
+        a.extend(["--prefetch".into(), p.to_string()]);
+    }
+    if let Some(k) = &m.key_file {
+        a.extend(["--key-file".into(), k.display().to_string()]);
+    }
+    a
+}
+
+/// Wait for `child` until `deadline`, killing it then.
+fn wait_until(child: &mut Child, deadline: Instant) -> Result<ExitStatus> {
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            return Ok(child.wait()?);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills a child process if the parent bails out early.
+struct Reaper(Option<Child>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Run a whole migration on this machine: destination and source as two
+/// processes over loopback TCP. Returns the exit code.
+pub fn migrate(args: &MigrateArgs) -> Result<i32> {
+    // Validate here, so a bad option fails before any process starts.
+    args.guest.layout()?;
+    args.guest.workload()?;
+    prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
+    let exe = std::env::current_exe().context("locating the postcopy executable")?;
+    let dir = tempdir()?;
+    let dest_report = dir.join("dest.json");
+    let src_report = dir.join("source.json");
+    let mut dest_cmd = Command::new(&exe);
+    dest_cmd
+        .args(["dest", "--child", "--listen", "127.0.0.1:0", "--announce", "--report"])
+        .arg(&dest_report)
+        .args(["--run-after-ms", &args.run_after_ms.to_string(), "--peer-timeout-ms", &args.migration.peer_timeout_ms.to_string()])
+        .stdout(Stdio::piped());
+    if args.quiet {
+        dest_cmd.arg("--quiet");
+    }
+    if let Some(k) = &args.migration.key_file {
+        dest_cmd.arg("--key-file").arg(k);
+    }
+    let mut dest = Reaper(Some(dest_cmd.spawn().context("starting the destination process")?));
+    let stdout = dest.0.as_mut().and_then(|c| c.stdout.take()).context("destination stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(Duration::from_secs(10)).context("the destination did not start listening")?;
+    let addr = line.strip_prefix("LISTENING ").map(str::trim).context("unexpected destination output")?.to_string();
+    let mut src_cmd = Command::new(&exe);
+    src_cmd
+        .args(["source", "--connect", &addr, "--report"])
+        .arg(&src_report)
+        .args(["--run-before-ms", &args.run_before_ms.to_string()])
+        .args(child_args(&args.guest, &args.migration));
+    let mut source = Reaper(Some(src_cmd.spawn().context("starting the source process")?));
+    // Whichever ends first, the other gets a bounded time to finish.
+    let grace = Duration::from_secs(30) + Duration::from_millis(args.run_after_ms);
+    let (src_status, dest_status) = loop {
+        let s = source.0.as_mut().expect("spawned").try_wait()?;
+        let d = dest.0.as_mut().expect("spawned").try_wait()?;
+        match (s, d) {
+            (Some(s), Some(d)) => break (s, d),
+            (Some(s), None) => break (s, wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace)?),
+            (None, Some(d)) => break (wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace)?, d),
+            (None, None) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    source.0 = None;
+    dest.0 = None;
+    let mut merged = Report::read(&dest_report).unwrap_or_else(|e| Report {
+        status: "failed".into(),
+        error: Some(format!("destination wrote no report ({e:#}); exit {dest_status}")),
+        ..Default::default()
+    });
+    let src = Report::read(&src_report).ok();
+    if let Some(src) = &src {
+        if merged.status == "ok" && src.status != "ok" {
+            merged.status = "failed".into();
+            merged.error = src.error.clone();
+        }
+        if merged.error.is_none() && src.error.is_some() {
+            merged.error = src.error.clone();
+        }
+    }
+    merged.side = "migration".into();
+    merged.source = src.map(Box::new);
+    if !dest_status.success() || !src_status.success() {
+        merged.status = "failed".into();
+        if merged.error.is_none() {
+            merged.error = Some(format!("destination exit {dest_status}, source exit {src_status}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Some(p) = &args.report {
+        merged.write(p)?;
+    }
+    println!("{}", summary(&merged));
+    Ok(if merged.clean() { 0 } else { 1 })
+}
+
+fn tempdir() -> Result<PathBuf> {
+    let base = std::env::temp_dir();
+    for i in 0..100u32 {
+        let p = base.join(format!("postcopy-{}-{i}", std::process::id()));
+        if std::fs::create_dir(&p).is_ok() {
+            return Ok(p);
+        }
+    }
+    bail!("could not create a temporary directory under {}", base.display())
+}

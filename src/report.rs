@@ -1,0 +1,232 @@
+//! The JSON report of a run, written by each side and merged by `migrate`.
+//!
+//! Every field has a default so that a report from an older build, or a
+//! one-sided report, still reads back (`postcopy report`, `migrate`).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use proto::{LatencyHist, LatencySummary};
+use serde::{Deserialize, Serialize};
+
+/// Percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Largest.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+}
+
+impl From<LatencySummary> for Latency {
+    fn from(s: LatencySummary) -> Self {
+        Latency { count: s.count, p50: s.p50, p90: s.p90, p99: s.p99, p999: s.p999, max: s.max, mean: s.mean }
+    }
+}
+
+/// The prefetch window in force.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrefetchReport {
+    /// Pages per fault.
+    pub pages: u32,
+    /// "after" or "around".
+    pub mode: String,
+}
+
+/// Where the downtime went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DowntimeParts {
+    /// Source: pause to the last byte of state and outstanding set written.
+    pub pause_to_sent_ms: f64,
+    /// Destination: evicting outstanding pages held from precopy.
+    pub dest_evict_ms: f64,
+    /// Destination: restoring the guest and starting its vCPUs.
+    pub dest_restore_ms: f64,
+}
+
+/// Postcopy figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PostcopyReport {
+    /// Pages in the guest.
+    pub pages_total: u64,
+    /// Pages outstanding at switchover.
+    pub outstanding_pages: u64,
+    /// Pages installed from the background push.
+    pub pages_pushed: u64,
+    /// Pages named in range requests.
+    pub pages_requested: u64,
+    /// Pages installed from demand replies.
+    pub pages_demand: u64,
+    /// Pages received twice (push and demand crossing).
+    pub pages_duplicate: u64,
+    /// Pages asked for again after a timeout or the end of the push.
+    pub pages_rerequested: u64,
+    /// Range requests sent.
+    pub requests: u64,
+    /// Fault events.
+    pub faults: u64,
+    /// Fault events whose page was present by the time they were read.
+    pub faults_resolved_early: u64,
+    /// Guest resumed to all pages present.
+    pub time_ms: f64,
+    /// Fault event read to page installed.
+    pub fault_latency_us: Latency,
+    /// The full latency distribution, (ns, count) pairs.
+    pub fault_latency_hist: Vec<(u64, u64)>,
+    /// Total time faulting threads waited.
+    pub blocktime_ms: f64,
+    /// Waiting time per faulting thread (vCPU name or thread id).
+    pub vcpu_blocktime_ms: BTreeMap<String, f64>,
+}
+
+/// What the guest did and how it checked out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestReport {
+    /// Accesses on this host.
+    pub accesses: u64,
+    /// Accesses over the guest's life.
+    pub accesses_total: u64,
+    /// Loads on this host.
+    pub loads: u64,
+    /// Stores on this host.
+    pub stores: u64,
+    /// Violations over the guest's life.
+    pub violations: u64,
+    /// Accesses on this host slower than the stall threshold.
+    pub stalls: u64,
+    /// Guest-felt stalls.
+    pub stall_latency_us: Latency,
+    /// The full stall distribution, (ns, count) pairs.
+    pub stall_latency_hist: Vec<(u64, u64)>,
+    /// Pages that passed the final verification.
+    pub verified_pages: u64,
+    /// Whether the final verification passed.
+    pub verify_ok: bool,
+    /// The first problems found (violations, verification).
+    pub problems: Vec<String>,
+    /// Source only: the guest kept running here after a failed migration.
+    pub running_on_source: bool,
+}
+
+/// A run's report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Report {
+    /// "ok" or "failed".
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// "destination", "source" or "migration".
+    pub side: String,
+    /// "postcopy", "hybrid" or "precopy".
+    pub mode: String,
+    /// "workload" or "vm".
+    pub guest_kind: String,
+    /// Guest memory size.
+    pub mem_bytes: u64,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// Memory regions.
+    pub regions: usize,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Access pattern.
+    pub pattern: String,
+    /// Share of stores.
+    pub store_ratio: f64,
+    /// Prefetch in force.
+    pub prefetch: PrefetchReport,
+    /// First handshake byte to completion.
+    pub total_time_ms: f64,
+    /// Source pause to destination resume (as the source saw the ack).
+    pub downtime_ms: f64,
+    /// Where the downtime went.
+    pub downtime: DowntimeParts,
+    /// Bytes sent by the source over both connections.
+    pub bytes_transferred: u64,
+    /// Postcopy figures.
+    pub postcopy: PostcopyReport,
+    /// Guest figures.
+    pub guest: GuestReport,
+    /// In a merged report: the source's own report.
+    pub source: Option<Box<Report>>,
+}
+
+/// Milliseconds of a duration, for reports.
+pub fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Milliseconds of a nanosecond count.
+pub fn ns_ms(ns: u64) -> f64 {
+    std::time::Duration::from_nanos(ns).as_secs_f64() * 1000.0
+}
+
+/// A histogram as report fields.
+pub fn latency_of(h: &LatencyHist) -> (Latency, Vec<(u64, u64)>) {
+    (h.summary().into(), h.to_buckets())
+}
+
+impl Report {
+    /// Read a report.
+    pub fn read(path: &Path) -> anyhow::Result<Report> {
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
+    }
+
+    /// Write a report (pretty JSON).
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+    }
+
+    /// Whether the run succeeded and the guest checked out.
+    pub fn clean(&self) -> bool {
+        self.status == "ok" && self.guest.violations == 0 && self.guest.verify_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_and_tolerates_missing_fields() {
+        let mut h = LatencyHist::new();
+        for v in [1_000, 5_000, 90_000] {
+            h.record_ns(v);
+        }
+        let (lat, hist) = latency_of(&h);
+        let r = Report {
+            status: "ok".into(),
+            mode: "postcopy".into(),
+            mem_bytes: 1 << 30,
+            postcopy: PostcopyReport { fault_latency_us: lat, fault_latency_hist: hist, ..Default::default() },
+            source: Some(Box::new(Report { side: "source".into(), ..Default::default() })),
+            ..Default::default()
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        let back: Report = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, r);
+        let partial: Report = serde_json::from_str(r#"{"status":"failed","postcopy":{"faults":3}}"#).unwrap();
+        assert_eq!(partial.postcopy.faults, 3);
+        assert!(!partial.clean());
+        let h2 = LatencyHist::from_buckets(&back.postcopy.fault_latency_hist);
+        assert_eq!(h2.summary(), h.summary());
+    }
+}
