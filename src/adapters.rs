@@ -20,7 +20,11 @@ pub struct WorkloadSource {
 impl WorkloadSource {
     /// Wrap a running workload.
     pub fn new(workload: Workload, pause_timeout: Duration) -> Self {
-        WorkloadSource { mem: Arc::clone(workload.memory()), workload: Some(workload), pause_timeout }
+        WorkloadSource {
+            mem: Arc::clone(workload.memory()),
+            workload: Some(workload),
+            pause_timeout,
+        }
     }
 
     /// The workload.
@@ -82,7 +86,11 @@ pub struct WorkloadDest {
 impl WorkloadDest {
     /// Fresh, unpopulated memory for `layout`.
     pub fn new(layout: MemLayout) -> Result<Self, guest::MemoryError> {
-        Ok(WorkloadDest { mem: Arc::new(GuestMemory::new(layout)?), workload: None, state: None })
+        Ok(WorkloadDest {
+            mem: Arc::new(GuestMemory::new(layout)?),
+            workload: None,
+            state: None,
+        })
     }
 
     /// The running workload, once resumed.

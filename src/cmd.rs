@@ -15,11 +15,13 @@ use proto::session::DestExpect;
 use proto::wire::{GuestKind, Mode};
 use proto::{GuestOffset, MemLayout, PageSize, RegionDesc};
 use sender::{FailPhase, SenderConfig, SenderMetrics};
-use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 use transport::Conn;
+use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 
 use crate::adapters::{WorkloadDest, WorkloadSource};
-use crate::report::{DowntimeParts, GuestReport, PostcopyReport, PrefetchReport, Report, latency_of, ms, ns_ms};
+use crate::report::{
+    DowntimeParts, GuestReport, PostcopyReport, PrefetchReport, Report, latency_of, ms, ns_ms,
+};
 
 /// Migration mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -216,8 +218,15 @@ impl GuestOpts {
         let mut regions = Vec::new();
         let mut guest = 0u64;
         for i in 0..u64::from(self.regions) {
-            let pages = if i + 1 == u64::from(self.regions) { n_pages - per * i } else { per };
-            regions.push(RegionDesc { guest: GuestOffset(guest), len_bytes: pages * ps });
+            let pages = if i + 1 == u64::from(self.regions) {
+                n_pages - per * i
+            } else {
+                per
+            };
+            regions.push(RegionDesc {
+                guest: GuestOffset(guest),
+                len_bytes: pages * ps,
+            });
             // Leave a 1 GiB-aligned hole after each region, as a VM's memory map would.
             guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
         }
@@ -226,7 +235,10 @@ impl GuestOpts {
 
     /// The workload configuration.
     pub fn workload(&self) -> Result<WorkloadConfig> {
-        let pattern: Pattern = self.pattern.parse().map_err(|e| anyhow!("--pattern: {e}"))?;
+        let pattern: Pattern = self
+            .pattern
+            .parse()
+            .map_err(|e| anyhow!("--pattern: {e}"))?;
         if !(0.0..=1.0).contains(&self.store_ratio) {
             bail!("--store-ratio must be in 0..=1, got {}", self.store_ratio);
         }
@@ -290,8 +302,14 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let key = read_key(&args.key_file)?;
     let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
-    let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = TcpListen::bind(
+        &args.listen,
+        TcpOptions {
+            send_timeout: peer_timeout,
+            ..TcpOptions::default()
+        },
+    )
+    .with_context(|| format!("listening on {}", args.listen))?;
     if args.announce {
         println!("LISTENING {}", listener.local_addr());
         std::io::stdout().flush()?;
@@ -302,7 +320,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let metrics = Arc::new(PagerMetrics::default());
     let cfg = PagerConfig {
         prefetch,
-        expect: DestExpect { key, guest_kind: Some(GuestKind::Workload), ..Default::default() },
+        expect: DestExpect {
+            key,
+            guest_kind: Some(GuestKind::Workload),
+            ..Default::default()
+        },
         peer_timeout,
         ..PagerConfig::default()
     };
@@ -325,7 +347,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let listener = &listener;
     let outcome = pager::run(
         Box::new(control),
-        move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
+        move |deadline| {
+            listener
+                .accept(deadline)
+                .map(|c| Box::new(c) as Box<dyn Conn>)
+        },
         |acc| WorkloadDest::new(acc.layout.clone()).map_err(|e| Box::new(e) as pager::GuestError),
         &cfg,
         Arc::clone(&metrics),
@@ -337,7 +363,12 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             let msg = format!("{:#}", anyhow::Error::new(e));
             eprintln!("postcopy dest: error: {msg}");
             if let Some(p) = &args.report {
-                let r = Report { status: "failed".into(), error: Some(msg), side: "destination".into(), ..Default::default() };
+                let r = Report {
+                    status: "failed".into(),
+                    error: Some(msg),
+                    side: "destination".into(),
+                    ..Default::default()
+                };
                 r.write(p)?;
             }
             return Ok(1);
@@ -346,8 +377,15 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let pr = &outcome.report;
     // The guest runs on with all memory local; then stop it and check every page.
     std::thread::sleep(Duration::from_millis(args.run_after_ms));
-    let workload = outcome.guest.take_workload().context("guest was never resumed")?;
-    let state0 = outcome.guest.resumed_state().cloned().context("guest was never resumed")?;
+    let workload = outcome
+        .guest
+        .take_workload()
+        .context("guest was never resumed")?;
+    let state0 = outcome
+        .guest
+        .resumed_state()
+        .cloned()
+        .context("guest was never resumed")?;
     let wr = workload.stop();
     let final_state = wr.state.clone().context("a vCPU thread panicked")?;
     let verify = guest::workload::verify(outcome.guest.memory(), &final_state);
@@ -399,7 +437,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             fault_latency_us: fault_lat,
             fault_latency_hist: fault_hist,
             blocktime_ms: ns_ms(blocktime),
-            vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (format!("tid-{tid}"), ns_ms(*ns))).collect(),
+            vcpu_blocktime_ms: pr
+                .blocktime_ns
+                .iter()
+                .map(|(tid, ns)| (format!("tid-{tid}"), ns_ms(*ns)))
+                .collect(),
         },
         guest: GuestReport {
             accesses: wr.here.accesses,
@@ -447,7 +489,10 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
-    let opts = TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() };
+    let opts = TcpOptions {
+        send_timeout: peer_timeout,
+        ..TcpOptions::default()
+    };
     let before_accesses = guest.workload().stats().accesses;
     let base = Report {
         side: "source".into(),
@@ -467,10 +512,16 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Err(e) => Err((FailPhase::BeforeSwitchover, e)),
         Ok(control) => {
             let addr = args.connect.clone();
-            let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), ..opts.clone() };
+            let bulk_opts = TcpOptions {
+                notsent_lowat: Some(256 * 1024),
+                ..opts.clone()
+            };
             sender::run(
                 Box::new(control),
-                move || TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>),
+                move || {
+                    TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts)
+                        .map(|c| Box::new(c) as Box<dyn Conn>)
+                },
                 &mut guest,
                 &cfg,
                 Arc::clone(&metrics),
@@ -516,7 +567,11 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Err((phase, e)) => {
             let msg = format!("{e:#}");
             eprintln!("postcopy source: error: {msg}");
-            let mut report = Report { status: "failed".into(), error: Some(msg), ..base };
+            let mut report = Report {
+                status: "failed".into(),
+                error: Some(msg),
+                ..base
+            };
             if phase == FailPhase::BeforeSwitchover {
                 // Nothing was committed: the guest runs on here. Prove it.
                 std::thread::sleep(Duration::from_millis(args.run_after_ms));
@@ -536,7 +591,11 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     "postcopy source: the guest kept running on the source: {} accesses since, {} violations, verification {}",
                     wr.here.accesses - before_accesses.min(wr.here.accesses),
                     wr.total.violations,
-                    if report.guest.verify_ok { "passed" } else { "FAILED" }
+                    if report.guest.verify_ok {
+                        "passed"
+                    } else {
+                        "FAILED"
+                    }
                 );
             }
             if let Some(p) = &args.report {
@@ -555,10 +614,21 @@ pub fn summary(r: &Report) -> String {
         "postcopy {}: {} guest, {gib:.2} GiB, {} vCPU, {}, prefetch {} ({})\n",
         r.mode, r.guest_kind, r.vcpus, r.pattern, r.prefetch.pages, r.prefetch.mode
     );
-    s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+    s += &format!(
+        "  status       {}{}\n",
+        r.status,
+        r.error
+            .as_ref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default()
+    );
     s += &format!(
         "  time         total {:.1} ms, postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, restore {:.2} ms)\n",
-        r.total_time_ms, r.postcopy.time_ms, r.downtime_ms, r.downtime.pause_to_sent_ms, r.downtime.dest_restore_ms
+        r.total_time_ms,
+        r.postcopy.time_ms,
+        r.downtime_ms,
+        r.downtime.pause_to_sent_ms,
+        r.downtime.dest_restore_ms
     );
     s += &format!(
         "  transferred  {:.3} GB; pushed {} pages, demand {} pages in {} requests, duplicates {}\n",
@@ -604,13 +674,21 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
         "--stall-threshold-us".into(),
         g.stall_threshold_us.to_string(),
         "--mode".into(),
-        m.mode.to_possible_value().expect("no skipped values").get_name().into(),
+        m.mode
+            .to_possible_value()
+            .expect("no skipped values")
+            .get_name()
+            .into(),
         "--push-run".into(),
         m.push_run.to_string(),
         "--peer-timeout-ms".into(),
         m.peer_timeout_ms.to_string(),
         "--prefetch-mode".into(),
-        m.prefetch_mode.to_possible_value().expect("no skipped values").get_name().into(),
+        m.prefetch_mode
+            .to_possible_value()
+            .expect("no skipped values")
+            .get_name()
+            .into(),
     ];
     if let Some(p) = m.prefetch {
         a.extend(["--prefetch".into(), p.to_string()]);
@@ -660,9 +738,21 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     let src_report = dir.join("source.json");
     let mut dest_cmd = Command::new(&exe);
     dest_cmd
-        .args(["dest", "--child", "--listen", "127.0.0.1:0", "--announce", "--report"])
+        .args([
+            "dest",
+            "--child",
+            "--listen",
+            "127.0.0.1:0",
+            "--announce",
+            "--report",
+        ])
         .arg(&dest_report)
-        .args(["--run-after-ms", &args.run_after_ms.to_string(), "--peer-timeout-ms", &args.migration.peer_timeout_ms.to_string()])
+        .args([
+            "--run-after-ms",
+            &args.run_after_ms.to_string(),
+            "--peer-timeout-ms",
+            &args.migration.peer_timeout_ms.to_string(),
+        ])
         .stdout(Stdio::piped());
     if args.quiet {
         dest_cmd.arg("--quiet");
@@ -670,23 +760,39 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     if let Some(k) = &args.migration.key_file {
         dest_cmd.arg("--key-file").arg(k);
     }
-    let mut dest = Reaper(Some(dest_cmd.spawn().context("starting the destination process")?));
-    let stdout = dest.0.as_mut().and_then(|c| c.stdout.take()).context("destination stdout")?;
+    let mut dest = Reaper(Some(
+        dest_cmd
+            .spawn()
+            .context("starting the destination process")?,
+    ));
+    let stdout = dest
+        .0
+        .as_mut()
+        .and_then(|c| c.stdout.take())
+        .context("destination stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx.recv_timeout(Duration::from_secs(10)).context("the destination did not start listening")?;
-    let addr = line.strip_prefix("LISTENING ").map(str::trim).context("unexpected destination output")?.to_string();
+    let line = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the destination did not start listening")?;
+    let addr = line
+        .strip_prefix("LISTENING ")
+        .map(str::trim)
+        .context("unexpected destination output")?
+        .to_string();
     let mut src_cmd = Command::new(&exe);
     src_cmd
         .args(["source", "--connect", &addr, "--report"])
         .arg(&src_report)
         .args(["--run-before-ms", &args.run_before_ms.to_string()])
         .args(child_args(&args.guest, &args.migration));
-    let mut source = Reaper(Some(src_cmd.spawn().context("starting the source process")?));
+    let mut source = Reaper(Some(
+        src_cmd.spawn().context("starting the source process")?,
+    ));
     // Whichever ends first, the other gets a bounded time to finish.
     let grace = Duration::from_secs(30) + Duration::from_millis(args.run_after_ms);
     let (src_status, dest_status) = loop {
@@ -694,8 +800,18 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         let d = dest.0.as_mut().expect("spawned").try_wait()?;
         match (s, d) {
             (Some(s), Some(d)) => break (s, d),
-            (Some(s), None) => break (s, wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace)?),
-            (None, Some(d)) => break (wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace)?, d),
+            (Some(s), None) => {
+                break (
+                    s,
+                    wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace)?,
+                );
+            }
+            (None, Some(d)) => {
+                break (
+                    wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace)?,
+                    d,
+                );
+            }
             (None, None) => std::thread::sleep(Duration::from_millis(20)),
         }
     };
@@ -703,7 +819,9 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     dest.0 = None;
     let mut merged = Report::read(&dest_report).unwrap_or_else(|e| Report {
         status: "failed".into(),
-        error: Some(format!("destination wrote no report ({e:#}); exit {dest_status}")),
+        error: Some(format!(
+            "destination wrote no report ({e:#}); exit {dest_status}"
+        )),
         ..Default::default()
     });
     let src = Report::read(&src_report).ok();
@@ -721,7 +839,9 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     if !dest_status.success() || !src_status.success() {
         merged.status = "failed".into();
         if merged.error.is_none() {
-            merged.error = Some(format!("destination exit {dest_status}, source exit {src_status}"));
+            merged.error = Some(format!(
+                "destination exit {dest_status}, source exit {src_status}"
+            ));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -740,5 +860,8 @@ fn tempdir() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!("could not create a temporary directory under {}", base.display())
+    bail!(
+        "could not create a temporary directory under {}",
+        base.display()
+    )
 }

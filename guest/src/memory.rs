@@ -76,18 +76,35 @@ impl GuestMemory {
         let mut maps = Vec::with_capacity(layout.regions().len());
         let mut regions = Vec::with_capacity(layout.regions().len());
         for (i, r) in layout.regions().iter().enumerate() {
-            let len = usize::try_from(r.len_bytes).map_err(|_| MemoryError::TooLarge { region: i, len_bytes: r.len_bytes })?;
+            let len = usize::try_from(r.len_bytes).map_err(|_| MemoryError::TooLarge {
+                region: i,
+                len_bytes: r.len_bytes,
+            })?;
             let mut opts = MmapOptions::new();
             opts.len(len).no_reserve_swap();
             if layout.page_size() == PageSize::Size2M {
                 opts.huge(Some(21));
             }
-            let m: MmapRaw =
-                opts.map_anon().map_err(|source| MemoryError::Map { region: i, len_bytes: r.len_bytes, source })?.into();
-            regions.push(HostRegion { host: HostAddr(m.as_mut_ptr() as usize), len_bytes: len, pages: layout.region_pages(i) });
+            let m: MmapRaw = opts
+                .map_anon()
+                .map_err(|source| MemoryError::Map {
+                    region: i,
+                    len_bytes: r.len_bytes,
+                    source,
+                })?
+                .into();
+            regions.push(HostRegion {
+                host: HostAddr(m.as_mut_ptr() as usize),
+                len_bytes: len,
+                pages: layout.region_pages(i),
+            });
             maps.push(m);
         }
-        Ok(GuestMemory { layout, _maps: maps, regions })
+        Ok(GuestMemory {
+            layout,
+            _maps: maps,
+            regions,
+        })
     }
 
     /// The layout.
@@ -110,15 +127,19 @@ impl GuestMemory {
     #[inline]
     pub fn host_addr(&self, p: PageIdx) -> HostAddr {
         let (i, within) = self.layout.locate(p).expect("page inside the guest");
-        let off = usize::try_from(within << self.layout.page_size().shift()).expect("within a mapped region");
-        self.regions[i].host.add(off)
+        let off = usize::try_from(within << self.layout.page_size().shift())
+            .expect("within a mapped region");
+        self.regions[i].host.offset_by(off)
     }
 
     /// Word `w` of page `p` as an atomic. Panics if out of range.
     #[inline]
     pub fn word(&self, p: PageIdx, w: usize) -> &AtomicU64 {
-        assert!(w < self.page_size().bytes_usize() / 8, "word {w} outside a page");
-        let addr = self.host_addr(p).add(w * 8);
+        assert!(
+            w < self.page_size().bytes_usize() / 8,
+            "word {w} outside a page"
+        );
+        let addr = self.host_addr(p).offset_by(w * 8);
         // SAFETY: `addr` is 8-aligned (page-aligned base plus a multiple of 8)
         // and inside a mapping that lives as long as `&self`; all access to
         // guest memory from Rust goes through atomics, so there are no
@@ -135,14 +156,19 @@ impl GuestMemory {
             let shift = self.layout.page_size().shift();
             let off = usize::try_from(within << shift).expect("within region");
             let len = usize::try_from(piece.n_pages << shift).expect("within region");
-            let addr = self.regions[i].host.add(off);
-            let ptr = std::ptr::NonNull::new(addr.0 as *mut std::ffi::c_void).expect("mapped address is non-null");
+            let addr = self.regions[i].host.offset_by(off);
+            let ptr = std::ptr::NonNull::new(addr.0 as *mut std::ffi::c_void)
+                .expect("mapped address is non-null");
             // SAFETY: the span lies inside mapping i, which we own; dropping
             // page contents is the intended effect (no Rust references into
             // guest memory exist, see the module doc).
-            unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.map_err(
-                |source| MemoryError::Advise { advice: "MADV_DONTNEED", first: piece.first, n_pages: piece.n_pages, source },
-            )?;
+            unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
+                .map_err(|source| MemoryError::Advise {
+                    advice: "MADV_DONTNEED",
+                    first: piece.first,
+                    n_pages: piece.n_pages,
+                    source,
+                })?;
         }
         Ok(())
     }
@@ -159,8 +185,14 @@ mod tests {
         let layout = MemLayout::new(
             PageSize::Size4K,
             vec![
-                RegionDesc { guest: GuestOffset(0), len_bytes: 3 * 4096 },
-                RegionDesc { guest: GuestOffset(1 << 30), len_bytes: 5 * 4096 },
+                RegionDesc {
+                    guest: GuestOffset(0),
+                    len_bytes: 3 * 4096,
+                },
+                RegionDesc {
+                    guest: GuestOffset(1 << 30),
+                    len_bytes: 5 * 4096,
+                },
             ],
         )
         .unwrap();
@@ -170,12 +202,20 @@ mod tests {
             m.word(PageIdx(p), 0).store(p + 100, Ordering::Relaxed);
             m.word(PageIdx(p), 511).store(p, Ordering::Relaxed);
         }
-        assert_eq!(m.host_addr(PageIdx(4)), m.host_regions()[1].host.add(4096));
+        assert_eq!(
+            m.host_addr(PageIdx(4)),
+            m.host_regions()[1].host.offset_by(4096)
+        );
         for p in 0..8 {
             assert_eq!(m.word(PageIdx(p), 0).load(Ordering::Relaxed), p + 100);
         }
         m.evict(PageRange::new(PageIdx(2), 3)).unwrap();
-        let zeros: Vec<_> = (0..8).map(|p| m.word(PageIdx(p), 0).load(Ordering::Relaxed) == 0).collect();
-        assert_eq!(zeros, vec![false, false, true, true, true, false, false, false]);
+        let zeros: Vec<_> = (0..8)
+            .map(|p| m.word(PageIdx(p), 0).load(Ordering::Relaxed) == 0)
+            .collect();
+        assert_eq!(
+            zeros,
+            vec![false, false, true, true, true, false, false, false]
+        );
     }
 }

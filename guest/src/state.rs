@@ -60,7 +60,13 @@ pub struct WorkloadConfig {
 
 impl Default for WorkloadConfig {
     fn default() -> Self {
-        WorkloadConfig { vcpus: 1, pattern: Pattern::Uniform, store_ratio: 0.75, seed: 1, stall_threshold_ns: 5_000 }
+        WorkloadConfig {
+            vcpus: 1,
+            pattern: Pattern::Uniform,
+            store_ratio: 0.75,
+            seed: 1,
+            stall_threshold_ns: 5_000,
+        }
     }
 }
 
@@ -118,7 +124,11 @@ impl WorkloadState {
         let c = &self.config;
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(&u16::try_from(self.vcpus.len()).expect("bounded by MAX_VCPUS").to_le_bytes());
+        out.extend_from_slice(
+            &u16::try_from(self.vcpus.len())
+                .expect("bounded by MAX_VCPUS")
+                .to_le_bytes(),
+        );
         let (kind, a, b) = match c.pattern {
             Pattern::Uniform => (1u8, 0u64, 0f64),
             Pattern::Sequential => (2, 0, 0.0),
@@ -136,7 +146,14 @@ impl WorkloadState {
         out.extend_from_slice(&self.table_pages.to_le_bytes());
         out.extend_from_slice(&self.n_pages.to_le_bytes());
         for v in &self.vcpus {
-            for x in v.rng.iter().chain(&[v.cursor, v.accesses, v.loads, v.stores, v.violations, v.stalls]) {
+            for x in v.rng.iter().chain(&[
+                v.cursor,
+                v.accesses,
+                v.loads,
+                v.stores,
+                v.violations,
+                v.stalls,
+            ]) {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
@@ -146,7 +163,10 @@ impl WorkloadState {
     /// Decode and validate.
     pub fn decode(b: &[u8]) -> Result<WorkloadState, StateError> {
         if b.len() < HEADER_LEN {
-            return Err(StateError::Truncated { need: HEADER_LEN, have: b.len() });
+            return Err(StateError::Truncated {
+                need: HEADER_LEN,
+                have: b.len(),
+            });
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let f64_at = |o: usize| f64::from_bits(u64_at(o));
@@ -164,7 +184,10 @@ impl WorkloadState {
         }
         let need = HEADER_LEN + VCPU_LEN * usize::from(n);
         if b.len() != need {
-            return Err(StateError::Truncated { need, have: b.len() });
+            return Err(StateError::Truncated {
+                need,
+                have: b.len(),
+            });
         }
         if b[9..16] != [0; 7] {
             return Err(StateError::Invalid("reserved bytes"));
@@ -173,19 +196,29 @@ impl WorkloadState {
         let pattern = match b[8] {
             1 => Pattern::Uniform,
             2 => Pattern::Sequential,
-            3 if a > 0 && f64_ok(pb, 0.0, 1.0) => Pattern::Hotset { bytes: a, fraction: pb },
+            3 if a > 0 && f64_ok(pb, 0.0, 1.0) => Pattern::Hotset {
+                bytes: a,
+                fraction: pb,
+            },
             4 if pb > 0.0 && pb < 1.0 => Pattern::Zipf { theta: pb },
             _ => return Err(StateError::Invalid("pattern")),
         };
         let zipf_zetan = f64_at(32);
-        if matches!(pattern, Pattern::Zipf { .. }) && !(zipf_zetan.is_finite() && zipf_zetan >= 1.0) {
+        if matches!(pattern, Pattern::Zipf { .. }) && !(zipf_zetan.is_finite() && zipf_zetan >= 1.0)
+        {
             return Err(StateError::Invalid("zipf constant"));
         }
         let store_ratio = f64_at(40);
         if !f64_ok(store_ratio, 0.0, 1.0) {
             return Err(StateError::Invalid("store ratio"));
         }
-        let config = WorkloadConfig { vcpus: u32::from(n), pattern, store_ratio, seed: u64_at(48), stall_threshold_ns: u64_at(56) };
+        let config = WorkloadConfig {
+            vcpus: u32::from(n),
+            pattern,
+            store_ratio,
+            seed: u64_at(48),
+            stall_threshold_ns: u64_at(56),
+        };
         let table_pages = u64_at(64);
         let n_pages = u64_at(72);
         if table_pages == 0 || table_pages >= n_pages {
@@ -206,7 +239,13 @@ impl WorkloadState {
                 }
             })
             .collect();
-        Ok(WorkloadState { config, zipf_zetan, table_pages, n_pages, vcpus })
+        Ok(WorkloadState {
+            config,
+            zipf_zetan,
+            table_pages,
+            n_pages,
+            vcpus,
+        })
     }
 }
 
@@ -217,19 +256,45 @@ mod tests {
 
     fn sample(pattern: Pattern, n: usize) -> WorkloadState {
         WorkloadState {
-            config: WorkloadConfig { vcpus: u32::try_from(n).unwrap(), pattern, store_ratio: 0.5, seed: 9, stall_threshold_ns: 1000 },
-            zipf_zetan: if matches!(pattern, Pattern::Zipf { .. }) { 12.5 } else { 0.0 },
+            config: WorkloadConfig {
+                vcpus: u32::try_from(n).unwrap(),
+                pattern,
+                store_ratio: 0.5,
+                seed: 9,
+                stall_threshold_ns: 1000,
+            },
+            zipf_zetan: if matches!(pattern, Pattern::Zipf { .. }) {
+                12.5
+            } else {
+                0.0
+            },
             table_pages: 3,
             n_pages: 1000,
             vcpus: (0..n as u64)
-                .map(|i| VcpuState { rng: [i, 2, 3, 4], cursor: i, accesses: 10, loads: 4, stores: 6, violations: 0, stalls: 1 })
+                .map(|i| VcpuState {
+                    rng: [i, 2, 3, 4],
+                    cursor: i,
+                    accesses: 10,
+                    loads: 4,
+                    stores: 6,
+                    violations: 0,
+                    stalls: 1,
+                })
                 .collect(),
         }
     }
 
     #[test]
     fn round_trip_every_pattern() {
-        for p in [Pattern::Uniform, Pattern::Sequential, Pattern::Hotset { bytes: 1 << 20, fraction: 0.9 }, Pattern::Zipf { theta: 0.99 }] {
+        for p in [
+            Pattern::Uniform,
+            Pattern::Sequential,
+            Pattern::Hotset {
+                bytes: 1 << 20,
+                fraction: 0.9,
+            },
+            Pattern::Zipf { theta: 0.99 },
+        ] {
             let s = sample(p, 3);
             assert_eq!(WorkloadState::decode(&s.encode()).unwrap(), s);
         }
@@ -243,20 +308,32 @@ mod tests {
         }
         let mut b = good.clone();
         b[0] ^= 1;
-        assert!(matches!(WorkloadState::decode(&b), Err(StateError::Magic(_))));
+        assert!(matches!(
+            WorkloadState::decode(&b),
+            Err(StateError::Magic(_))
+        ));
         let mut b = good.clone();
         b[6] = 0;
         b[7] = 0;
         assert!(WorkloadState::decode(&b).is_err());
         let mut b = good.clone();
         b[8] = 9;
-        assert_eq!(WorkloadState::decode(&b), Err(StateError::Invalid("pattern")));
+        assert_eq!(
+            WorkloadState::decode(&b),
+            Err(StateError::Invalid("pattern"))
+        );
         let mut b = good.clone();
         b[40..48].copy_from_slice(&f64::NAN.to_bits().to_le_bytes());
-        assert_eq!(WorkloadState::decode(&b), Err(StateError::Invalid("store ratio")));
+        assert_eq!(
+            WorkloadState::decode(&b),
+            Err(StateError::Invalid("store ratio"))
+        );
         let mut b = good;
         b[64..72].copy_from_slice(&5000u64.to_le_bytes());
-        assert_eq!(WorkloadState::decode(&b), Err(StateError::Invalid("table size")));
+        assert_eq!(
+            WorkloadState::decode(&b),
+            Err(StateError::Invalid("table size"))
+        );
     }
 
     proptest! {

@@ -18,7 +18,13 @@ const IDLE_CHECK: Duration = Duration::from_millis(50);
 
 /// Receive until PushDone, an abort, or an error (which it hands to the fault
 /// loop through `shared`).
-pub(crate) fn run(mut conn: Box<dyn Conn>, mut session: DestBulk, inst: Arc<Installer>, shared: Arc<Shared>, metrics: Arc<PagerMetrics>) {
+pub(crate) fn run(
+    mut conn: Box<dyn Conn>,
+    mut session: DestBulk,
+    inst: Arc<Installer>,
+    shared: Arc<Shared>,
+    metrics: Arc<PagerMetrics>,
+) {
     let r = receive(&mut *conn, &mut session, &inst, &shared, &metrics);
     if let Err(e) = r {
         shared.fail_bulk(e);
@@ -42,10 +48,18 @@ fn receive(
             session.on_switchover();
             switched = true;
         }
-        let Some(msg) = conn.recv(Wait::for_(IDLE_CHECK))? else { continue };
+        let Some(msg) = conn.recv(Wait::for_(IDLE_CHECK))? else {
+            continue;
+        };
         shared.touch_bulk();
         let event = session.on_recv(&msg)?;
-        if let (BulkEvent::Pages, Msg::Pages { first, kind, data, .. }) = (&event, msg) {
+        if let (
+            BulkEvent::Pages,
+            Msg::Pages {
+                first, kind, data, ..
+            },
+        ) = (&event, msg)
+        {
             inst.install(first, data, kind)?;
         }
         let now = conn.bytes_received();
@@ -53,7 +67,8 @@ fn receive(
         seen = now;
         match event {
             BulkEvent::RoundEnd => shared.round_done(),
-            BulkEvent::PushDone => {
+            BulkEvent::PushDone { lost } => {
+                PagerMetrics::add(&metrics.pages_push_lost, lost);
                 shared.set_push_done();
                 return Ok(());
             }

@@ -59,14 +59,18 @@ impl GuestMap {
 
     /// Region bases and lengths.
     pub fn spans(&self) -> impl Iterator<Item = (HostAddr, usize)> + '_ {
-        self.bases.iter().zip(self.layout.regions()).map(|(b, r)| (*b, usize::try_from(r.len_bytes).expect("mapped")))
+        self.bases
+            .iter()
+            .zip(self.layout.regions())
+            .map(|(b, r)| (*b, usize::try_from(r.len_bytes).expect("mapped")))
     }
 
     /// Host address of `page` (in range).
     #[inline]
     pub fn host_addr(&self, page: PageIdx) -> HostAddr {
         let (i, within) = self.layout.locate(page).expect("validated page");
-        self.bases[i].add(usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
+        self.bases[i]
+            .offset_by(usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
     }
 
     /// Page holding host address `addr`, if it is guest memory.
@@ -76,7 +80,9 @@ impl GuestMap {
         for (i, (b, r)) in self.bases.iter().zip(self.layout.regions()).enumerate() {
             let off = addr.0.wrapping_sub(b.0) as u64;
             if addr.0 >= b.0 && off < r.len_bytes {
-                return Some(PageIdx(self.layout.region_pages(i).first.0 + (off >> shift)));
+                return Some(PageIdx(
+                    self.layout.region_pages(i).first.0 + (off >> shift),
+                ));
             }
         }
         None
@@ -98,7 +104,14 @@ impl Installer {
     /// An installer over `map`, whose memory is registered with `uffd`.
     pub fn new(uffd: Userfault, map: GuestMap, metrics: std::sync::Arc<PagerMetrics>) -> Self {
         let n = map.layout().n_pages();
-        Installer { uffd, map, present: AtomicPageBitmap::new(n), waiting: AtomicPageBitmap::new(n), pending: Mutex::new(Vec::new()), metrics }
+        Installer {
+            uffd,
+            map,
+            present: AtomicPageBitmap::new(n),
+            waiting: AtomicPageBitmap::new(n),
+            pending: Mutex::new(Vec::new()),
+            metrics,
+        }
     }
 
     /// The userfaultfd.
@@ -138,7 +151,9 @@ impl Installer {
     /// finds the old page (EEXIST, skipped) or the hole (installed, bit set).
     pub fn unmark_present(&self, r: PageRange) {
         let cleared = self.present.clear_range(r);
-        self.metrics.pages_present.fetch_sub(cleared, std::sync::atomic::Ordering::Relaxed);
+        self.metrics
+            .pages_present
+            .fetch_sub(cleared, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Record a fault; completes it at once if its page is already present.
@@ -174,14 +189,20 @@ impl Installer {
                     continue;
                 }
                 // The longest stretch not known present, within this region.
-                let stop = self.present.next_with_below(at, end, true).map_or(end, |p| p.0);
+                let stop = self
+                    .present
+                    .next_with_below(at, end, true)
+                    .map_or(end, |p| p.0);
                 let off = usize::try_from(at - first.0).expect("within run") * ps;
                 let len = usize::try_from(stop - at).expect("within run") * ps;
                 let dst = self.map.host_addr(PageIdx(at));
                 // SAFETY: `dst..dst+len` lies in one region of guest memory that
                 // the DestGuest contract keeps mapped and registered with this
                 // uffd; the source bytes are `data[off..off + len]`.
-                let outcome = unsafe { self.uffd.copy(dst, data[off..off + len].as_ptr(), len, true) }?;
+                let outcome = unsafe {
+                    self.uffd
+                        .copy(dst, data[off..off + len].as_ptr(), len, true)
+                }?;
                 let (copied, skip) = match outcome {
                     CopyOutcome::Done => (len, 0),
                     CopyOutcome::Exists { copied } => (copied, 1),
@@ -201,7 +222,9 @@ impl Installer {
                 };
                 let copied_pages = (copied / ps) as u64;
                 if copied_pages > 0 {
-                    newly += self.present.set_range(PageRange::new(PageIdx(at), copied_pages));
+                    newly += self
+                        .present
+                        .set_range(PageRange::new(PageIdx(at), copied_pages));
                 }
                 if skip > 0 {
                     // Installed by the other thread, which sets the bit itself.

@@ -33,6 +33,8 @@ pub struct PagerMetrics {
     /// Pages received that were already present (a push and a demand reply
     /// crossing, or a re-request answered twice).
     pub pages_duplicate: AtomicU64,
+    /// Pages the source said it pushed that never arrived by push.
+    pub pages_push_lost: AtomicU64,
     /// Pages present in guest memory.
     pub pages_present: AtomicU64,
     /// Install calls the kernel asked to retry.

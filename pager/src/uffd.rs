@@ -142,12 +142,23 @@ pub struct Userfault {
     uffd: Uffd,
 }
 
-fn classify(copied: i64, errno: Errno, op: &'static str, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
+fn classify(
+    copied: i64,
+    errno: Errno,
+    op: &'static str,
+    dst: HostAddr,
+    len: usize,
+) -> Result<CopyOutcome, UffdError> {
     let done = usize::try_from(copied).unwrap_or(0);
     match errno {
         Errno::EEXIST => Ok(CopyOutcome::Exists { copied: done }),
         Errno::EAGAIN => Ok(CopyOutcome::Again { copied: done }),
-        source => Err(UffdError::Install { op, addr: dst.0, len_bytes: len, source }),
+        source => Err(UffdError::Install {
+            op,
+            addr: dst.0,
+            len_bytes: len,
+            source,
+        }),
     }
 }
 
@@ -169,19 +180,32 @@ impl Userfault {
         self.uffd
             .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MISSING)
             .map(drop)
-            .map_err(|source| UffdError::Register { addr: addr.0, len_bytes, source })
+            .map_err(|source| UffdError::Register {
+                addr: addr.0,
+                len_bytes,
+                source,
+            })
     }
 
     /// Unregister a range (blocked threads, if any, are woken and retry without it).
     pub fn unregister(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
         self.uffd
             .unregister(addr.0 as *mut c_void, len_bytes)
-            .map_err(|source| UffdError::Unregister { addr: addr.0, len_bytes, source })
+            .map_err(|source| UffdError::Unregister {
+                addr: addr.0,
+                len_bytes,
+                source,
+            })
     }
 
     /// Wake threads waiting on `[addr, addr + len)`.
     pub fn wake(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
-        self.uffd.wake(addr.0 as *mut c_void, len_bytes).map_err(|source| UffdError::Wake { addr: addr.0, source })
+        self.uffd
+            .wake(addr.0 as *mut c_void, len_bytes)
+            .map_err(|source| UffdError::Wake {
+                addr: addr.0,
+                source,
+            })
     }
 
     /// Read every pending message without blocking, appending page faults to
@@ -205,7 +229,11 @@ impl Userfault {
                 let addr = u64::from_ne_bytes(m[16..24].try_into().expect("8 bytes"));
                 let tid = u32::from_ne_bytes(m[24..28].try_into().expect("4 bytes"));
                 let addr = usize::try_from(addr).expect("64-bit host");
-                out.push(Fault { addr: HostAddr(addr), write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0, tid });
+                out.push(Fault {
+                    addr: HostAddr(addr),
+                    write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                    tid,
+                });
                 total += 1;
             }
             if n < buf.len() {
@@ -221,7 +249,13 @@ impl Userfault {
     /// `[dst, dst + len)` must be page-aligned, inside a range registered with
     /// this userfaultfd and owned by the caller's guest (the kernel writes it);
     /// `[src, src + len)` must be readable.
-    pub unsafe fn copy(&self, dst: HostAddr, src: *const u8, len: usize, wake: bool) -> Result<CopyOutcome, UffdError> {
+    pub unsafe fn copy(
+        &self,
+        dst: HostAddr,
+        src: *const u8,
+        len: usize,
+        wake: bool,
+    ) -> Result<CopyOutcome, UffdError> {
         let mut c = UffdioCopy {
             dst: dst.0 as u64,
             src: src as u64,
@@ -242,7 +276,12 @@ impl Userfault {
     /// # Safety
     /// As for [`Userfault::copy`], without the source.
     pub unsafe fn zeropage(&self, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
-        let mut z = UffdioZeropage { start: dst.0 as u64, len: len as u64, mode: 0, zeropage: 0 };
+        let mut z = UffdioZeropage {
+            start: dst.0 as u64,
+            len: len as u64,
+            mode: 0,
+            zeropage: 0,
+        };
         // SAFETY: as in `copy`: live fd, valid struct, caller-guaranteed range.
         match unsafe { ioctl_zeropage(self.uffd.as_raw_fd(), &raw mut z) } {
             Ok(_) => Ok(CopyOutcome::Done),
@@ -275,17 +314,41 @@ mod tests {
         // SAFETY: the destination is inside the registered mapping `m`, which
         // outlives the calls; `src` is readable for the lengths used.
         unsafe {
-            assert_eq!(u.copy(base.add(4 * PG), src.as_ptr(), PG, true).unwrap(), CopyOutcome::Done);
+            assert_eq!(
+                u.copy(base.offset_by(4 * PG), src.as_ptr(), PG, true)
+                    .unwrap(),
+                CopyOutcome::Done
+            );
             // Pages 0..4 go in, then page 4 is present: EAGAIN with a count.
-            assert_eq!(u.copy(base, src.as_ptr(), n * PG, true).unwrap(), CopyOutcome::Again { copied: 4 * PG });
+            assert_eq!(
+                u.copy(base, src.as_ptr(), n * PG, true).unwrap(),
+                CopyOutcome::Again { copied: 4 * PG }
+            );
             // Starting on a present page: EEXIST, nothing copied.
-            assert_eq!(u.copy(base.add(4 * PG), src.as_ptr(), PG, true).unwrap(), CopyOutcome::Exists { copied: 0 });
+            assert_eq!(
+                u.copy(base.offset_by(4 * PG), src.as_ptr(), PG, true)
+                    .unwrap(),
+                CopyOutcome::Exists { copied: 0 }
+            );
             // An unaligned source is fine.
-            assert_eq!(u.copy(base.add(5 * PG), src.as_ptr().add(24), PG, true).unwrap(), CopyOutcome::Done);
-            assert_eq!(u.zeropage(base.add(6 * PG), PG).unwrap(), CopyOutcome::Done);
-            assert_eq!(u.zeropage(base.add(6 * PG), PG).unwrap(), CopyOutcome::Exists { copied: 0 });
+            assert_eq!(
+                u.copy(base.offset_by(5 * PG), src.as_ptr().add(24), PG, true)
+                    .unwrap(),
+                CopyOutcome::Done
+            );
+            assert_eq!(
+                u.zeropage(base.offset_by(6 * PG), PG).unwrap(),
+                CopyOutcome::Done
+            );
+            assert_eq!(
+                u.zeropage(base.offset_by(6 * PG), PG).unwrap(),
+                CopyOutcome::Exists { copied: 0 }
+            );
             // A misaligned destination is an error, not a silent success.
-            assert!(u.copy(base.add(7 * PG + 8), src.as_ptr(), PG, true).is_err());
+            assert!(
+                u.copy(base.offset_by(7 * PG + 8), src.as_ptr(), PG, true)
+                    .is_err()
+            );
         }
         assert!(m[..4 * PG].iter().all(|&b| b == 0x5a));
         assert!(m[6 * PG..7 * PG].iter().all(|&b| b == 0));
@@ -301,7 +364,7 @@ mod tests {
         let base = HostAddr(m.as_ptr() as usize);
         let u = Userfault::new().unwrap();
         u.register(base, 4 * PG).unwrap();
-        let addr = base.add(2 * PG + 100).0;
+        let addr = base.offset_by(2 * PG + 100).0;
         let t = std::thread::spawn(move || {
             // SAFETY: the mapping outlives the thread (joined below); reading a
             // registered missing page blocks until the pager installs it.
@@ -312,7 +375,10 @@ mod tests {
         let mut faults = Vec::new();
         let t0 = std::time::Instant::now();
         while faults.is_empty() {
-            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no fault event");
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(5),
+                "no fault event"
+            );
             u.read_faults(&mut buf, &mut faults).unwrap();
             std::thread::yield_now();
         }
@@ -320,7 +386,7 @@ mod tests {
         assert!(!faults[0].write);
         let src = vec![9u8; PG];
         // SAFETY: page-aligned destination inside the registered mapping.
-        let r = unsafe { u.copy(base.add(2 * PG), src.as_ptr(), PG, true) }.unwrap();
+        let r = unsafe { u.copy(base.offset_by(2 * PG), src.as_ptr(), PG, true) }.unwrap();
         assert_eq!(r, CopyOutcome::Done);
         let (v, tid) = t.join().unwrap();
         assert_eq!(v, 9);

@@ -28,7 +28,7 @@ impl SourceMap {
         let shift = self.layout.page_size().shift();
         for (i, piece) in self.layout.split_by_region(r) {
             let (_, within) = self.layout.locate(piece.first).expect("validated range");
-            let addr = self.bases[i].add(usize::try_from(within << shift).expect("mapped"));
+            let addr = self.bases[i].offset_by(usize::try_from(within << shift).expect("mapped"));
             let len = usize::try_from(piece.n_pages << shift).expect("mapped");
             // SAFETY: the span lies inside region i's mapping, which the
             // SourceGuest contract keeps mapped and readable while the sender

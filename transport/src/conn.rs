@@ -90,7 +90,11 @@ pub struct IoSpan<'a> {
 impl<'a> IoSpan<'a> {
     /// A span over a slice.
     pub fn from_slice(s: &'a [u8]) -> Self {
-        IoSpan { ptr: s.as_ptr(), len: s.len(), _life: PhantomData }
+        IoSpan {
+            ptr: s.as_ptr(),
+            len: s.len(),
+            _life: PhantomData,
+        }
     }
 
     /// A span over raw memory.
@@ -102,7 +106,11 @@ impl<'a> IoSpan<'a> {
     /// concern (the source sends a page again if it was dirtied meanwhile).
     #[allow(unsafe_code)]
     pub unsafe fn from_raw(addr: HostAddr, len: usize) -> Self {
-        IoSpan { ptr: addr.0 as *const u8, len, _life: PhantomData }
+        IoSpan {
+            ptr: addr.0 as *const u8,
+            len,
+            _life: PhantomData,
+        }
     }
 
     /// Start address.
@@ -128,7 +136,13 @@ pub trait Conn: Send {
 
     /// Send a Pages frame whose data is gathered from `data` (total
     /// `n_pages * page_size` bytes) without copying it in user space.
-    fn send_pages(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, data: &[IoSpan<'_>]) -> Result<(), TransportError>;
+    fn send_pages(
+        &mut self,
+        first: PageIdx,
+        n_pages: u32,
+        kind: PageKind,
+        data: &[IoSpan<'_>],
+    ) -> Result<(), TransportError>;
 
     /// Receive one message, waiting as `wait` allows: `Ok(None)` when nothing
     /// whole arrived in time.
@@ -155,14 +169,26 @@ pub trait Conn: Send {
 }
 
 /// Wait for `fd` to be readable (or writable) until `deadline`; `Ok(false)` on timeout.
-pub(crate) fn poll_fd(fd: BorrowedFd<'_>, writable: bool, deadline: Instant) -> std::io::Result<bool> {
+pub(crate) fn poll_fd(
+    fd: BorrowedFd<'_>,
+    writable: bool,
+    deadline: Instant,
+) -> std::io::Result<bool> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let flags = if writable { PollFlags::POLLOUT } else { PollFlags::POLLIN };
+    let flags = if writable {
+        PollFlags::POLLOUT
+    } else {
+        PollFlags::POLLIN
+    };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis().min(u128::from(u16::MAX))).unwrap_or(u16::MAX);
         // Round up so a sub-millisecond remainder still waits.
-        let ms = if left > Duration::ZERO && ms == 0 { 1 } else { ms };
+        let ms = if left > Duration::ZERO && ms == 0 {
+            1
+        } else {
+            ms
+        };
         let mut fds = [PollFd::new(fd, flags)];
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => {

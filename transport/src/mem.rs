@@ -6,7 +6,7 @@
 //! deliverable, so a test can `poll` a `MemConn` together with a userfaultfd
 //! exactly as the pager polls a TCP socket.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,15 +19,19 @@ use proto::{PageIdx, PageSize};
 
 use crate::conn::{Conn, IoSpan, TransportError, Wait, poll_fd};
 
-/// Faults injected on one direction of the link.
+/// Faults injected on one direction of the link. Control frames are never
+/// dropped or reordered (a TCP connection cannot do that either); Pages
+/// frames can be, since the protocol recovers from it.
 #[derive(Clone, Debug, Default)]
 pub struct MemLink {
     /// Each frame becomes deliverable this long after it was sent.
     pub delay: Duration,
+    /// Pages frames are delayed this much more (so other frames overtake them).
+    pub pages_delay: Duration,
     /// Drop every k-th Pages frame (k >= 1).
     pub drop_pages_every: Option<u64>,
-    /// Hold back every k-th frame and deliver it after the next one (a held
-    /// frame that no frame follows is never delivered, like a drop).
+    /// Hold back every k-th Pages frame and deliver it after the next Pages
+    /// frame (a held frame that none follows is never delivered, like a drop).
     pub reorder_every: Option<u64>,
     /// Close the whole pair after this many frames were sent this way.
     pub disconnect_after: Option<u64>,
@@ -36,12 +40,14 @@ pub struct MemLink {
 struct PipeState {
     /// Deliverable frames.
     ready: VecDeque<Vec<u8>>,
-    /// Frames in flight with their delivery time (in order).
-    delayed: VecDeque<(Instant, Vec<u8>)>,
+    /// Frames in flight by delivery time (then send order).
+    delayed: BTreeMap<(Instant, u64), Vec<u8>>,
     /// A frame held back to be delivered after the next one.
     held: Option<Vec<u8>>,
     frames: u64,
     pages_frames: u64,
+    /// Tie-break for frames due at the same instant: send order.
+    seq: u64,
 }
 
 struct Pipe {
@@ -49,6 +55,10 @@ struct Pipe {
     cv: Condvar,
     event: EventFd,
     link: MemLink,
+    /// The sending end was dropped: deliver what is in flight, then EOF.
+    writer_gone: AtomicBool,
+    /// The receiving end was dropped: sends fail.
+    reader_gone: AtomicBool,
 }
 
 struct Shared {
@@ -82,7 +92,9 @@ pub struct MemConn {
 
 impl std::fmt::Debug for MemConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemConn").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("MemConn")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -90,16 +102,33 @@ impl std::fmt::Debug for MemConn {
 /// the reverse through `b_to_a`.
 pub fn pair(a_to_b: MemLink, b_to_a: MemLink) -> (MemConn, MemConn) {
     let pipe = |link: MemLink| Pipe {
-        st: Mutex::new(PipeState { ready: VecDeque::new(), delayed: VecDeque::new(), held: None, frames: 0, pages_frames: 0 }),
+        st: Mutex::new(PipeState {
+            ready: VecDeque::new(),
+            delayed: BTreeMap::new(),
+            held: None,
+            frames: 0,
+            pages_frames: 0,
+            seq: 0,
+        }),
         cv: Condvar::new(),
-        event: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).expect("eventfd"),
+        event: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
+            .expect("eventfd"),
         link,
+        writer_gone: AtomicBool::new(false),
+        reader_gone: AtomicBool::new(false),
     };
-    let shared = Arc::new(Shared { pipes: [pipe(a_to_b), pipe(b_to_a)], closed: AtomicBool::new(false) });
+    let shared = Arc::new(Shared {
+        pipes: [pipe(a_to_b), pipe(b_to_a)],
+        closed: AtomicBool::new(false),
+    });
     for i in 0..2 {
-        if shared.pipes[i].link.delay > Duration::ZERO {
+        let l = &shared.pipes[i].link;
+        if l.delay > Duration::ZERO || l.pages_delay > Duration::ZERO {
             let s = Arc::clone(&shared);
-            std::thread::Builder::new().name(format!("memlink-{i}")).spawn(move || deliver_delayed(&s, i)).expect("spawn");
+            std::thread::Builder::new()
+                .name(format!("memlink-{i}"))
+                .spawn(move || deliver_delayed(&s, i))
+                .expect("spawn");
         }
     }
     let end = |tx: usize, name: &str| MemConn {
@@ -119,21 +148,27 @@ fn deliver_delayed(s: &Shared, i: usize) {
     let p = &s.pipes[i];
     let mut st = p.st.lock();
     loop {
-        if s.closed.load(Ordering::Acquire) {
+        if s.closed.load(Ordering::Acquire)
+            || (p.writer_gone.load(Ordering::Acquire) && st.delayed.is_empty())
+        {
             return;
         }
         let now = Instant::now();
         let mut moved = false;
-        while st.delayed.front().is_some_and(|(t, _)| *t <= now) {
-            let (_, f) = st.delayed.pop_front().expect("front exists");
+        while st
+            .delayed
+            .first_key_value()
+            .is_some_and(|((t, _), _)| *t <= now)
+        {
+            let (_, f) = st.delayed.pop_first().expect("first exists");
             st.ready.push_back(f);
             moved = true;
         }
         if moved {
             let _ = p.event.write(1);
         }
-        match st.delayed.front() {
-            Some((t, _)) => {
+        match st.delayed.first_key_value() {
+            Some(((t, _), _)) => {
                 let t = *t;
                 p.cv.wait_until(&mut st, t);
             }
@@ -149,11 +184,18 @@ impl MemConn {
     }
 
     fn closed_err(&self) -> TransportError {
-        TransportError::Closed { peer: self.name.clone(), mid_frame: false }
+        TransportError::Closed {
+            peer: self.name.clone(),
+            mid_frame: false,
+        }
     }
 
     fn push_frame(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
-        if self.shared.closed.load(Ordering::Acquire) {
+        if self.shared.closed.load(Ordering::Acquire)
+            || self.shared.pipes[self.tx]
+                .reader_gone
+                .load(Ordering::Acquire)
+        {
             return Err(self.closed_err());
         }
         self.sent += frame.len() as u64;
@@ -169,22 +211,39 @@ impl MemConn {
         }
         if is_pages {
             st.pages_frames += 1;
-            if p.link.drop_pages_every.is_some_and(|k| st.pages_frames % k.max(1) == 0) {
+            if p.link
+                .drop_pages_every
+                .is_some_and(|k| st.pages_frames % k.max(1) == 0)
+            {
                 return Ok(());
             }
         }
         let mut out = Vec::with_capacity(2);
-        if p.link.reorder_every.is_some_and(|k| n % k.max(1) == 0) && st.held.is_none() {
+        let k = st.pages_frames;
+        if is_pages && p.link.reorder_every.is_some_and(|e| k % e.max(1) == 0) && st.held.is_none()
+        {
             st.held = Some(frame);
         } else {
             out.push(frame);
-            if let Some(h) = st.held.take() {
-                out.push(h);
+            if is_pages {
+                if let Some(h) = st.held.take() {
+                    out.push(h);
+                }
             }
         }
-        if p.link.delay > Duration::ZERO {
-            let at = Instant::now() + p.link.delay;
-            st.delayed.extend(out.into_iter().map(|f| (at, f)));
+        let delay = p.link.delay
+            + if is_pages {
+                p.link.pages_delay
+            } else {
+                Duration::ZERO
+            };
+        if delay > Duration::ZERO {
+            let at = Instant::now() + delay;
+            for f in out {
+                st.seq += 1;
+                let seq = st.seq;
+                st.delayed.insert((at, seq), f);
+            }
             p.cv.notify_all();
         } else if !out.is_empty() {
             st.ready.extend(out);
@@ -199,7 +258,13 @@ impl Conn for MemConn {
         self.push_frame(msg.to_frame())
     }
 
-    fn send_pages(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, data: &[IoSpan<'_>]) -> Result<(), TransportError> {
+    fn send_pages(
+        &mut self,
+        first: PageIdx,
+        n_pages: u32,
+        kind: PageKind,
+        data: &[IoSpan<'_>],
+    ) -> Result<(), TransportError> {
         let ps = self.page_size.expect("page size set before pages are sent");
         let prefix = wire::pages_prefix(first, n_pages, kind, ps);
         let total: usize = data.iter().map(IoSpan::len).sum();
@@ -238,12 +303,22 @@ impl Conn for MemConn {
             if self.shared.closed.load(Ordering::Acquire) {
                 return Err(self.closed_err());
             }
+            let rxp = &self.shared.pipes[rx];
+            if rxp.writer_gone.load(Ordering::Acquire) {
+                let st = rxp.st.lock();
+                if st.ready.is_empty() && st.delayed.is_empty() {
+                    return Err(self.closed_err());
+                }
+            }
             match wait {
                 Wait::No => return Ok(None),
                 Wait::Until(deadline) => {
-                    let ready = poll_fd(self.shared.pipes[rx].event.as_fd(), false, deadline).map_err(|source| {
-                        TransportError::Io { op: "poll", peer: self.name.clone(), source }
-                    })?;
+                    let ready = poll_fd(self.shared.pipes[rx].event.as_fd(), false, deadline)
+                        .map_err(|source| TransportError::Io {
+                            op: "poll",
+                            peer: self.name.clone(),
+                            source,
+                        })?;
                     if !ready {
                         return Ok(None);
                     }
@@ -251,7 +326,10 @@ impl Conn for MemConn {
             }
         }
         let peer = self.name.clone();
-        let h = FrameHeader::decode(&self.cur).map_err(|source| TransportError::Decode { peer: peer.clone(), source })?;
+        let h = FrameHeader::decode(&self.cur).map_err(|source| TransportError::Decode {
+            peer: peer.clone(),
+            source,
+        })?;
         wire::decode(h, &self.cur[HEADER_LEN..], self.page_size)
             .map(Some)
             .map_err(|source| TransportError::Decode { peer, source })
@@ -283,9 +361,19 @@ impl Conn for MemConn {
 }
 
 impl Drop for MemConn {
+    /// Like closing a socket: what was sent still arrives, then the peer
+    /// reads EOF; the peer's further sends fail.
     fn drop(&mut self) {
-        // Like a socket: dropping one end closes the connection.
-        self.shared.close();
+        let tx = &self.shared.pipes[self.tx];
+        tx.writer_gone.store(true, Ordering::Release);
+        let _ = tx.event.write(1);
+        {
+            let _lock = tx.st.lock();
+            tx.cv.notify_all();
+        }
+        self.shared.pipes[1 - self.tx]
+            .reader_gone
+            .store(true, Ordering::Release);
     }
 }
 
@@ -312,7 +400,14 @@ mod tests {
         for i in 0..5 {
             a.send(&complete(i)).unwrap();
         }
-        assert!(poll_fd(b.readiness(), false, Instant::now() + Duration::from_secs(1)).unwrap());
+        assert!(
+            poll_fd(
+                b.readiness(),
+                false,
+                Instant::now() + Duration::from_secs(1)
+            )
+            .unwrap()
+        );
         for i in 0..5 {
             assert_eq!(recv_n(&mut b), Some(i));
         }
@@ -320,8 +415,31 @@ mod tests {
     }
 
     #[test]
+    fn pages_delay_lets_control_frames_overtake() {
+        let link = MemLink {
+            pages_delay: Duration::from_millis(50),
+            ..Default::default()
+        };
+        let (mut a, mut b) = pair(link, MemLink::default());
+        a.set_page_size(PageSize::Size4K);
+        b.set_page_size(PageSize::Size4K);
+        let page = vec![0u8; 4096];
+        a.send_pages(PageIdx(0), 1, PageKind::Push, &[IoSpan::from_slice(&page)])
+            .unwrap();
+        a.send(&complete(7)).unwrap();
+        assert_eq!(recv_n(&mut b), Some(7));
+        assert!(matches!(
+            b.recv(Wait::for_(Duration::from_secs(2))).unwrap(),
+            Some(Msg::Pages { .. })
+        ));
+    }
+
+    #[test]
     fn delay_is_applied() {
-        let link = MemLink { delay: Duration::from_millis(30), ..Default::default() };
+        let link = MemLink {
+            delay: Duration::from_millis(30),
+            ..Default::default()
+        };
         let (mut a, mut b) = pair(link, MemLink::default());
         let t0 = Instant::now();
         a.send(&complete(1)).unwrap();
@@ -332,41 +450,84 @@ mod tests {
 
     #[test]
     fn reorder_drop_and_disconnect() {
-        let link = MemLink { reorder_every: Some(2), ..Default::default() };
+        let link = MemLink {
+            reorder_every: Some(2),
+            ..Default::default()
+        };
         let (mut a, mut b) = pair(link, MemLink::default());
+        a.set_page_size(PageSize::Size4K);
+        b.set_page_size(PageSize::Size4K);
+        let page = vec![0u8; 4096];
         for i in 1..=5 {
+            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)])
+                .unwrap();
+            // Control frames are never reordered.
             a.send(&complete(i)).unwrap();
         }
-        let got: Vec<_> = (0..5).map(|_| recv_n(&mut b).unwrap()).collect();
-        assert_eq!(got, vec![1, 3, 2, 5, 4]);
+        let mut pages = vec![];
+        let mut ctl = vec![];
+        for _ in 0..10 {
+            match b.recv(Wait::for_(Duration::from_secs(1))).unwrap() {
+                Some(Msg::Pages { first, .. }) => pages.push(first.0),
+                Some(Msg::Complete { n_present }) => ctl.push(n_present),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(pages, vec![1, 3, 2, 5, 4]);
+        assert_eq!(ctl, vec![1, 2, 3, 4, 5]);
 
-        let link = MemLink { drop_pages_every: Some(2), ..Default::default() };
+        let link = MemLink {
+            drop_pages_every: Some(2),
+            ..Default::default()
+        };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.set_page_size(PageSize::Size4K);
         b.set_page_size(PageSize::Size4K);
         let page = vec![0u8; 4096];
         for i in 0..4 {
-            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)]).unwrap();
+            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)])
+                .unwrap();
         }
         let mut firsts = vec![];
-        while let Some(Msg::Pages { first, .. }) = b.recv(Wait::for_(Duration::from_millis(50))).unwrap() {
+        while let Some(Msg::Pages { first, .. }) =
+            b.recv(Wait::for_(Duration::from_millis(50))).unwrap()
+        {
             firsts.push(first.0);
         }
         assert_eq!(firsts, vec![0, 2]);
 
-        let link = MemLink { disconnect_after: Some(2), ..Default::default() };
+        let link = MemLink {
+            disconnect_after: Some(2),
+            ..Default::default()
+        };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.send(&complete(1)).unwrap();
         a.send(&complete(2)).unwrap();
         assert!(a.send(&complete(3)).is_err());
-        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(1))), Ok(Some(_)) | Err(TransportError::Closed { .. })));
+        assert!(matches!(
+            b.recv(Wait::for_(Duration::from_secs(1))),
+            Ok(Some(_)) | Err(TransportError::Closed { .. })
+        ));
         assert!(b.send(&complete(0)).is_err());
     }
 
     #[test]
-    fn drop_closes_peer() {
-        let (a, mut b) = pair(MemLink::default(), MemLink::default());
+    fn drop_delivers_in_flight_frames_then_eof() {
+        let link = MemLink {
+            delay: Duration::from_millis(20),
+            ..Default::default()
+        };
+        let (mut a, mut b) = pair(link, MemLink::default());
+        a.send(&complete(1)).unwrap();
         drop(a);
-        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(1))), Err(TransportError::Closed { .. })));
+        assert_eq!(recv_n(&mut b), Some(1));
+        assert!(matches!(
+            b.recv(Wait::for_(Duration::from_secs(1))),
+            Err(TransportError::Closed { .. })
+        ));
+        assert!(
+            b.send(&complete(2)).is_err(),
+            "sending to a dropped end fails"
+        );
     }
 }

@@ -33,7 +33,11 @@ pub struct TcpOptions {
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { send_timeout: Duration::from_secs(10), notsent_lowat: None, recv_buf: 4 << 20 }
+        TcpOptions {
+            send_timeout: Duration::from_secs(10),
+            notsent_lowat: None,
+            recv_buf: 4 << 20,
+        }
     }
 }
 
@@ -51,35 +55,60 @@ pub struct TcpConn {
 
 impl std::fmt::Debug for TcpConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpConn").field("peer", &self.peer).finish_non_exhaustive()
+        f.debug_struct("TcpConn")
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
     }
 }
 
 fn io_err(op: &'static str, peer: &str, source: std::io::Error) -> TransportError {
     match source.kind() {
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            TransportError::Closed { peer: peer.to_string(), mid_frame: false }
+            TransportError::Closed {
+                peer: peer.to_string(),
+                mid_frame: false,
+            }
         }
-        _ => TransportError::Io { op, peer: peer.to_string(), source },
+        _ => TransportError::Io {
+            op,
+            peer: peer.to_string(),
+            source,
+        },
     }
 }
 
-fn set_int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
+fn set_int_opt(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> std::io::Result<()> {
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("small");
     // SAFETY: `fd` is an open socket for the call's duration; the option value
     // points at a live c_int of the length passed.
     let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const v).cast(), len) };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 impl TcpConn {
     fn from_stream(stream: TcpStream, opts: &TcpOptions) -> std::io::Result<TcpConn> {
-        let peer = stream.peer_addr().map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
+        let peer = stream
+            .peer_addr()
+            .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         if let Some(lowat) = opts.notsent_lowat {
             let v = libc::c_int::try_from(lowat).unwrap_or(libc::c_int::MAX);
-            set_int_opt(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
+            set_int_opt(
+                stream.as_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                v,
+            )?;
         }
         Ok(TcpConn {
             stream,
@@ -94,22 +123,42 @@ impl TcpConn {
     }
 
     /// Connect to `addr`, failing after `timeout`.
-    pub fn connect(addr: &str, timeout: Duration, opts: &TcpOptions) -> Result<TcpConn, TransportError> {
+    pub fn connect(
+        addr: &str,
+        timeout: Duration,
+        opts: &TcpOptions,
+    ) -> Result<TcpConn, TransportError> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
-            .map_err(|source| TransportError::Io { op: "resolve", peer: addr.to_string(), source })?
+            .map_err(|source| TransportError::Io {
+                op: "resolve",
+                peer: addr.to_string(),
+                source,
+            })?
             .collect();
         let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, timeout) {
                 Ok(s) => {
-                    return TcpConn::from_stream(s, opts)
-                        .map_err(|source| TransportError::Io { op: "configure socket", peer: a.to_string(), source });
+                    return TcpConn::from_stream(s, opts).map_err(|source| TransportError::Io {
+                        op: "configure socket",
+                        peer: a.to_string(),
+                        source,
+                    });
                 }
                 Err(e) if e.kind() == ErrorKind::TimedOut => {
-                    last = Some(TransportError::Timeout { what: format!("connecting to {a}"), after: timeout });
+                    last = Some(TransportError::Timeout {
+                        what: format!("connecting to {a}"),
+                        after: timeout,
+                    });
                 }
-                Err(source) => last = Some(TransportError::Io { op: "connect", peer: a.to_string(), source }),
+                Err(source) => {
+                    last = Some(TransportError::Io {
+                        op: "connect",
+                        peer: a.to_string(),
+                        source,
+                    })
+                }
             }
         }
         Err(last.unwrap_or_else(|| TransportError::Io {
@@ -123,8 +172,17 @@ impl TcpConn {
     /// as a normal one first).
     pub fn set_notsent_lowat(&mut self, bytes: u32) -> Result<(), TransportError> {
         let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        set_int_opt(self.stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)
-            .map_err(|source| TransportError::Io { op: "setsockopt TCP_NOTSENT_LOWAT", peer: self.peer.clone(), source })
+        set_int_opt(
+            self.stream.as_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            v,
+        )
+        .map_err(|source| TransportError::Io {
+            op: "setsockopt TCP_NOTSENT_LOWAT",
+            peer: self.peer.clone(),
+            source,
+        })
     }
 
     /// Write every byte of `iov`, waiting for room at most `send_timeout` at a
@@ -133,7 +191,8 @@ impl TcpConn {
         let mut first = 0;
         let mut stalled_since: Option<Instant> = None;
         while first < iov.len() {
-            let cnt = libc::c_int::try_from((iov.len() - first).min(1024)).expect("at most IOV_MAX");
+            let cnt =
+                libc::c_int::try_from((iov.len() - first).min(1024)).expect("at most IOV_MAX");
             // SAFETY: every iovec points at memory the caller keeps readable for
             // this call (slices it borrows, or IoSpans whose constructor promised
             // it); the socket fd is open.
@@ -148,7 +207,10 @@ impl TcpConn {
                         let ready = poll_fd(self.stream.as_fd(), true, deadline)
                             .map_err(|source| io_err("poll", &self.peer, source))?;
                         if !ready {
-                            return Err(TransportError::SendTimeout { peer: self.peer.clone(), after: self.send_timeout });
+                            return Err(TransportError::SendTimeout {
+                                peer: self.peer.clone(),
+                                after: self.send_timeout,
+                            });
                         }
                         continue;
                     }
@@ -180,7 +242,10 @@ impl TcpConn {
 }
 
 fn iovec_of(ptr: *const u8, len: usize) -> libc::iovec {
-    libc::iovec { iov_base: ptr.cast_mut().cast(), iov_len: len }
+    libc::iovec {
+        iov_base: ptr.cast_mut().cast(),
+        iov_len: len,
+    }
 }
 
 impl Conn for TcpConn {
@@ -194,9 +259,18 @@ impl Conn for TcpConn {
         r
     }
 
-    fn send_pages(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, data: &[IoSpan<'_>]) -> Result<(), TransportError> {
+    fn send_pages(
+        &mut self,
+        first: PageIdx,
+        n_pages: u32,
+        kind: PageKind,
+        data: &[IoSpan<'_>],
+    ) -> Result<(), TransportError> {
         let ps = self.page_size.expect("page size set before pages are sent");
-        debug_assert_eq!(data.iter().map(IoSpan::len).sum::<usize>() as u64, u64::from(n_pages) * ps.bytes());
+        debug_assert_eq!(
+            data.iter().map(IoSpan::len).sum::<usize>() as u64,
+            u64::from(n_pages) * ps.bytes()
+        );
         let prefix = wire::pages_prefix(first, n_pages, kind, ps);
         let mut iov = Vec::with_capacity(data.len() + 1);
         iov.push(iovec_of(prefix.as_ptr(), prefix.len()));
@@ -209,12 +283,20 @@ impl Conn for TcpConn {
             match self.rb.take_frame() {
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
-                Err(source) => return Err(TransportError::Decode { peer: self.peer.clone(), source }),
+                Err(source) => {
+                    return Err(TransportError::Decode {
+                        peer: self.peer.clone(),
+                        source,
+                    });
+                }
             }
             let space = self.rb.space();
             match (&self.stream).read(space) {
                 Ok(0) => {
-                    return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: self.rb.pending() > 0 });
+                    return Err(TransportError::Closed {
+                        peer: self.peer.clone(),
+                        mid_frame: self.rb.pending() > 0,
+                    });
                 }
                 Ok(n) => {
                     self.received += n as u64;
@@ -238,7 +320,10 @@ impl Conn for TcpConn {
         let h = FrameHeader::decode(bytes).expect("validated by take_frame");
         wire::decode(h, &bytes[HEADER_LEN..], self.page_size)
             .map(Some)
-            .map_err(|source| TransportError::Decode { peer: self.peer.clone(), source })
+            .map_err(|source| TransportError::Decode {
+                peer: self.peer.clone(),
+                source,
+            })
     }
 
     fn set_page_size(&mut self, ps: PageSize) {
@@ -276,14 +361,25 @@ pub struct TcpListen {
 impl TcpListen {
     /// Listen on `addr` (port 0 picks a free port).
     pub fn bind(addr: &str, opts: TcpOptions) -> Result<TcpListen, TransportError> {
-        let l = TcpListener::bind(addr).map_err(|source| TransportError::Io { op: "bind", peer: addr.to_string(), source })?;
-        l.set_nonblocking(true).map_err(|source| TransportError::Io { op: "listen", peer: addr.to_string(), source })?;
+        let l = TcpListener::bind(addr).map_err(|source| TransportError::Io {
+            op: "bind",
+            peer: addr.to_string(),
+            source,
+        })?;
+        l.set_nonblocking(true)
+            .map_err(|source| TransportError::Io {
+                op: "listen",
+                peer: addr.to_string(),
+                source,
+            })?;
         Ok(TcpListen { l, opts })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.l.local_addr().expect("a bound listener has an address")
+        self.l
+            .local_addr()
+            .expect("a bound listener has an address")
     }
 
     /// Accept one connection, waiting at most until `deadline`.
@@ -292,19 +388,38 @@ impl TcpListen {
         loop {
             match self.l.accept() {
                 Ok((s, _)) => {
-                    return TcpConn::from_stream(s, &self.opts)
-                        .map_err(|source| TransportError::Io { op: "configure socket", peer: me, source });
+                    return TcpConn::from_stream(s, &self.opts).map_err(|source| {
+                        TransportError::Io {
+                            op: "configure socket",
+                            peer: me,
+                            source,
+                        }
+                    });
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    let ready = poll_fd(self.l.as_fd(), false, deadline)
-                        .map_err(|source| TransportError::Io { op: "poll", peer: me.clone(), source })?;
+                    let ready = poll_fd(self.l.as_fd(), false, deadline).map_err(|source| {
+                        TransportError::Io {
+                            op: "poll",
+                            peer: me.clone(),
+                            source,
+                        }
+                    })?;
                     if !ready {
                         let after = deadline.saturating_duration_since(Instant::now());
-                        return Err(TransportError::Timeout { what: format!("waiting for a connection on {me}"), after });
+                        return Err(TransportError::Timeout {
+                            what: format!("waiting for a connection on {me}"),
+                            after,
+                        });
                     }
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(source) => return Err(TransportError::Io { op: "accept", peer: me, source }),
+                Err(source) => {
+                    return Err(TransportError::Io {
+                        op: "accept",
+                        peer: me,
+                        source,
+                    });
+                }
             }
         }
     }
@@ -317,7 +432,9 @@ mod tests {
     fn pair() -> (TcpConn, TcpConn) {
         let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
         let addr = l.local_addr().to_string();
-        let t = std::thread::spawn(move || TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap());
+        let t = std::thread::spawn(move || {
+            TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap()
+        });
         let a = l.accept(Instant::now() + Duration::from_secs(5)).unwrap();
         (a, t.join().unwrap())
     }
@@ -330,13 +447,26 @@ mod tests {
         let p1 = vec![1u8; 4096];
         let p2 = vec![2u8; 8192];
         a.send(&Msg::KeepAlive).unwrap();
-        a.send_pages(PageIdx(9), 3, PageKind::Push, &[IoSpan::from_slice(&p1), IoSpan::from_slice(&p2)]).unwrap();
+        a.send_pages(
+            PageIdx(9),
+            3,
+            PageKind::Push,
+            &[IoSpan::from_slice(&p1), IoSpan::from_slice(&p2)],
+        )
+        .unwrap();
         let deadline = Wait::for_(Duration::from_secs(5));
         assert_eq!(b.recv(deadline).unwrap(), Some(Msg::KeepAlive));
         match b.recv(deadline).unwrap() {
-            Some(Msg::Pages { first, n_pages, kind, data }) => {
+            Some(Msg::Pages {
+                first,
+                n_pages,
+                kind,
+                data,
+            }) => {
                 assert_eq!((first, n_pages, kind), (PageIdx(9), 3, PageKind::Push));
-                assert!(data[..4096].iter().all(|&x| x == 1) && data[4096..].iter().all(|&x| x == 2));
+                assert!(
+                    data[..4096].iter().all(|&x| x == 1) && data[4096..].iter().all(|&x| x == 2)
+                );
             }
             other => panic!("got {other:?}"),
         }
@@ -356,7 +486,9 @@ mod tests {
         });
         for _ in 0..3 {
             match b.recv(Wait::for_(Duration::from_secs(10))).unwrap() {
-                Some(Msg::GuestState(s)) => assert!(s.len() == 10 << 20 && s.iter().all(|&x| x == 7)),
+                Some(Msg::GuestState(s)) => {
+                    assert!(s.len() == 10 << 20 && s.iter().all(|&x| x == 7))
+                }
                 other => panic!("got {:?}", other.map(|m| m.tag())),
             }
         }
@@ -370,19 +502,28 @@ mod tests {
         assert_eq!(b.recv(Wait::for_(Duration::from_millis(50))).unwrap(), None);
         assert!(t0.elapsed() >= Duration::from_millis(50));
         drop(a);
-        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(5))), Err(TransportError::Closed { .. })));
+        assert!(matches!(
+            b.recv(Wait::for_(Duration::from_secs(5))),
+            Err(TransportError::Closed { .. })
+        ));
 
         let (a, mut b) = pair();
         use std::io::Write;
         (&a.stream).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(5))), Err(TransportError::Decode { .. })));
+        assert!(matches!(
+            b.recv(Wait::for_(Duration::from_secs(5))),
+            Err(TransportError::Decode { .. })
+        ));
 
         // A peer that never reads: the sender gives up after its timeout.
         let (a, mut b) = pair();
         b.send_timeout = Duration::from_millis(200);
         let blob = vec![0u8; 1 << 20];
         let r = (0..200).try_for_each(|_| b.send(&Msg::GuestState(&blob)));
-        assert!(matches!(r, Err(TransportError::SendTimeout { .. })), "{r:?}");
+        assert!(
+            matches!(r, Err(TransportError::SendTimeout { .. })),
+            "{r:?}"
+        );
         drop(a);
     }
 
@@ -391,7 +532,8 @@ mod tests {
         let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
         let addr = l.local_addr().to_string();
         drop(l);
-        let e = TcpConn::connect(&addr, Duration::from_secs(2), &TcpOptions::default()).unwrap_err();
+        let e =
+            TcpConn::connect(&addr, Duration::from_secs(2), &TcpOptions::default()).unwrap_err();
         assert!(e.to_string().contains("connect"), "{e}");
     }
 }
