@@ -71,6 +71,10 @@ pub struct GuestOpts {
     /// An access slower than this many microseconds counts as a stall.
     #[arg(long, default_value_t = 5)]
     pub stall_threshold_us: u64,
+    /// Accesses per second per vCPU (0: flat out). Lower rates model a guest
+    /// that is not always busy.
+    #[arg(long, default_value_t = 0)]
+    pub access_rate: u64,
 }
 
 /// How the migration runs (source and migrate).
@@ -251,6 +255,7 @@ impl GuestOpts {
             store_ratio: self.store_ratio,
             seed: self.seed,
             stall_threshold_ns: self.stall_threshold_us * 1000,
+            access_rate: self.access_rate,
         })
     }
 }
@@ -434,6 +439,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             faults: PagerMetrics::get(&metrics.faults),
             faults_resolved_early: PagerMetrics::get(&metrics.faults_resolved_early),
             time_ms: ms(pr.postcopy_time),
+            push_time_ms: ns_ms(pr.source.push_ns),
+            push_gbps: gbps(
+                pr.source.pages_pushed * layout.page_size().bytes(),
+                pr.source.push_ns,
+            ),
             fault_latency_us: fault_lat,
             fault_latency_hist: fault_hist,
             blocktime_ms: ns_ms(blocktime),
@@ -466,6 +476,14 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         eprintln!("{}", summary(&report));
     }
     Ok(if report.clean() { 0 } else { 2 })
+}
+
+fn gbps(bytes: u64, ns: u64) -> f64 {
+    if ns == 0 {
+        0.0
+    } else {
+        bytes as f64 / ns as f64
+    }
 }
 
 /// Run the source. Returns the process exit code.
@@ -548,6 +566,11 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     pages_pushed: SenderMetrics::get(&metrics.pages_pushed),
                     pages_demand: SenderMetrics::get(&metrics.pages_demand),
                     requests: SenderMetrics::get(&metrics.requests),
+                    push_time_ms: ns_ms(r.stats.push_ns),
+                    push_gbps: gbps(
+                        r.stats.pages_pushed * layout.page_size().bytes(),
+                        r.stats.push_ns,
+                    ),
                     ..Default::default()
                 },
                 guest: GuestReport {
@@ -631,9 +654,10 @@ pub fn summary(r: &Report) -> String {
         r.downtime.dest_restore_ms
     );
     s += &format!(
-        "  transferred  {:.3} GB; pushed {} pages, demand {} pages in {} requests, duplicates {}\n",
+        "  transferred  {:.3} GB; pushed {} pages ({:.2} GB/s), demand {} pages in {} requests, duplicates {}\n",
         r.bytes_transferred as f64 / 1e9,
         r.postcopy.pages_pushed,
+        r.postcopy.push_gbps,
         r.postcopy.pages_demand,
         r.postcopy.requests,
         r.postcopy.pages_duplicate
@@ -673,6 +697,8 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
         g.regions.to_string(),
         "--stall-threshold-us".into(),
         g.stall_threshold_us.to_string(),
+        "--access-rate".into(),
+        g.access_rate.to_string(),
         "--mode".into(),
         m.mode
             .to_possible_value()

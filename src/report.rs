@@ -91,6 +91,10 @@ pub struct PostcopyReport {
     pub faults_resolved_early: u64,
     /// Guest resumed to all pages present.
     pub time_ms: f64,
+    /// Source: first push frame to the end of the push.
+    pub push_time_ms: f64,
+    /// Bytes pushed over push time, GB/s.
+    pub push_gbps: f64,
     /// Fault event read to page installed.
     pub fault_latency_us: Latency,
     /// The full latency distribution, (ns, count) pairs.

@@ -14,20 +14,11 @@ use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
 use transport::mem::{MemLink, pair};
 
+#[derive(Default)]
 struct Links {
     ctl_to_dest: MemLink,
     ctl_to_src: MemLink,
     bulk: MemLink,
-}
-
-impl Default for Links {
-    fn default() -> Self {
-        Links {
-            ctl_to_dest: MemLink::default(),
-            ctl_to_src: MemLink::default(),
-            bulk: MemLink::default(),
-        }
-    }
 }
 
 struct Outcome {

@@ -57,7 +57,7 @@ pub fn parse_size(s: &str) -> Result<u64, PatternError> {
     let f: f64 = num.parse().map_err(|_| bad())?;
     #[allow(clippy::cast_precision_loss)]
     let v = f * mult as f64;
-    if !(v.is_finite() && v >= 0.0 && v < 1.8e19) {
+    if !(v.is_finite() && (0.0..1.8e19).contains(&v)) {
         return Err(bad());
     }
     // Range-checked just above.
@@ -73,7 +73,7 @@ pub fn format_size(bytes: u64) -> String {
         ("M", 1 << 20),
         ("K", 1 << 10),
     ] {
-        if bytes >= m && bytes % m == 0 {
+        if bytes >= m && bytes.is_multiple_of(m) {
             return format!("{}{suffix}", bytes / m);
         }
     }

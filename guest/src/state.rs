@@ -7,7 +7,7 @@
 //! pattern_kind u8 (1 uniform, 2 sequential, 3 hotset, 4 zipf), reserved [7],
 //! pattern_a u64 (hot bytes), pattern_b f64 (hot fraction or zipf theta),
 //! zipf_zetan f64 (0 unless zipf), store_ratio f64, seed u64,
-//! stall_threshold_ns u64, table_pages u64, n_pages u64,
+//! stall_threshold_ns u64, access_rate u64, table_pages u64, n_pages u64,
 //! n_vcpus x { rng [u64; 4], cursor u64, accesses u64, loads u64, stores u64,
 //!             violations u64, stalls u64 }
 //! ```
@@ -19,7 +19,7 @@ use crate::pattern::Pattern;
 /// "WKLD".
 const MAGIC: u32 = u32::from_le_bytes(*b"WKLD");
 const VERSION: u16 = 1;
-const HEADER_LEN: usize = 4 + 2 + 2 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8;
+const HEADER_LEN: usize = 4 + 2 + 2 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8;
 const VCPU_LEN: usize = 8 * 10;
 /// Most vCPUs a workload may have.
 pub const MAX_VCPUS: u32 = 1024;
@@ -56,6 +56,9 @@ pub struct WorkloadConfig {
     pub seed: u64,
     /// An access slower than this counts as a stall.
     pub stall_threshold_ns: u64,
+    /// Accesses per second per vCPU; 0 runs flat out. A rate-limited vCPU
+    /// sleeps between accesses, like a guest that is not always busy.
+    pub access_rate: u64,
 }
 
 impl Default for WorkloadConfig {
@@ -66,6 +69,7 @@ impl Default for WorkloadConfig {
             store_ratio: 0.75,
             seed: 1,
             stall_threshold_ns: 5_000,
+            access_rate: 0,
         }
     }
 }
@@ -143,6 +147,7 @@ impl WorkloadState {
         out.extend_from_slice(&c.store_ratio.to_bits().to_le_bytes());
         out.extend_from_slice(&c.seed.to_le_bytes());
         out.extend_from_slice(&c.stall_threshold_ns.to_le_bytes());
+        out.extend_from_slice(&c.access_rate.to_le_bytes());
         out.extend_from_slice(&self.table_pages.to_le_bytes());
         out.extend_from_slice(&self.n_pages.to_le_bytes());
         for v in &self.vcpus {
@@ -218,9 +223,10 @@ impl WorkloadState {
             store_ratio,
             seed: u64_at(48),
             stall_threshold_ns: u64_at(56),
+            access_rate: u64_at(64),
         };
-        let table_pages = u64_at(64);
-        let n_pages = u64_at(72);
+        let table_pages = u64_at(72);
+        let n_pages = u64_at(80);
         if table_pages == 0 || table_pages >= n_pages {
             return Err(StateError::Invalid("table size"));
         }
@@ -262,6 +268,7 @@ mod tests {
                 store_ratio: 0.5,
                 seed: 9,
                 stall_threshold_ns: 1000,
+                access_rate: 77,
             },
             zipf_zetan: if matches!(pattern, Pattern::Zipf { .. }) {
                 12.5
@@ -329,7 +336,7 @@ mod tests {
             Err(StateError::Invalid("store ratio"))
         );
         let mut b = good;
-        b[64..72].copy_from_slice(&5000u64.to_le_bytes());
+        b[72..80].copy_from_slice(&5000u64.to_le_bytes());
         assert_eq!(
             WorkloadState::decode(&b),
             Err(StateError::Invalid("table size"))

@@ -431,6 +431,11 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
     let mut stalls = LatencyHist::new();
     let threshold = s.cfg.stall_threshold_ns;
     let c = &s.counters[i];
+    // Rate limit: access k of this run is due at `paced_from + k / rate`.
+    let pace =
+        (s.cfg.access_rate > 0).then(|| Duration::from_secs_f64(1.0 / s.cfg.access_rate as f64));
+    let mut paced_from = Instant::now();
+    let mut paced_n: u32 = 0;
     loop {
         let ctl = s.control.load(Ordering::Acquire);
         if ctl != RUN {
@@ -448,7 +453,21 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
             }
             park[i] = None;
             s.parked.fetch_sub(1, Ordering::AcqRel);
+            (paced_from, paced_n) = (Instant::now(), 0);
             continue;
+        }
+        if let Some(step) = pace {
+            let due = paced_from + step * paced_n;
+            let now = Instant::now();
+            if due > now {
+                // Short sleeps: a pause request is seen within a millisecond.
+                std::thread::sleep((due - now).min(Duration::from_millis(1)));
+                continue;
+            }
+            paced_n += 1;
+            if paced_n == u32::MAX {
+                (paced_from, paced_n) = (now, 0);
+            }
         }
         let d = s.sampler.next(&mut rng, &mut st.cursor);
         let is_store = rng.unit() < s.cfg.store_ratio;

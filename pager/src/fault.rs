@@ -85,10 +85,10 @@ impl FaultLoop<'_> {
             if uffd_ready {
                 self.handle_faults(&mut st)?;
             }
-            if conn_ready || self.conn.has_buffered() {
-                if let Some(stats) = self.drain_conn(&mut st)? {
-                    return Ok(stats);
-                }
+            if (conn_ready || self.conn.has_buffered())
+                && let Some(stats) = self.drain_conn(&mut st)?
+            {
+                return Ok(stats);
             }
             self.timers(&mut st)?;
         }
@@ -182,10 +182,7 @@ impl FaultLoop<'_> {
     /// Process every whole message the connection holds. Returns the source's
     /// stats once the completion is acknowledged.
     fn drain_conn(&mut self, st: &mut LoopState) -> Result<Option<SourceStats>, PagerError> {
-        loop {
-            let Some(msg) = self.conn.recv(Wait::No)? else {
-                break;
-            };
+        while let Some(msg) = self.conn.recv(Wait::No)? {
             st.last_rx = Instant::now();
             match self.session.on_recv(&msg)? {
                 DestEvent::Data => {

@@ -212,7 +212,7 @@ impl Userfault {
     /// `out`. Returns how many messages were read (other events are ignored:
     /// none are enabled).
     pub fn read_faults(&self, buf: &mut [u8], out: &mut Vec<Fault>) -> Result<usize, UffdError> {
-        debug_assert!(buf.len() >= MSG_LEN && buf.len() % MSG_LEN == 0);
+        debug_assert!(buf.len() >= MSG_LEN && buf.len().is_multiple_of(MSG_LEN));
         let mut total = 0;
         loop {
             let n = match nix::unistd::read(self.uffd.as_fd(), buf) {

@@ -66,7 +66,8 @@
 //! 13 PushDone      n_pushed u64
 //! 14 Complete      n_present u64
 //! 15 CompleteAck   downtime_ns u64, pause_to_sent_ns u64, bytes_sent u64,
-//!                  pages_pushed u64, pages_demand u64, requests u64
+//!                  pages_pushed u64, pages_demand u64, requests u64,
+//!                  push_ns u64 (first push frame to PushDone written)
 //! 16 PrecopyRound  round u32, reserved u32, n_pages u64 (pages sent this round)
 //! ```
 //!
@@ -191,7 +192,7 @@ impl Tag {
             Tag::Pages => u32_of(PAGES_PREFIX_LEN as u64 + MAX_RUN_BYTES),
             Tag::PushDone => 8,
             Tag::Complete => 8,
-            Tag::CompleteAck => 48,
+            Tag::CompleteAck => 56,
             Tag::PrecopyRound => 16,
         }
     }
@@ -462,6 +463,8 @@ pub struct SourceStats {
     pub pages_demand: u64,
     /// Range requests served.
     pub requests: u64,
+    /// First push frame to PushDone written (0 if the push had not ended).
+    pub push_ns: u64,
 }
 
 /// Destination's timing of its part of the downtime.
@@ -934,6 +937,7 @@ pub fn decode<'a>(
             pages_pushed: rd.u64()?,
             pages_demand: rd.u64()?,
             requests: rd.u64()?,
+            push_ns: rd.u64()?,
         }),
         Tag::PrecopyRound => {
             let round = rd.u32()?;
@@ -1134,6 +1138,7 @@ impl Msg<'_> {
                     s.pages_pushed,
                     s.pages_demand,
                     s.requests,
+                    s.push_ns,
                 ] {
                     put_u64(out, v);
                 }
@@ -1315,6 +1320,7 @@ mod tests {
                 pages_pushed: 4,
                 pages_demand: 5,
                 requests: 6,
+                push_ns: 7,
             }),
             Msg::PrecopyRound {
                 round: 3,

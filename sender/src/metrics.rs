@@ -17,6 +17,8 @@ pub struct SenderMetrics {
     pub push_restarts: AtomicU64,
     /// Bytes written on both connections.
     pub bytes_sent: AtomicU64,
+    /// First push frame to PushDone written, ns (0 until the push ends).
+    pub push_ns: AtomicU64,
 }
 
 impl SenderMetrics {

@@ -78,6 +78,7 @@ impl Pusher {
         let mut spans: Vec<IoSpan<'_>> = Vec::with_capacity(4);
         let map = Arc::clone(&self.map);
         let mut sent_before = self.conn.bytes_sent();
+        let started = std::time::Instant::now();
         loop {
             if self.abort.load(Ordering::Acquire) {
                 return Ok(n_pushed);
@@ -107,6 +108,8 @@ impl Pusher {
             cursor = run.end();
         }
         self.conn.send(&Msg::PushDone { n_pushed })?;
+        let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.metrics.push_ns.store(ns, Ordering::Relaxed);
         SenderMetrics::add(
             &self.metrics.bytes_sent,
             self.conn.bytes_sent() - sent_before,

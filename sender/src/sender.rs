@@ -440,6 +440,7 @@ impl Demand<'_> {
                     stats.pages_pushed = SenderMetrics::get(&self.metrics.pages_pushed);
                     stats.pages_demand = SenderMetrics::get(&self.metrics.pages_demand);
                     stats.requests = SenderMetrics::get(&self.metrics.requests);
+                    stats.push_ns = SenderMetrics::get(&self.metrics.push_ns);
                     // The acknowledgement's own bytes are not in its count.
                     stats.bytes_sent = SenderMetrics::get(&self.metrics.bytes_sent);
                     self.conn.send(&Msg::CompleteAck(*stats))?;

@@ -213,22 +213,24 @@ impl MemConn {
             st.pages_frames += 1;
             if p.link
                 .drop_pages_every
-                .is_some_and(|k| st.pages_frames % k.max(1) == 0)
+                .is_some_and(|k| st.pages_frames.is_multiple_of(k.max(1)))
             {
                 return Ok(());
             }
         }
         let mut out = Vec::with_capacity(2);
         let k = st.pages_frames;
-        if is_pages && p.link.reorder_every.is_some_and(|e| k % e.max(1) == 0) && st.held.is_none()
+        if is_pages
+            && p.link
+                .reorder_every
+                .is_some_and(|e| k.is_multiple_of(e.max(1)))
+            && st.held.is_none()
         {
             st.held = Some(frame);
         } else {
             out.push(frame);
-            if is_pages {
-                if let Some(h) = st.held.take() {
-                    out.push(h);
-                }
+            if is_pages && let Some(h) = st.held.take() {
+                out.push(h);
             }
         }
         let delay = p.link.delay
