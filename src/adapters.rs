@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use guest::{GuestMemory, Workload, WorkloadState};
+use guest::{Backing, GuestMemory, Workload, WorkloadState};
 use pager::DestGuest;
 use proto::wire::GuestKind;
 use proto::{HostAddr, MemLayout, PageBitmap, PageRange};
@@ -20,11 +20,7 @@ pub struct WorkloadSource {
 impl WorkloadSource {
     /// Wrap a running workload.
     pub fn new(workload: Workload, pause_timeout: Duration) -> Self {
-        WorkloadSource {
-            mem: Arc::clone(workload.memory()),
-            workload: Some(workload),
-            pause_timeout,
-        }
+        WorkloadSource { mem: Arc::clone(workload.memory()), workload: Some(workload), pause_timeout }
     }
 
     /// The workload.
@@ -84,13 +80,12 @@ pub struct WorkloadDest {
 }
 
 impl WorkloadDest {
-    /// Fresh, unpopulated memory for `layout`.
-    pub fn new(layout: MemLayout) -> Result<Self, guest::MemoryError> {
-        Ok(WorkloadDest {
-            mem: Arc::new(GuestMemory::new(layout)?),
-            workload: None,
-            state: None,
-        })
+    /// Fresh memory for `layout`: anonymous and unpopulated, or shared memory
+    /// populated through its alias (so the pager's writes never allocate).
+    pub fn new(layout: MemLayout, backing: Backing) -> Result<Self, guest::MemoryError> {
+        let mem = GuestMemory::with_backing(layout, backing)?;
+        mem.populate_alias(2)?;
+        Ok(WorkloadDest { mem: Arc::new(mem), workload: None, state: None })
     }
 
     /// The running workload, once resumed.
@@ -114,12 +109,17 @@ impl WorkloadDest {
     }
 }
 
-// SAFETY: the regions are `GuestMemory`'s private anonymous mappings, held by
-// the Arc in this object for its whole life; only the workload's vCPUs touch
-// them, and only after `resume`.
+// SAFETY: the regions are `GuestMemory`'s mappings (private anonymous, or
+// shared with a populated alias: `new` populates it), held by the Arc in this
+// object for its whole life; only the workload's vCPUs touch the guest view,
+// and only after `resume`; nothing here writes the alias.
 unsafe impl DestGuest for WorkloadDest {
     fn regions(&self) -> Vec<HostAddr> {
         self.mem.host_regions().iter().map(|r| r.host).collect()
+    }
+
+    fn alias_regions(&self) -> Option<Vec<HostAddr>> {
+        self.mem.alias_regions().map(<[HostAddr]>::to_vec)
     }
 
     fn resume(&mut self, state: &[u8]) -> Result<(), pager::GuestError> {

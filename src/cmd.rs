@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
-use guest::{GuestMemory, Pattern, Workload, WorkloadConfig, parse_size};
+use guest::{Backing, GuestMemory, Pattern, Workload, WorkloadConfig, parse_size};
 use pager::{PagerConfig, PagerMetrics, Prefetch, PrefetchMode};
 use proto::session::DestExpect;
 use proto::wire::{GuestKind, Mode};
@@ -19,9 +19,7 @@ use transport::Conn;
 use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 
 use crate::adapters::{WorkloadDest, WorkloadSource};
-use crate::report::{
-    DowntimeParts, GuestReport, PostcopyReport, PrefetchReport, Report, latency_of, ms, ns_ms,
-};
+use crate::report::{DowntimeParts, GuestReport, PostcopyReport, PrefetchReport, Report, latency_of, ms, ns_ms};
 
 /// Migration mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -34,6 +32,25 @@ impl ModeArg {
     fn mode(self) -> Mode {
         match self {
             ModeArg::Postcopy => Mode::Postcopy,
+        }
+    }
+}
+
+/// Destination memory on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MemoryArg {
+    /// Shared memory (memfd): pages are read from the socket straight into
+    /// the page cache and mapped with UFFDIO_CONTINUE.
+    Shmem,
+    /// Private anonymous memory: pages are installed with UFFDIO_COPY.
+    Anon,
+}
+
+impl MemoryArg {
+    fn backing(self) -> Backing {
+        match self {
+            MemoryArg::Shmem => Backing::Shmem,
+            MemoryArg::Anon => Backing::Anonymous,
         }
     }
 }
@@ -118,6 +135,9 @@ pub struct DestArgs {
     /// File holding a pre-shared key the source must prove it has.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// What the destination's guest memory is made of.
+    #[arg(long, value_enum, default_value = "shmem")]
+    pub memory: MemoryArg,
     /// Keep the guest running this long after the migration, then verify it.
     #[arg(long, default_value_t = 500)]
     pub run_after_ms: u64,
@@ -179,6 +199,9 @@ pub struct MigrateArgs {
     /// Keep the guest running this long after the migration, then verify it.
     #[arg(long, default_value_t = 500)]
     pub run_after_ms: u64,
+    /// What the destination's guest memory is made of.
+    #[arg(long, value_enum, default_value = "shmem")]
+    pub memory: MemoryArg,
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
@@ -222,15 +245,8 @@ impl GuestOpts {
         let mut regions = Vec::new();
         let mut guest = 0u64;
         for i in 0..u64::from(self.regions) {
-            let pages = if i + 1 == u64::from(self.regions) {
-                n_pages - per * i
-            } else {
-                per
-            };
-            regions.push(RegionDesc {
-                guest: GuestOffset(guest),
-                len_bytes: pages * ps,
-            });
+            let pages = if i + 1 == u64::from(self.regions) { n_pages - per * i } else { per };
+            regions.push(RegionDesc { guest: GuestOffset(guest), len_bytes: pages * ps });
             // Leave a 1 GiB-aligned hole after each region, as a VM's memory map would.
             guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
         }
@@ -239,10 +255,7 @@ impl GuestOpts {
 
     /// The workload configuration.
     pub fn workload(&self) -> Result<WorkloadConfig> {
-        let pattern: Pattern = self
-            .pattern
-            .parse()
-            .map_err(|e| anyhow!("--pattern: {e}"))?;
+        let pattern: Pattern = self.pattern.parse().map_err(|e| anyhow!("--pattern: {e}"))?;
         if !(0.0..=1.0).contains(&self.store_ratio) {
             bail!("--store-ratio must be in 0..=1, got {}", self.store_ratio);
         }
@@ -307,14 +320,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let key = read_key(&args.key_file)?;
     let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
-    let listener = TcpListen::bind(
-        &args.listen,
-        TcpOptions {
-            send_timeout: peer_timeout,
-            ..TcpOptions::default()
-        },
-    )
-    .with_context(|| format!("listening on {}", args.listen))?;
+    let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
+        .with_context(|| format!("listening on {}", args.listen))?;
     if args.announce {
         println!("LISTENING {}", listener.local_addr());
         std::io::stdout().flush()?;
@@ -325,11 +332,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let metrics = Arc::new(PagerMetrics::default());
     let cfg = PagerConfig {
         prefetch,
-        expect: DestExpect {
-            key,
-            guest_kind: Some(GuestKind::Workload),
-            ..Default::default()
-        },
+        expect: DestExpect { key, guest_kind: Some(GuestKind::Workload), ..Default::default() },
         peer_timeout,
         ..PagerConfig::default()
     };
@@ -352,12 +355,10 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let listener = &listener;
     let outcome = pager::run(
         Box::new(control),
-        move |deadline| {
-            listener
-                .accept(deadline)
-                .map(|c| Box::new(c) as Box<dyn Conn>)
+        move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
+        |acc| {
+            WorkloadDest::new(acc.layout.clone(), args.memory.backing()).map_err(|e| Box::new(e) as pager::GuestError)
         },
-        |acc| WorkloadDest::new(acc.layout.clone()).map_err(|e| Box::new(e) as pager::GuestError),
         &cfg,
         Arc::clone(&metrics),
     );
@@ -382,15 +383,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let pr = &outcome.report;
     // The guest runs on with all memory local; then stop it and check every page.
     std::thread::sleep(Duration::from_millis(args.run_after_ms));
-    let workload = outcome
-        .guest
-        .take_workload()
-        .context("guest was never resumed")?;
-    let state0 = outcome
-        .guest
-        .resumed_state()
-        .cloned()
-        .context("guest was never resumed")?;
+    let workload = outcome.guest.take_workload().context("guest was never resumed")?;
+    let state0 = outcome.guest.resumed_state().cloned().context("guest was never resumed")?;
     let wr = workload.stop();
     let final_state = wr.state.clone().context("a vCPU thread panicked")?;
     let verify = guest::workload::verify(outcome.guest.memory(), &final_state);
@@ -440,18 +434,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             faults_resolved_early: PagerMetrics::get(&metrics.faults_resolved_early),
             time_ms: ms(pr.postcopy_time),
             push_time_ms: ns_ms(pr.source.push_ns),
-            push_gbps: gbps(
-                pr.source.pages_pushed * layout.page_size().bytes(),
-                pr.source.push_ns,
-            ),
+            push_gbps: gbps(pr.source.pages_pushed * layout.page_size().bytes(), pr.source.push_ns),
             fault_latency_us: fault_lat,
             fault_latency_hist: fault_hist,
             blocktime_ms: ns_ms(blocktime),
-            vcpu_blocktime_ms: pr
-                .blocktime_ns
-                .iter()
-                .map(|(tid, ns)| (format!("tid-{tid}"), ns_ms(*ns)))
-                .collect(),
+            vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (format!("tid-{tid}"), ns_ms(*ns))).collect(),
         },
         guest: GuestReport {
             accesses: wr.here.accesses,
@@ -479,11 +466,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
 }
 
 fn gbps(bytes: u64, ns: u64) -> f64 {
-    if ns == 0 {
-        0.0
-    } else {
-        bytes as f64 / ns as f64
-    }
+    if ns == 0 { 0.0 } else { bytes as f64 / ns as f64 }
 }
 
 /// Run the source. Returns the process exit code.
@@ -507,10 +490,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
-    let opts = TcpOptions {
-        send_timeout: peer_timeout,
-        ..TcpOptions::default()
-    };
+    let opts = TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() };
     let before_accesses = guest.workload().stats().accesses;
     let base = Report {
         side: "source".into(),
@@ -530,15 +510,11 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Err(e) => Err((FailPhase::BeforeSwitchover, e)),
         Ok(control) => {
             let addr = args.connect.clone();
-            let bulk_opts = TcpOptions {
-                notsent_lowat: Some(256 * 1024),
-                ..opts.clone()
-            };
+            let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), ..opts.clone() };
             sender::run(
                 Box::new(control),
                 move || {
-                    TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts)
-                        .map(|c| Box::new(c) as Box<dyn Conn>)
+                    TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>)
                 },
                 &mut guest,
                 &cfg,
@@ -567,10 +543,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     pages_demand: SenderMetrics::get(&metrics.pages_demand),
                     requests: SenderMetrics::get(&metrics.requests),
                     push_time_ms: ns_ms(r.stats.push_ns),
-                    push_gbps: gbps(
-                        r.stats.pages_pushed * layout.page_size().bytes(),
-                        r.stats.push_ns,
-                    ),
+                    push_gbps: gbps(r.stats.pages_pushed * layout.page_size().bytes(), r.stats.push_ns),
                     ..Default::default()
                 },
                 guest: GuestReport {
@@ -590,11 +563,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Err((phase, e)) => {
             let msg = format!("{e:#}");
             eprintln!("postcopy source: error: {msg}");
-            let mut report = Report {
-                status: "failed".into(),
-                error: Some(msg),
-                ..base
-            };
+            let mut report = Report { status: "failed".into(), error: Some(msg), ..base };
             if phase == FailPhase::BeforeSwitchover {
                 // Nothing was committed: the guest runs on here. Prove it.
                 std::thread::sleep(Duration::from_millis(args.run_after_ms));
@@ -614,11 +583,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     "postcopy source: the guest kept running on the source: {} accesses since, {} violations, verification {}",
                     wr.here.accesses - before_accesses.min(wr.here.accesses),
                     wr.total.violations,
-                    if report.guest.verify_ok {
-                        "passed"
-                    } else {
-                        "FAILED"
-                    }
+                    if report.guest.verify_ok { "passed" } else { "FAILED" }
                 );
             }
             if let Some(p) = &args.report {
@@ -637,21 +602,10 @@ pub fn summary(r: &Report) -> String {
         "postcopy {}: {} guest, {gib:.2} GiB, {} vCPU, {}, prefetch {} ({})\n",
         r.mode, r.guest_kind, r.vcpus, r.pattern, r.prefetch.pages, r.prefetch.mode
     );
-    s += &format!(
-        "  status       {}{}\n",
-        r.status,
-        r.error
-            .as_ref()
-            .map(|e| format!(": {e}"))
-            .unwrap_or_default()
-    );
+    s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
     s += &format!(
         "  time         total {:.1} ms, postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, restore {:.2} ms)\n",
-        r.total_time_ms,
-        r.postcopy.time_ms,
-        r.downtime_ms,
-        r.downtime.pause_to_sent_ms,
-        r.downtime.dest_restore_ms
+        r.total_time_ms, r.postcopy.time_ms, r.downtime_ms, r.downtime.pause_to_sent_ms, r.downtime.dest_restore_ms
     );
     s += &format!(
         "  transferred  {:.3} GB; pushed {} pages ({:.2} GB/s), demand {} pages in {} requests, duplicates {}\n",
@@ -700,21 +654,13 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
         "--access-rate".into(),
         g.access_rate.to_string(),
         "--mode".into(),
-        m.mode
-            .to_possible_value()
-            .expect("no skipped values")
-            .get_name()
-            .into(),
+        m.mode.to_possible_value().expect("no skipped values").get_name().into(),
         "--push-run".into(),
         m.push_run.to_string(),
         "--peer-timeout-ms".into(),
         m.peer_timeout_ms.to_string(),
         "--prefetch-mode".into(),
-        m.prefetch_mode
-            .to_possible_value()
-            .expect("no skipped values")
-            .get_name()
-            .into(),
+        m.prefetch_mode.to_possible_value().expect("no skipped values").get_name().into(),
     ];
     if let Some(p) = m.prefetch {
         a.extend(["--prefetch".into(), p.to_string()]);
@@ -764,20 +710,15 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     let src_report = dir.join("source.json");
     let mut dest_cmd = Command::new(&exe);
     dest_cmd
-        .args([
-            "dest",
-            "--child",
-            "--listen",
-            "127.0.0.1:0",
-            "--announce",
-            "--report",
-        ])
+        .args(["dest", "--child", "--listen", "127.0.0.1:0", "--announce", "--report"])
         .arg(&dest_report)
         .args([
             "--run-after-ms",
             &args.run_after_ms.to_string(),
             "--peer-timeout-ms",
             &args.migration.peer_timeout_ms.to_string(),
+            "--memory",
+            args.memory.to_possible_value().expect("no skipped values").get_name(),
         ])
         .stdout(Stdio::piped());
     if args.quiet {
@@ -786,39 +727,23 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     if let Some(k) = &args.migration.key_file {
         dest_cmd.arg("--key-file").arg(k);
     }
-    let mut dest = Reaper(Some(
-        dest_cmd
-            .spawn()
-            .context("starting the destination process")?,
-    ));
-    let stdout = dest
-        .0
-        .as_mut()
-        .and_then(|c| c.stdout.take())
-        .context("destination stdout")?;
+    let mut dest = Reaper(Some(dest_cmd.spawn().context("starting the destination process")?));
+    let stdout = dest.0.as_mut().and_then(|c| c.stdout.take()).context("destination stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut line = String::new();
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(10))
-        .context("the destination did not start listening")?;
-    let addr = line
-        .strip_prefix("LISTENING ")
-        .map(str::trim)
-        .context("unexpected destination output")?
-        .to_string();
+    let line = rx.recv_timeout(Duration::from_secs(10)).context("the destination did not start listening")?;
+    let addr = line.strip_prefix("LISTENING ").map(str::trim).context("unexpected destination output")?.to_string();
     let mut src_cmd = Command::new(&exe);
     src_cmd
         .args(["source", "--connect", &addr, "--report"])
         .arg(&src_report)
         .args(["--run-before-ms", &args.run_before_ms.to_string()])
         .args(child_args(&args.guest, &args.migration));
-    let mut source = Reaper(Some(
-        src_cmd.spawn().context("starting the source process")?,
-    ));
+    let mut source = Reaper(Some(src_cmd.spawn().context("starting the source process")?));
     // Whichever ends first, the other gets a bounded time to finish.
     let grace = Duration::from_secs(30) + Duration::from_millis(args.run_after_ms);
     let (src_status, dest_status) = loop {
@@ -827,16 +752,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         match (s, d) {
             (Some(s), Some(d)) => break (s, d),
             (Some(s), None) => {
-                break (
-                    s,
-                    wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace)?,
-                );
+                break (s, wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace)?);
             }
             (None, Some(d)) => {
-                break (
-                    wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace)?,
-                    d,
-                );
+                break (wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace)?, d);
             }
             (None, None) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -845,9 +764,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     dest.0 = None;
     let mut merged = Report::read(&dest_report).unwrap_or_else(|e| Report {
         status: "failed".into(),
-        error: Some(format!(
-            "destination wrote no report ({e:#}); exit {dest_status}"
-        )),
+        error: Some(format!("destination wrote no report ({e:#}); exit {dest_status}")),
         ..Default::default()
     });
     let src = Report::read(&src_report).ok();
@@ -865,9 +782,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     if !dest_status.success() || !src_status.success() {
         merged.status = "failed".into();
         if merged.error.is_none() {
-            merged.error = Some(format!(
-                "destination exit {dest_status}, source exit {src_status}"
-            ));
+            merged.error = Some(format!("destination exit {dest_status}, source exit {src_status}"));
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -886,8 +801,5 @@ fn tempdir() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    bail!(
-        "could not create a temporary directory under {}",
-        base.display()
-    )
+    bail!("could not create a temporary directory under {}", base.display())
 }

@@ -31,15 +31,7 @@ pub struct Latency {
 
 impl From<LatencySummary> for Latency {
     fn from(s: LatencySummary) -> Self {
-        Latency {
-            count: s.count,
-            p50: s.p50,
-            p90: s.p90,
-            p99: s.p99,
-            p999: s.p999,
-            max: s.max,
-            mean: s.mean,
-        }
+        Latency { count: s.count, p50: s.p50, p90: s.p90, p99: s.p99, p999: s.p999, max: s.max, mean: s.mean }
     }
 }
 
@@ -197,16 +189,14 @@ pub fn latency_of(h: &LatencyHist) -> (Latency, Vec<(u64, u64)>) {
 impl Report {
     /// Read a report.
     pub fn read(path: &Path) -> anyhow::Result<Report> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))?;
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("parsing {}: {e}", path.display()))
     }
 
     /// Write a report (pretty JSON).
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         let text = serde_json::to_string_pretty(self)?;
-        std::fs::write(path, text + "\n")
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+        std::fs::write(path, text + "\n").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     }
 
     /// Whether the run succeeded and the guest checked out.
@@ -230,22 +220,14 @@ mod tests {
             status: "ok".into(),
             mode: "postcopy".into(),
             mem_bytes: 1 << 30,
-            postcopy: PostcopyReport {
-                fault_latency_us: lat,
-                fault_latency_hist: hist,
-                ..Default::default()
-            },
-            source: Some(Box::new(Report {
-                side: "source".into(),
-                ..Default::default()
-            })),
+            postcopy: PostcopyReport { fault_latency_us: lat, fault_latency_hist: hist, ..Default::default() },
+            source: Some(Box::new(Report { side: "source".into(), ..Default::default() })),
             ..Default::default()
         };
         let text = serde_json::to_string(&r).unwrap();
         let back: Report = serde_json::from_str(&text).unwrap();
         assert_eq!(back, r);
-        let partial: Report =
-            serde_json::from_str(r#"{"status":"failed","postcopy":{"faults":3}}"#).unwrap();
+        let partial: Report = serde_json::from_str(r#"{"status":"failed","postcopy":{"faults":3}}"#).unwrap();
         assert_eq!(partial.postcopy.faults, 3);
         assert!(!partial.clean());
         let h2 = LatencyHist::from_buckets(&back.postcopy.fault_latency_hist);

@@ -25,11 +25,7 @@ fn scratch(name: &str) -> PathBuf {
 
 /// Run a command with a hard time limit; returns its output.
 fn run_limited(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
     let t0 = Instant::now();
     loop {
         if child.try_wait().unwrap().is_some() {
@@ -38,10 +34,7 @@ fn run_limited(mut cmd: Command, limit: Duration) -> Output {
         if t0.elapsed() > limit {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!(
-                "command exceeded {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("command exceeded {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -49,24 +42,12 @@ fn run_limited(mut cmd: Command, limit: Duration) -> Output {
 
 fn migrate(extra: &[&str], report: &Path) -> (Output, Report) {
     let mut c = bin();
-    c.args([
-        "migrate",
-        "--quiet",
-        "--run-before-ms",
-        "300",
-        "--run-after-ms",
-        "300",
-        "--report",
-    ])
-    .arg(report)
-    .args(extra);
+    c.args(["migrate", "--quiet", "--run-before-ms", "300", "--run-after-ms", "300", "--report"])
+        .arg(report)
+        .args(extra);
     let out = run_limited(c, Duration::from_secs(120));
-    let r = Report::read(report).unwrap_or_else(|e| {
-        panic!(
-            "no report: {e}; stderr:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    });
+    let r = Report::read(report)
+        .unwrap_or_else(|e| panic!("no report: {e}; stderr:\n{}", String::from_utf8_lossy(&out.stderr)));
     (out, r)
 }
 
@@ -77,11 +58,7 @@ fn assert_clean(out: &Output, r: &Report) {
     assert_eq!(r.guest.violations, 0, "{:?}", r.guest.problems);
     assert!(r.guest.verify_ok, "{:?}", r.guest.problems);
     assert_eq!(r.guest.verified_pages, r.postcopy.pages_total);
-    assert_eq!(
-        r.postcopy.pages_pushed + r.postcopy.pages_demand,
-        r.postcopy.pages_total,
-        "each page installed once"
-    );
+    assert_eq!(r.postcopy.pages_pushed + r.postcopy.pages_demand, r.postcopy.pages_total, "each page installed once");
     assert!(r.guest.accesses > 0, "the guest ran on the destination");
     assert!(r.downtime_ms > 0.0 && r.total_time_ms > 0.0);
     let src = r.source.as_ref().expect("merged source report");
@@ -96,28 +73,15 @@ fn spawn_dest(extra: &[&str]) -> (Child, String) {
 
 fn spawn_dest_with(extra: &[&str]) -> (Child, String) {
     let mut child = bin()
-        .args([
-            "dest",
-            "--listen",
-            "127.0.0.1:0",
-            "--announce",
-            "--accept-timeout-s",
-            "20",
-        ])
+        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--accept-timeout-s", "20"])
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .strip_prefix("LISTENING ")
-        .expect("announce line")
-        .trim()
-        .to_string();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
     (child, addr)
 }
 
@@ -127,10 +91,7 @@ fn wait_output(mut child: Child, limit: Duration) -> Output {
         if t0.elapsed() > limit {
             let _ = child.kill();
             let out = child.wait_with_output().unwrap();
-            panic!(
-                "process did not exit within {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            panic!("process did not exit within {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -143,37 +104,18 @@ fn pure_postcopy_every_pattern_256m() {
     let d = scratch("patterns");
     for pattern in ["uniform", "sequential", "hotset:64M", "zipf:0.9"] {
         let report = d.join(format!("{}.json", pattern.replace(':', "_")));
-        let (out, r) = migrate(
-            &["--mem", "256M", "--vcpus", "2", "--pattern", pattern],
-            &report,
-        );
+        let (out, r) = migrate(&["--mem", "256M", "--vcpus", "2", "--pattern", pattern], &report);
         assert_clean(&out, &r);
         assert_eq!(r.pattern, pattern);
         assert_eq!(r.mem_bytes, 256 << 20);
         assert!(r.postcopy.faults > 0, "{pattern}: the guest faulted");
         assert!(r.postcopy.fault_latency_us.count > 0 && r.postcopy.fault_latency_us.p50 > 0.0);
         // Pretty JSON with the fields the issue names.
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        for k in [
-            "status",
-            "mode",
-            "mem_bytes",
-            "page_size",
-            "total_time_ms",
-            "downtime_ms",
-            "bytes_transferred",
-        ] {
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        for k in ["status", "mode", "mem_bytes", "page_size", "total_time_ms", "downtime_ms", "bytes_transferred"] {
             assert!(v.get(k).is_some(), "report lacks {k}");
         }
-        for k in [
-            "pages_total",
-            "pages_pushed",
-            "pages_requested",
-            "requests",
-            "faults",
-            "fault_latency_us",
-        ] {
+        for k in ["pages_total", "pages_pushed", "pages_requested", "requests", "faults", "fault_latency_us"] {
             assert!(v["postcopy"].get(k).is_some(), "report lacks postcopy.{k}");
         }
         for k in ["p50", "p90", "p99", "max", "mean"] {
@@ -212,10 +154,7 @@ fn regions_prefetch_and_key() {
     assert_eq!(r.regions, 3);
     assert_eq!(r.prefetch.pages, 16);
     assert_eq!(r.prefetch.mode, "around");
-    assert!(
-        r.postcopy.pages_requested > r.postcopy.requests,
-        "prefetch asks for more than the faulting pages"
-    );
+    assert!(r.postcopy.pages_requested > r.postcopy.requests, "prefetch asks for more than the faulting pages");
 }
 
 #[test]
@@ -225,17 +164,7 @@ fn source_killed_mid_run_fails_destination_quickly() {
     // Not quiet: the progress line says when postcopy is under way.
     let (mut dest, addr) = spawn_dest_with(&["--report", d.join("dest.json").to_str().unwrap()]);
     let mut src = bin()
-        .args([
-            "source",
-            "--connect",
-            &addr,
-            "--mem",
-            "2G",
-            "--push-run",
-            "8",
-            "--run-before-ms",
-            "100",
-        ])
+        .args(["source", "--connect", &addr, "--mem", "2G", "--push-run", "8", "--run-before-ms", "100"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -244,37 +173,23 @@ fn source_killed_mid_run_fails_destination_quickly() {
     let t0 = Instant::now();
     let mut err_text = String::new();
     loop {
-        let line = lines
-            .next()
-            .expect("destination ended before postcopy began")
-            .unwrap();
+        let line = lines.next().expect("destination ended before postcopy began").unwrap();
         err_text += &line;
         if line.contains("pages present") {
             break;
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(60),
-            "postcopy never started"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(60), "postcopy never started");
     }
     src.kill().unwrap();
     // Keep draining the destination's stderr so it never blocks on a full pipe.
-    let drain =
-        std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
+    let drain = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>().join("\n"));
     let _ = src.wait();
     let t0 = Instant::now();
     let out = wait_output(dest, Duration::from_secs(20));
     assert!(!out.status.success());
-    assert!(
-        t0.elapsed() < Duration::from_secs(15),
-        "took {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
     let err = drain.join().unwrap();
-    assert!(
-        err.contains("error") && err.contains("source"),
-        "unclear message: {err_text}\n{err}"
-    );
+    assert!(err.contains("error") && err.contains("source"), "unclear message: {err_text}\n{err}");
     let r = Report::read(&d.join("dest.json")).unwrap();
     assert_eq!(r.status, "failed");
     assert!(r.error.is_some());
@@ -286,14 +201,7 @@ fn garbage_and_oversized_frames_to_destination() {
     for (name, bytes) in [
         ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
         ("oversized", vec![12, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]),
-        (
-            "wrong magic hello",
-            Msg::BulkHello {
-                version: 1,
-                session: 1,
-            }
-            .to_frame(),
-        ),
+        ("wrong magic hello", Msg::BulkHello { version: 1, session: 1 }.to_frame()),
     ] {
         let (dest, addr) = spawn_dest(&[]);
         let mut s = TcpStream::connect(&addr).unwrap();
@@ -303,18 +211,12 @@ fn garbage_and_oversized_frames_to_destination() {
         let out = wait_output(dest, Duration::from_secs(10));
         assert!(!out.status.success(), "{name}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("invalid frame") || err.contains("unexpected"),
-            "{name}: {err}"
-        );
+        assert!(err.contains("invalid frame") || err.contains("unexpected"), "{name}: {err}");
         // The destination told us why before closing.
         let mut rest = Vec::new();
         let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
         let _ = s.read_to_end(&mut rest);
-        let said = proto::wire::decode_frame(&rest, None)
-            .ok()
-            .flatten()
-            .map(|(m, _)| m.tag());
+        let said = proto::wire::decode_frame(&rest, None).ok().flatten().map(|(m, _)| m.tag());
         assert_eq!(said, Some(proto::wire::Tag::Error), "{name}");
     }
 }
@@ -358,11 +260,7 @@ fn assert_guest_kept_on_source(out: &Output, report: &Path, needle: &str) {
     assert!(err.contains("kept running on the source"), "{err}");
     let r = Report::read(report).unwrap();
     assert_eq!(r.status, "failed");
-    assert!(
-        r.guest.running_on_source && r.guest.verify_ok && r.guest.violations == 0,
-        "{:?}",
-        r.guest
-    );
+    assert!(r.guest.running_on_source && r.guest.verify_ok && r.guest.violations == 0, "{:?}", r.guest);
     assert!(r.guest.accesses_total > 0);
 }
 
@@ -375,29 +273,16 @@ fn source_survives_garbage_wrong_version_and_refusal() {
     assert_guest_kept_on_source(&out, &d.join("garbage.json"), "invalid frame");
     t.join().unwrap();
 
-    let future = Msg::ServerHello(ServerHello {
-        min_version: 50,
-        max_version: 60,
-        flags: 0,
-        nonce: [0; 16],
-    })
-    .to_frame();
+    let future =
+        Msg::ServerHello(ServerHello { min_version: 50, max_version: 60, flags: 0, nonce: [0; 16] }).to_frame();
     let (addr, t) = fake_dest(future);
     let out = run_source(&addr, &d.join("version.json"));
     assert_guest_kept_on_source(&out, &d.join("version.json"), "versions 50..=60");
     t.join().unwrap();
 
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let out = run_source(&closed, &d.join("refused.json"));
-    assert_guest_kept_on_source(
-        &out,
-        &d.join("refused.json"),
-        "connecting to the destination",
-    );
+    assert_guest_kept_on_source(&out, &d.join("refused.json"), "connecting to the destination");
 }
 
 #[test]
@@ -411,29 +296,15 @@ fn unauthenticated_source_is_refused() {
     for (name, src_key) in [("no key", None), ("wrong key", Some(&wrong))] {
         let (dest, addr) = spawn_dest(&["--key-file", key.to_str().unwrap()]);
         let mut c = bin();
-        c.args([
-            "source",
-            "--connect",
-            &addr,
-            "--mem",
-            "64M",
-            "--run-before-ms",
-            "50",
-            "--run-after-ms",
-            "50",
-        ]);
+        c.args(["source", "--connect", &addr, "--mem", "64M", "--run-before-ms", "50", "--run-after-ms", "50"]);
         if let Some(k) = src_key {
             c.arg("--key-file").arg(k);
         }
         let out = run_limited(c, Duration::from_secs(30));
         assert_eq!(out.status.code(), Some(1), "{name}");
-        let derr =
-            String::from_utf8_lossy(&wait_output(dest, Duration::from_secs(10)).stderr).to_string();
+        let derr = String::from_utf8_lossy(&wait_output(dest, Duration::from_secs(10)).stderr).to_string();
         let serr = String::from_utf8_lossy(&out.stderr).to_string();
-        assert!(
-            derr.contains("not authenticated") || serr.contains("not authenticated"),
-            "{name}: {derr} / {serr}"
-        );
+        assert!(derr.contains("not authenticated") || serr.contains("not authenticated"), "{name}: {derr} / {serr}");
     }
 }
 
@@ -446,17 +317,7 @@ fn bad_command_lines_are_clear_errors() {
         (vec!["migrate", "--prefetch", "0"], "--prefetch"),
         (vec!["migrate", "--mem", "4K"], "--mem"),
         (
-            vec![
-                "source",
-                "--connect",
-                "127.0.0.1",
-                "--mem",
-                "1M",
-                "--run-before-ms",
-                "0",
-                "--run-after-ms",
-                "0",
-            ],
+            vec!["source", "--connect", "127.0.0.1", "--mem", "1M", "--run-before-ms", "0", "--run-after-ms", "0"],
             "resolve",
         ),
     ] {

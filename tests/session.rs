@@ -14,11 +14,23 @@ use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
 use transport::mem::{MemLink, pair};
 
-#[derive(Default)]
 struct Links {
     ctl_to_dest: MemLink,
     ctl_to_src: MemLink,
     bulk: MemLink,
+    /// Destination memory.
+    backing: guest::Backing,
+}
+
+impl Default for Links {
+    fn default() -> Self {
+        Links {
+            ctl_to_dest: MemLink::default(),
+            ctl_to_src: MemLink::default(),
+            bulk: MemLink::default(),
+            backing: guest::Backing::Shmem,
+        }
+    }
 }
 
 struct Outcome {
@@ -44,6 +56,7 @@ fn migrate(
     let w = Workload::boot(mem, wcfg).unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let mut src_guest = WorkloadSource::new(w, Duration::from_secs(5));
+    let backing = links.backing;
     let (src_ctl, dest_ctl) = pair(links.ctl_to_dest, links.ctl_to_src);
     let (src_bulk, dest_bulk) = pair(links.bulk, MemLink::default());
     let pm = Arc::new(PagerMetrics::default());
@@ -56,10 +69,7 @@ fn migrate(
             let r = pager::run(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().expect("one bulk connection")) as Box<dyn Conn>),
-                |acc| {
-                    WorkloadDest::new(acc.layout.clone())
-                        .map_err(|e| Box::new(e) as pager::GuestError)
-                },
+                |acc| WorkloadDest::new(acc.layout.clone(), backing).map_err(|e| Box::new(e) as pager::GuestError),
                 &pcfg,
                 pm,
             );
@@ -83,25 +93,13 @@ fn migrate(
     }
     let t0 = Instant::now();
     let dest = rx.recv_timeout(limit).expect("destination hung");
-    let left = limit
-        .saturating_sub(t0.elapsed())
-        .max(Duration::from_secs(5));
+    let left = limit.saturating_sub(t0.elapsed()).max(Duration::from_secs(5));
     let (src, src_guest) = srx.recv_timeout(left).expect("source hung");
-    Outcome {
-        dest,
-        src,
-        pm,
-        sm,
-        src_guest,
-    }
+    Outcome { dest, src, pm, sm, src_guest }
 }
 
 fn wcfg(pattern: &str, vcpus: u32) -> WorkloadConfig {
-    WorkloadConfig {
-        vcpus,
-        pattern: pattern.parse().unwrap(),
-        ..Default::default()
-    }
+    WorkloadConfig { vcpus, pattern: pattern.parse().unwrap(), ..Default::default() }
 }
 
 /// Stop the destination guest and verify every page; returns pages verified.
@@ -118,14 +116,14 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 #[test]
 fn clean_link_every_page_once_demand_and_push() {
-    let o = migrate(
-        32,
-        wcfg("uniform", 2),
-        Links::default(),
-        PagerConfig::default(),
-        SenderConfig::default(),
-        LIMIT,
-    );
+    for backing in [guest::Backing::Shmem, guest::Backing::Anonymous] {
+        clean_link(backing);
+    }
+}
+
+fn clean_link(backing: guest::Backing) {
+    let links = Links { backing, ..Default::default() };
+    let o = migrate(32, wcfg("uniform", 2), links, PagerConfig::default(), SenderConfig::default(), LIMIT);
     let d = o.dest.expect("destination");
     let s = o.src.expect("source");
     let n = d.report.accepted.layout.n_pages();
@@ -134,18 +132,12 @@ fn clean_link_every_page_once_demand_and_push() {
     // Every page arrived, each counted once, by demand or push.
     assert_eq!(g(&o.pm.pages_present), n);
     assert_eq!(g(&o.pm.pages_demand) + g(&o.pm.pages_push), n);
-    assert!(
-        g(&o.pm.pages_demand) > 0,
-        "the guest faulted, so some pages came on demand"
-    );
+    assert!(g(&o.pm.pages_demand) > 0, "the guest faulted, so some pages came on demand");
     assert!(g(&o.pm.faults) > 0 && g(&o.pm.requests) > 0);
     // The source pushed what was not served on demand, never a page twice by push.
     assert_eq!(s.stats.pages_pushed, g(&o.sm.pages_pushed));
     assert!(s.stats.pages_pushed + s.stats.pages_demand >= n);
-    assert!(
-        g(&o.sm.push_restarts) > 0,
-        "the push restarts after requested ranges"
-    );
+    assert!(g(&o.sm.push_restarts) > 0, "the push restarts after requested ranges");
     assert!(g(&o.sm.bytes_sent) >= n * 4096);
     assert!(g(&o.pm.bytes_received) >= n * 4096);
     assert_eq!(s.outstanding_pages, n);
@@ -162,21 +154,10 @@ fn d_ok_latency(pm: &PagerMetrics) -> bool {
 fn demand_does_not_wait_for_the_push() {
     // The bulk link delivers nothing for 20 s: every page the guest touches
     // in the meantime must come on demand, and the guest must make progress.
-    let links = Links {
-        bulk: MemLink {
-            pages_delay: Duration::from_secs(20),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let pcfg = PagerConfig {
-        peer_timeout: Duration::from_secs(30),
-        ..Default::default()
-    };
-    let scfg = SenderConfig {
-        peer_timeout: Duration::from_secs(30),
-        ..Default::default()
-    };
+    let links =
+        Links { bulk: MemLink { pages_delay: Duration::from_secs(20), ..Default::default() }, ..Default::default() };
+    let pcfg = PagerConfig { peer_timeout: Duration::from_secs(30), ..Default::default() };
+    let scfg = SenderConfig { peer_timeout: Duration::from_secs(30), ..Default::default() };
     let layout = MemLayout::single(PageSize::Size4K, 8 << 20).unwrap();
     let mem = Arc::new(GuestMemory::new(layout).unwrap());
     let w = Workload::boot(mem, wcfg("hotset:512K", 1)).unwrap();
@@ -193,7 +174,8 @@ fn demand_does_not_wait_for_the_push() {
             Box::new(dest_ctl),
             move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
             |acc| {
-                WorkloadDest::new(acc.layout.clone()).map_err(|e| Box::new(e) as pager::GuestError)
+                WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem)
+                    .map_err(|e| Box::new(e) as pager::GuestError)
             },
             &pcfg,
             pm2,
@@ -226,101 +208,75 @@ fn demand_does_not_wait_for_the_push() {
     }
     assert_eq!(g(&pm.pages_push), 0, "nothing can have come by push yet");
     // Let the run finish (the push eventually arrives) so threads end cleanly.
-    let r = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("destination hung");
+    let r = rx.recv_timeout(Duration::from_secs(60)).expect("destination hung");
     assert!(r.is_ok(), "{r:?}");
 }
 
 #[test]
 fn lost_push_frames_are_rerequested() {
-    let links = Links {
-        bulk: MemLink {
-            drop_pages_every: Some(7),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let pcfg = PagerConfig {
-        retry_after: Duration::from_millis(200),
-        ..Default::default()
-    };
+    for backing in [guest::Backing::Shmem, guest::Backing::Anonymous] {
+        lost_push_frames(backing);
+    }
+}
+
+fn lost_push_frames(backing: guest::Backing) {
+    let links =
+        Links { bulk: MemLink { drop_pages_every: Some(7), ..Default::default() }, backing, ..Default::default() };
+    let pcfg = PagerConfig { retry_after: Duration::from_millis(200), ..Default::default() };
     let o = migrate(
         16,
         wcfg("sequential", 1),
         links,
         pcfg,
-        SenderConfig {
-            push_run_pages: 16,
-            ..Default::default()
-        },
+        SenderConfig { push_run_pages: 16, ..Default::default() },
         LIMIT,
     );
     let d = o.dest.expect("destination completes despite losses");
     o.src.expect("source");
     let n = d.report.accepted.layout.n_pages();
     assert_eq!(verify_dest(d), n);
-    assert!(
-        o.pm.pages_rerequested
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
-    assert!(
-        o.pm.pages_push_lost
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    assert!(o.pm.pages_rerequested.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(o.pm.pages_push_lost.load(std::sync::atomic::Ordering::Relaxed) > 0);
     drop(o.src_guest.into_workload().stop());
 }
 
 #[test]
 fn lost_demand_replies_are_rerequested_and_delays_and_reordering_are_harmless() {
+    for backing in [guest::Backing::Shmem, guest::Backing::Anonymous] {
+        lossy_links(backing);
+    }
+}
+
+fn lossy_links(backing: guest::Backing) {
     let links = Links {
+        backing,
         ctl_to_dest: MemLink {
             drop_pages_every: Some(5),
             reorder_every: Some(3),
             delay: Duration::from_millis(1),
             ..Default::default()
         },
-        ctl_to_src: MemLink {
-            delay: Duration::from_millis(1),
-            ..Default::default()
-        },
+        ctl_to_src: MemLink { delay: Duration::from_millis(1), ..Default::default() },
+        // The push lags far behind, so only re-requests can make up for the drops.
         bulk: MemLink {
             delay: Duration::from_millis(2),
+            pages_delay: Duration::from_secs(1),
             reorder_every: Some(4),
             ..Default::default()
         },
     };
     let pcfg = PagerConfig {
         retry_after: Duration::from_millis(100),
-        prefetch: Some(Prefetch {
-            pages: 4,
-            mode: PrefetchMode::Around,
-        }),
+        prefetch: Some(Prefetch { pages: 4, mode: PrefetchMode::Around }),
         ..Default::default()
     };
-    let o = migrate(
-        16,
-        wcfg("zipf:0.9", 2),
-        links,
-        pcfg,
-        SenderConfig::default(),
-        LIMIT,
-    );
+    let o = migrate(16, wcfg("zipf:0.9", 2), links, pcfg, SenderConfig::default(), LIMIT);
     let d = o.dest.expect("destination");
     o.src.expect("source");
     let n = d.report.accepted.layout.n_pages();
     assert_eq!(verify_dest(d), n);
     let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    assert!(
-        g(&o.pm.pages_rerequested) > 0,
-        "dropped demand replies must be asked for again"
-    );
-    assert!(
-        g(&o.pm.pages_duplicate) > 0,
-        "re-requests and the push overlap"
-    );
+    assert!(g(&o.pm.pages_rerequested) > 0, "dropped demand replies must be asked for again");
     drop(o.src_guest.into_workload().stop());
 }
 
@@ -328,13 +284,8 @@ fn lost_demand_replies_are_rerequested_and_delays_and_reordering_are_harmless() 
 fn disconnect_after_switchover_fails_both_sides_quickly() {
     // The control link dies after a few frames from the source: after the
     // switchover, during demand serving.
-    let links = Links {
-        ctl_to_dest: MemLink {
-            disconnect_after: Some(40),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let links =
+        Links { ctl_to_dest: MemLink { disconnect_after: Some(40), ..Default::default() }, ..Default::default() };
     let t0 = Instant::now();
     let o = migrate(
         64,
@@ -355,21 +306,10 @@ fn disconnect_after_switchover_fails_both_sides_quickly() {
 fn disconnect_before_switchover_keeps_the_guest_on_the_source() {
     // The source's third frame (after Hello and BulkHello... the guest state)
     // never leaves: the link closes.
-    let links = Links {
-        ctl_to_dest: MemLink {
-            disconnect_after: Some(1),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let o = migrate(
-        8,
-        wcfg("uniform", 1),
-        links,
-        PagerConfig::default(),
-        SenderConfig::default(),
-        Duration::from_secs(30),
-    );
+    let links =
+        Links { ctl_to_dest: MemLink { disconnect_after: Some(1), ..Default::default() }, ..Default::default() };
+    let o =
+        migrate(8, wcfg("uniform", 1), links, PagerConfig::default(), SenderConfig::default(), Duration::from_secs(30));
     assert!(o.dest.is_err());
     let f = o.src.expect_err("source must fail");
     assert_eq!(f.phase, FailPhase::BeforeSwitchover, "{f}");
@@ -378,10 +318,7 @@ fn disconnect_before_switchover_keeps_the_guest_on_the_source() {
     let a0 = w.stats().accesses;
     let t0 = Instant::now();
     while w.stats().accesses < a0 + 10_000 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "guest not running on the source"
-        );
+        assert!(t0.elapsed() < Duration::from_secs(10), "guest not running on the source");
         std::thread::sleep(Duration::from_millis(1));
     }
     let r = w.stop();
@@ -392,13 +329,8 @@ fn disconnect_before_switchover_keeps_the_guest_on_the_source() {
 fn silent_source_is_detected() {
     // Everything from the source is delayed far beyond the peer timeout after
     // the handshake: the destination must give up on its own.
-    let links = Links {
-        ctl_to_dest: MemLink {
-            delay: Duration::from_secs(30),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let links =
+        Links { ctl_to_dest: MemLink { delay: Duration::from_secs(30), ..Default::default() }, ..Default::default() };
     let pcfg = PagerConfig {
         peer_timeout: Duration::from_millis(500),
         handshake_timeout: Duration::from_secs(2),
@@ -410,17 +342,11 @@ fn silent_source_is_detected() {
         wcfg("uniform", 1),
         links,
         pcfg,
-        SenderConfig {
-            handshake_timeout: Duration::from_secs(3),
-            ..Default::default()
-        },
+        SenderConfig { handshake_timeout: Duration::from_secs(3), ..Default::default() },
         Duration::from_secs(20),
     );
     let e = o.dest.err().expect("destination must fail").to_string();
-    assert!(
-        e.contains("timed out") || e.contains("presumed dead"),
-        "{e}"
-    );
+    assert!(e.contains("timed out") || e.contains("presumed dead"), "{e}");
     assert!(o.src.is_err());
     assert!(t0.elapsed() < Duration::from_secs(15));
     drop(o.src_guest.into_workload());
@@ -431,14 +357,8 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
     let layout = MemLayout::new(
         PageSize::Size4K,
         vec![
-            proto::RegionDesc {
-                guest: proto::GuestOffset(0),
-                len_bytes: 6 << 20,
-            },
-            proto::RegionDesc {
-                guest: proto::GuestOffset(1 << 32),
-                len_bytes: 5 << 20,
-            },
+            proto::RegionDesc { guest: proto::GuestOffset(0), len_bytes: 6 << 20 },
+            proto::RegionDesc { guest: proto::GuestOffset(1 << 32), len_bytes: 5 << 20 },
         ],
     )
     .unwrap();
@@ -448,13 +368,7 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
     let mut src_guest = WorkloadSource::new(w, Duration::from_secs(5));
     let (src_ctl, dest_ctl) = pair(MemLink::default(), MemLink::default());
     let (src_bulk, dest_bulk) = pair(MemLink::default(), MemLink::default());
-    let pcfg = PagerConfig {
-        prefetch: Some(Prefetch {
-            pages: 64,
-            mode: PrefetchMode::After,
-        }),
-        ..Default::default()
-    };
+    let pcfg = PagerConfig { prefetch: Some(Prefetch { pages: 64, mode: PrefetchMode::After }), ..Default::default() };
     let pm = Arc::new(PagerMetrics::default());
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -463,10 +377,7 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
             Box::new(src_ctl),
             move || Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
             &mut src_guest,
-            &SenderConfig {
-                push_run_pages: 100,
-                ..Default::default()
-            },
+            &SenderConfig { push_run_pages: 100, ..Default::default() },
             Arc::new(SenderMetrics::default()),
         );
         let _ = tx.send((r.is_ok(), src_guest));
@@ -475,7 +386,9 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
     let d = pager::run(
         Box::new(dest_ctl),
         move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-        |acc| WorkloadDest::new(acc.layout.clone()).map_err(|e| Box::new(e) as pager::GuestError),
+        |acc| {
+            WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem).map_err(|e| Box::new(e) as pager::GuestError)
+        },
         &pcfg,
         pm,
     )

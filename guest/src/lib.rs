@@ -18,7 +18,7 @@ pub mod stamp;
 pub mod state;
 pub mod workload;
 
-pub use memory::{GuestMemory, HostRegion, MemoryError};
+pub use memory::{Backing, GuestMemory, HostRegion, MemoryError};
 pub use pattern::{Pattern, parse_size};
 pub use state::{WorkloadConfig, WorkloadState};
 pub use workload::{GuestStats, Workload, WorkloadError, WorkloadReport};

@@ -1,16 +1,27 @@
-//! Guest memory: one private anonymous mapping per region of a [`MemLayout`].
+//! Guest memory: one mapping per region of a [`MemLayout`], anonymous or
+//! shared-memory backed.
+//!
+//! * [`Backing::Anonymous`]: private anonymous mappings, never populated up
+//!   front, so on a destination every page is missing until the pager
+//!   installs it (UFFDIO_COPY).
+//! * [`Backing::Shmem`]: one memfd per region, mapped shared for the guest,
+//!   plus a second shared *alias* mapping of the same pages for the pager.
+//!   The pager populates the page cache through the alias before the guest
+//!   runs, writes arriving pages straight into it and maps them into the
+//!   guest's view with UFFDIO_CONTINUE: one copy (socket to page cache), no
+//!   allocation on the receive path.
 //!
 //! Invariants: every mapping lives as long as the `GuestMemory`, is exactly
-//! its region's length and page-aligned; memory is never populated up front
-//! (MAP_NORESERVE, no MAP_POPULATE), so on a destination every page is missing
-//! until the pager installs it. Guest code touches memory only through
-//! [`GuestMemory::word`] (atomic 64-bit words), so concurrent access by vCPU
-//! threads, the pager's UFFDIO_COPY and the sender's `writev` is well defined.
+//! its region's length and page-aligned. Guest code touches memory only
+//! through [`GuestMemory::word`] (atomic 64-bit words), so concurrent access
+//! by vCPU threads, the pager and the sender's `writev` is well defined.
 #![allow(unsafe_code)]
 
+use std::fs::File;
 use std::sync::atomic::AtomicU64;
 
 use memmap2::{MmapOptions, MmapRaw};
+use nix::sys::memfd::{MFdFlags, memfd_create};
 use proto::{HostAddr, MemLayout, PageIdx, PageRange, PageSize};
 
 /// Why guest memory could not be set up or changed.
@@ -35,6 +46,18 @@ pub enum MemoryError {
         /// Its length.
         len_bytes: u64,
     },
+    /// memfd_create or ftruncate failed.
+    #[error("creating shared memory for region {region} failed")]
+    Memfd {
+        /// Region index.
+        region: usize,
+        /// The error.
+        #[source]
+        source: nix::Error,
+    },
+    /// The backing cannot serve this page size.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// madvise failed.
     #[error("madvise({advice}) on {n_pages} pages at {first} failed")]
     Advise {
@@ -48,6 +71,16 @@ pub enum MemoryError {
         #[source]
         source: nix::Error,
     },
+}
+
+/// What guest memory is made of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Private anonymous memory.
+    #[default]
+    Anonymous,
+    /// memfd (shmem) memory with an alias mapping.
+    Shmem,
 }
 
 /// Where one region lives in this process.
@@ -65,34 +98,56 @@ pub struct HostRegion {
 #[derive(Debug)]
 pub struct GuestMemory {
     layout: MemLayout,
-    /// Owns the mappings; `regions` points into them.
+    backing: Backing,
+    /// Owns the mappings; `regions` and `alias` point into them.
     _maps: Vec<MmapRaw>,
+    /// The memfds of a shmem backing.
+    _files: Vec<File>,
     regions: Vec<HostRegion>,
+    alias: Vec<HostAddr>,
 }
 
 impl GuestMemory {
-    /// Map (but do not populate) memory for `layout`.
+    /// Map (but do not populate) anonymous memory for `layout`.
     pub fn new(layout: MemLayout) -> Result<GuestMemory, MemoryError> {
-        let mut maps = Vec::with_capacity(layout.regions().len());
+        GuestMemory::with_backing(layout, Backing::Anonymous)
+    }
+
+    /// Map memory for `layout` with the given backing. Nothing is populated.
+    pub fn with_backing(layout: MemLayout, backing: Backing) -> Result<GuestMemory, MemoryError> {
+        if backing == Backing::Shmem && layout.page_size() != PageSize::Size4K {
+            return Err(MemoryError::Unsupported("shmem backing serves 4 KiB pages; use hugetlbfs for 2 MiB pages"));
+        }
+        let mut maps = Vec::with_capacity(2 * layout.regions().len());
+        let mut files = Vec::new();
         let mut regions = Vec::with_capacity(layout.regions().len());
+        let mut alias = Vec::new();
         for (i, r) in layout.regions().iter().enumerate() {
-            let len = usize::try_from(r.len_bytes).map_err(|_| MemoryError::TooLarge {
-                region: i,
-                len_bytes: r.len_bytes,
-            })?;
-            let mut opts = MmapOptions::new();
-            opts.len(len).no_reserve_swap();
-            if layout.page_size() == PageSize::Size2M {
-                opts.huge(Some(21));
-            }
-            let m: MmapRaw = opts
-                .map_anon()
-                .map_err(|source| MemoryError::Map {
-                    region: i,
-                    len_bytes: r.len_bytes,
-                    source,
-                })?
-                .into();
+            let len = usize::try_from(r.len_bytes)
+                .map_err(|_| MemoryError::TooLarge { region: i, len_bytes: r.len_bytes })?;
+            let map_err = |source| MemoryError::Map { region: i, len_bytes: r.len_bytes, source };
+            let m: MmapRaw = match backing {
+                Backing::Anonymous => {
+                    let mut opts = MmapOptions::new();
+                    opts.len(len).no_reserve_swap();
+                    if layout.page_size() == PageSize::Size2M {
+                        opts.huge(Some(21));
+                    }
+                    opts.map_anon().map_err(map_err)?.into()
+                }
+                Backing::Shmem => {
+                    let fd = memfd_create(c"postcopy-guest", MFdFlags::MFD_CLOEXEC)
+                        .map_err(|source| MemoryError::Memfd { region: i, source })?;
+                    let file = File::from(fd);
+                    file.set_len(r.len_bytes).map_err(map_err)?;
+                    let guest = MmapOptions::new().len(len).map_raw(&file).map_err(map_err)?;
+                    let a = MmapOptions::new().len(len).map_raw(&file).map_err(map_err)?;
+                    alias.push(HostAddr(a.as_mut_ptr() as usize));
+                    maps.push(a);
+                    files.push(file);
+                    guest
+                }
+            };
             regions.push(HostRegion {
                 host: HostAddr(m.as_mut_ptr() as usize),
                 len_bytes: len,
@@ -100,11 +155,63 @@ impl GuestMemory {
             });
             maps.push(m);
         }
-        Ok(GuestMemory {
-            layout,
-            _maps: maps,
-            regions,
-        })
+        Ok(GuestMemory { layout, backing, _maps: maps, _files: files, regions, alias })
+    }
+
+    /// The backing.
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    /// Where each region's alias mapping starts (shmem backing only).
+    pub fn alias_regions(&self) -> Option<&[HostAddr]> {
+        (self.backing == Backing::Shmem).then_some(&self.alias[..])
+    }
+
+    /// Allocate every page of a shmem backing and map it in the alias view
+    /// (MADV_POPULATE_WRITE), so that later writes through the alias neither
+    /// fault nor allocate; the guest's own view stays unmapped. Spread over
+    /// `threads` threads. No-op for anonymous memory.
+    pub fn populate_alias(&self, threads: usize) -> Result<(), MemoryError> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        if self.backing != Backing::Shmem {
+            return Ok(());
+        }
+        // 64 MiB chunks, handed out to the threads in turn.
+        const CHUNK: usize = 64 << 20;
+        let mut jobs = Vec::new();
+        for (i, (a, r)) in self.alias.iter().zip(&self.regions).enumerate() {
+            let mut off = 0;
+            while off < r.len_bytes {
+                let len = CHUNK.min(r.len_bytes - off);
+                jobs.push((i, a.offset_by(off), len));
+                off += len;
+            }
+        }
+        let threads = threads.clamp(1, 16).min(jobs.len().max(1));
+        let next = AtomicUsize::new(0);
+        let failed = parking_lot::Mutex::new(None);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    while let Some(&(region, addr, len)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        let ptr = std::ptr::NonNull::new(addr.0 as *mut std::ffi::c_void)
+                            .expect("mapped address is non-null");
+                        let advice = nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE;
+                        // SAFETY: the span lies inside region `region`'s alias
+                        // mapping, owned by self; populating changes no content
+                        // (absent page-cache pages are allocated zero-filled).
+                        if let Err(source) = unsafe { nix::sys::mman::madvise(ptr, len, advice) } {
+                            let first = self.regions[region].pages.first;
+                            *failed.lock() =
+                                Some(MemoryError::Advise { advice: "MADV_POPULATE_WRITE", first, n_pages: 0, source });
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        failed.into_inner().map_or(Ok(()), Err)
     }
 
     /// The layout.
@@ -127,18 +234,14 @@ impl GuestMemory {
     #[inline]
     pub fn host_addr(&self, p: PageIdx) -> HostAddr {
         let (i, within) = self.layout.locate(p).expect("page inside the guest");
-        let off = usize::try_from(within << self.layout.page_size().shift())
-            .expect("within a mapped region");
+        let off = usize::try_from(within << self.layout.page_size().shift()).expect("within a mapped region");
         self.regions[i].host.offset_by(off)
     }
 
     /// Word `w` of page `p` as an atomic. Panics if out of range.
     #[inline]
     pub fn word(&self, p: PageIdx, w: usize) -> &AtomicU64 {
-        assert!(
-            w < self.page_size().bytes_usize() / 8,
-            "word {w} outside a page"
-        );
+        assert!(w < self.page_size().bytes_usize() / 8, "word {w} outside a page");
         let addr = self.host_addr(p).offset_by(w * 8);
         // SAFETY: `addr` is 8-aligned (page-aligned base plus a multiple of 8)
         // and inside a mapping that lives as long as `&self`; all access to
@@ -148,8 +251,10 @@ impl GuestMemory {
         unsafe { AtomicU64::from_ptr(addr.0 as *mut u64) }
     }
 
-    /// Drop the contents of `r` (MADV_DONTNEED): anonymous pages read back as
-    /// missing, so a userfaultfd-registered range faults on them again.
+    /// Drop `r` from the guest's view (MADV_DONTNEED): anonymous pages read
+    /// back as missing; shmem pages keep their (now stale) page-cache content
+    /// but are unmapped, so a userfaultfd-registered range faults on them
+    /// again (missing or minor) and the pager decides what they hold.
     pub fn evict(&self, r: PageRange) -> Result<(), MemoryError> {
         for (i, piece) in self.layout.split_by_region(r) {
             let (_, within) = self.layout.locate(piece.first).expect("validated range");
@@ -157,18 +262,18 @@ impl GuestMemory {
             let off = usize::try_from(within << shift).expect("within region");
             let len = usize::try_from(piece.n_pages << shift).expect("within region");
             let addr = self.regions[i].host.offset_by(off);
-            let ptr = std::ptr::NonNull::new(addr.0 as *mut std::ffi::c_void)
-                .expect("mapped address is non-null");
+            let ptr = std::ptr::NonNull::new(addr.0 as *mut std::ffi::c_void).expect("mapped address is non-null");
             // SAFETY: the span lies inside mapping i, which we own; dropping
             // page contents is the intended effect (no Rust references into
             // guest memory exist, see the module doc).
-            unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }
-                .map_err(|source| MemoryError::Advise {
+            unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.map_err(
+                |source| MemoryError::Advise {
                     advice: "MADV_DONTNEED",
                     first: piece.first,
                     n_pages: piece.n_pages,
                     source,
-                })?;
+                },
+            )?;
         }
         Ok(())
     }
@@ -185,37 +290,40 @@ mod tests {
         let layout = MemLayout::new(
             PageSize::Size4K,
             vec![
-                RegionDesc {
-                    guest: GuestOffset(0),
-                    len_bytes: 3 * 4096,
-                },
-                RegionDesc {
-                    guest: GuestOffset(1 << 30),
-                    len_bytes: 5 * 4096,
-                },
+                RegionDesc { guest: GuestOffset(0), len_bytes: 3 * 4096 },
+                RegionDesc { guest: GuestOffset(1 << 30), len_bytes: 5 * 4096 },
             ],
         )
         .unwrap();
-        let m = GuestMemory::new(layout).unwrap();
+        for backing in [Backing::Anonymous, Backing::Shmem] {
+            check_memory(GuestMemory::with_backing(layout.clone(), backing).unwrap());
+        }
+    }
+
+    fn check_memory(m: GuestMemory) {
         assert_eq!(m.host_regions().len(), 2);
         for p in 0..8 {
             m.word(PageIdx(p), 0).store(p + 100, Ordering::Relaxed);
             m.word(PageIdx(p), 511).store(p, Ordering::Relaxed);
         }
-        assert_eq!(
-            m.host_addr(PageIdx(4)),
-            m.host_regions()[1].host.offset_by(4096)
-        );
+        assert_eq!(m.host_addr(PageIdx(4)), m.host_regions()[1].host.offset_by(4096));
         for p in 0..8 {
             assert_eq!(m.word(PageIdx(p), 0).load(Ordering::Relaxed), p + 100);
         }
         m.evict(PageRange::new(PageIdx(2), 3)).unwrap();
-        let zeros: Vec<_> = (0..8)
-            .map(|p| m.word(PageIdx(p), 0).load(Ordering::Relaxed) == 0)
-            .collect();
-        assert_eq!(
-            zeros,
-            vec![false, false, true, true, true, false, false, false]
-        );
+        let zeros: Vec<_> = (0..8).map(|p| m.word(PageIdx(p), 0).load(Ordering::Relaxed) == 0).collect();
+        match m.backing() {
+            Backing::Anonymous => {
+                assert_eq!(zeros, vec![false, false, true, true, true, false, false, false]);
+            }
+            // Shared memory keeps its content: only the guest's mapping went.
+            Backing::Shmem => assert!(zeros.iter().all(|z| !z)),
+        }
+        if let Some(alias) = m.alias_regions() {
+            m.populate_alias(2).unwrap();
+            // SAFETY: the first word of region 0's alias, a live mapping.
+            let v = unsafe { std::ptr::read_volatile(alias[0].0 as *const u64) };
+            assert_eq!(v, 100, "the alias maps the same pages as the guest");
+        }
     }
 }

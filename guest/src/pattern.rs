@@ -15,9 +15,7 @@ use crate::rng::Rng;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PatternError {
     /// Not a pattern name this build knows.
-    #[error(
-        "unknown pattern {0:?} (expected uniform, sequential, hotset:SIZE[:FRACTION] or zipf:THETA)"
-    )]
+    #[error("unknown pattern {0:?} (expected uniform, sequential, hotset:SIZE[:FRACTION] or zipf:THETA)")]
     Unknown(String),
     /// A size did not parse.
     #[error("invalid size {0:?} (expected e.g. 4096, 64K, 256M, 1G, 1.5G)")]
@@ -67,12 +65,7 @@ pub fn parse_size(s: &str) -> Result<u64, PatternError> {
 
 /// Format a byte size compactly (inverse of [`parse_size`] for exact multiples).
 pub fn format_size(bytes: u64) -> String {
-    for (suffix, m) in [
-        ("T", 1u64 << 40),
-        ("G", 1 << 30),
-        ("M", 1 << 20),
-        ("K", 1 << 10),
-    ] {
+    for (suffix, m) in [("T", 1u64 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
         if bytes >= m && bytes.is_multiple_of(m) {
             return format!("{}{suffix}", bytes / m);
         }
@@ -111,11 +104,7 @@ impl FromStr for Pattern {
         let name = parts.next().unwrap_or_default();
         let args: Vec<&str> = parts.collect();
         let unit = |what: &'static str, v: &str| -> Result<f64, PatternError> {
-            let f: f64 = v.parse().map_err(|_| PatternError::Value {
-                what,
-                value: v.into(),
-                why: "not a number",
-            })?;
+            let f: f64 = v.parse().map_err(|_| PatternError::Value { what, value: v.into(), why: "not a number" })?;
             Ok(f)
         };
         match (name, args.as_slice()) {
@@ -130,11 +119,7 @@ impl FromStr for Pattern {
                         why: "must be > 0",
                     });
                 }
-                let fraction = if let [_, f] = args.as_slice() {
-                    unit("hot fraction", f)?
-                } else {
-                    1.0
-                };
+                let fraction = if let [_, f] = args.as_slice() { unit("hot fraction", f)? } else { 1.0 };
                 if !(0.0..=1.0).contains(&fraction) {
                     return Err(PatternError::Value {
                         what: "hot fraction",
@@ -213,13 +198,7 @@ impl Zipf {
         #[allow(clippy::cast_precision_loss)]
         let n_f = n as f64;
         let eta = (1.0 - (2.0 / n_f).powf(1.0 - theta)) / (1.0 - zeta2 / zetan);
-        Zipf {
-            theta,
-            alpha: 1.0 / (1.0 - theta),
-            zetan,
-            eta,
-            n_f,
-        }
+        Zipf { theta, alpha: 1.0 / (1.0 - theta), zetan, eta, n_f }
     }
 
     #[inline]
@@ -252,20 +231,13 @@ impl Sampler {
             Pattern::Zipf { theta } => Some(Zipf::new(n_pages, theta)),
             _ => None,
         };
-        Sampler {
-            pattern,
-            n: n_pages,
-            hot_pages,
-            zipf,
-        }
+        Sampler { pattern, n: n_pages, hot_pages, zipf }
     }
 
     /// Bind a zipf pattern using a normalisation constant computed before (by
     /// the source), skipping the O(n) sum on the destination's resume path.
     pub fn with_zipf_constant(pattern: Pattern, n_pages: u64, zetan: f64) -> Sampler {
-        let Pattern::Zipf { theta } = pattern else {
-            panic!("with_zipf_constant needs a zipf pattern")
-        };
+        let Pattern::Zipf { theta } = pattern else { panic!("with_zipf_constant needs a zipf pattern") };
         assert!(n_pages > 0, "a guest has data pages");
         let mut z = Zipf::new(2.min(n_pages), theta);
         let zeta2 = zeta(2, theta);
@@ -274,12 +246,7 @@ impl Sampler {
         z.zetan = zetan;
         z.n_f = n_f;
         z.eta = (1.0 - (2.0 / n_f).powf(1.0 - theta)) / (1.0 - zeta2 / zetan);
-        Sampler {
-            pattern,
-            n: n_pages,
-            hot_pages: n_pages,
-            zipf: Some(z),
-        }
+        Sampler { pattern, n: n_pages, hot_pages: n_pages, zipf: Some(z) }
     }
 
     /// The zipf normalisation constant (0 for other patterns).
@@ -318,8 +285,7 @@ impl Sampler {
             Pattern::Zipf { .. } => {
                 let z = self.zipf.as_ref().expect("built for zipf");
                 let rank = z.rank(rng, self.n);
-                u64::try_from(u128::from(rank) * SCRAMBLE_PRIME % u128::from(self.n))
-                    .expect("below n")
+                u64::try_from(u128::from(rank) * SCRAMBLE_PRIME % u128::from(self.n)).expect("below n")
             }
         }
     }
@@ -346,27 +312,11 @@ mod tests {
 
     #[test]
     fn patterns_parse_and_print() {
-        for s in [
-            "uniform",
-            "sequential",
-            "hotset:64M",
-            "hotset:64M:0.9",
-            "zipf:0.99",
-        ] {
+        for s in ["uniform", "sequential", "hotset:64M", "hotset:64M:0.9", "zipf:0.99"] {
             let p: Pattern = s.parse().unwrap();
             assert_eq!(p.to_string(), s);
         }
-        for bad in [
-            "",
-            "random",
-            "hotset",
-            "hotset:0",
-            "hotset:1M:2",
-            "zipf:1",
-            "zipf:0",
-            "zipf:x",
-            "uniform:3",
-        ] {
+        for bad in ["", "random", "hotset", "hotset:0", "hotset:1M:2", "zipf:1", "zipf:0", "zipf:x", "uniform:3"] {
             assert!(bad.parse::<Pattern>().is_err(), "{bad} accepted");
         }
     }

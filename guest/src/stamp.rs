@@ -63,8 +63,7 @@ pub fn initialize(mem: &GuestMemory, table_pages: u64) {
         mem.word(page, 0).store(1, Ordering::Relaxed);
         mem.word(page, 1).store(p ^ TAG, Ordering::Relaxed);
         for w in 2..wpp - 1 {
-            mem.word(page, w)
-                .store(fill(p, w as u64), Ordering::Relaxed);
+            mem.word(page, w).store(fill(p, w as u64), Ordering::Relaxed);
         }
         mem.word(page, wpp - 1).store(1, Ordering::Relaxed);
         table_word(mem, p).store(1, Ordering::Release);
@@ -113,9 +112,7 @@ pub fn verify(mem: &GuestMemory, table_pages: u64, total_stores: u64) -> VerifyR
             problem = Some(format!("page {p}: version words {w0}/{wl}, table says {t}"));
         } else if tag != p ^ TAG {
             problem = Some(format!("page {p}: tag names page {}", tag ^ TAG));
-        } else if let Some(w) =
-            (2..wpp - 1).find(|&w| mem.word(page, w).load(Ordering::Relaxed) != fill(p, w as u64))
-        {
+        } else if let Some(w) = (2..wpp - 1).find(|&w| mem.word(page, w).load(Ordering::Relaxed) != fill(p, w as u64)) {
             problem = Some(format!("page {p}: fill word {w} corrupt"));
         }
         match problem {
@@ -133,9 +130,7 @@ pub fn verify(mem: &GuestMemory, table_pages: u64, total_stores: u64) -> VerifyR
     if r.table_sum_ok {
         r.verified_pages += table_pages;
     } else if r.problems.len() < MAX_PROBLEMS {
-        r.problems.push(format!(
-            "version table sums to {sum}, stores say {expected}: a table page is stale"
-        ));
+        r.problems.push(format!("version table sums to {sum}, stores say {expected}: a table page is stale"));
     }
     r
 }

@@ -128,11 +128,7 @@ impl WorkloadState {
         let c = &self.config;
         out.extend_from_slice(&MAGIC.to_le_bytes());
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.extend_from_slice(
-            &u16::try_from(self.vcpus.len())
-                .expect("bounded by MAX_VCPUS")
-                .to_le_bytes(),
-        );
+        out.extend_from_slice(&u16::try_from(self.vcpus.len()).expect("bounded by MAX_VCPUS").to_le_bytes());
         let (kind, a, b) = match c.pattern {
             Pattern::Uniform => (1u8, 0u64, 0f64),
             Pattern::Sequential => (2, 0, 0.0),
@@ -151,14 +147,7 @@ impl WorkloadState {
         out.extend_from_slice(&self.table_pages.to_le_bytes());
         out.extend_from_slice(&self.n_pages.to_le_bytes());
         for v in &self.vcpus {
-            for x in v.rng.iter().chain(&[
-                v.cursor,
-                v.accesses,
-                v.loads,
-                v.stores,
-                v.violations,
-                v.stalls,
-            ]) {
+            for x in v.rng.iter().chain(&[v.cursor, v.accesses, v.loads, v.stores, v.violations, v.stalls]) {
                 out.extend_from_slice(&x.to_le_bytes());
             }
         }
@@ -168,10 +157,7 @@ impl WorkloadState {
     /// Decode and validate.
     pub fn decode(b: &[u8]) -> Result<WorkloadState, StateError> {
         if b.len() < HEADER_LEN {
-            return Err(StateError::Truncated {
-                need: HEADER_LEN,
-                have: b.len(),
-            });
+            return Err(StateError::Truncated { need: HEADER_LEN, have: b.len() });
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         let f64_at = |o: usize| f64::from_bits(u64_at(o));
@@ -189,10 +175,7 @@ impl WorkloadState {
         }
         let need = HEADER_LEN + VCPU_LEN * usize::from(n);
         if b.len() != need {
-            return Err(StateError::Truncated {
-                need,
-                have: b.len(),
-            });
+            return Err(StateError::Truncated { need, have: b.len() });
         }
         if b[9..16] != [0; 7] {
             return Err(StateError::Invalid("reserved bytes"));
@@ -201,16 +184,12 @@ impl WorkloadState {
         let pattern = match b[8] {
             1 => Pattern::Uniform,
             2 => Pattern::Sequential,
-            3 if a > 0 && f64_ok(pb, 0.0, 1.0) => Pattern::Hotset {
-                bytes: a,
-                fraction: pb,
-            },
+            3 if a > 0 && f64_ok(pb, 0.0, 1.0) => Pattern::Hotset { bytes: a, fraction: pb },
             4 if pb > 0.0 && pb < 1.0 => Pattern::Zipf { theta: pb },
             _ => return Err(StateError::Invalid("pattern")),
         };
         let zipf_zetan = f64_at(32);
-        if matches!(pattern, Pattern::Zipf { .. }) && !(zipf_zetan.is_finite() && zipf_zetan >= 1.0)
-        {
+        if matches!(pattern, Pattern::Zipf { .. }) && !(zipf_zetan.is_finite() && zipf_zetan >= 1.0) {
             return Err(StateError::Invalid("zipf constant"));
         }
         let store_ratio = f64_at(40);
@@ -245,13 +224,7 @@ impl WorkloadState {
                 }
             })
             .collect();
-        Ok(WorkloadState {
-            config,
-            zipf_zetan,
-            table_pages,
-            n_pages,
-            vcpus,
-        })
+        Ok(WorkloadState { config, zipf_zetan, table_pages, n_pages, vcpus })
     }
 }
 
@@ -270,11 +243,7 @@ mod tests {
                 stall_threshold_ns: 1000,
                 access_rate: 77,
             },
-            zipf_zetan: if matches!(pattern, Pattern::Zipf { .. }) {
-                12.5
-            } else {
-                0.0
-            },
+            zipf_zetan: if matches!(pattern, Pattern::Zipf { .. }) { 12.5 } else { 0.0 },
             table_pages: 3,
             n_pages: 1000,
             vcpus: (0..n as u64)
@@ -296,10 +265,7 @@ mod tests {
         for p in [
             Pattern::Uniform,
             Pattern::Sequential,
-            Pattern::Hotset {
-                bytes: 1 << 20,
-                fraction: 0.9,
-            },
+            Pattern::Hotset { bytes: 1 << 20, fraction: 0.9 },
             Pattern::Zipf { theta: 0.99 },
         ] {
             let s = sample(p, 3);
@@ -315,32 +281,20 @@ mod tests {
         }
         let mut b = good.clone();
         b[0] ^= 1;
-        assert!(matches!(
-            WorkloadState::decode(&b),
-            Err(StateError::Magic(_))
-        ));
+        assert!(matches!(WorkloadState::decode(&b), Err(StateError::Magic(_))));
         let mut b = good.clone();
         b[6] = 0;
         b[7] = 0;
         assert!(WorkloadState::decode(&b).is_err());
         let mut b = good.clone();
         b[8] = 9;
-        assert_eq!(
-            WorkloadState::decode(&b),
-            Err(StateError::Invalid("pattern"))
-        );
+        assert_eq!(WorkloadState::decode(&b), Err(StateError::Invalid("pattern")));
         let mut b = good.clone();
         b[40..48].copy_from_slice(&f64::NAN.to_bits().to_le_bytes());
-        assert_eq!(
-            WorkloadState::decode(&b),
-            Err(StateError::Invalid("store ratio"))
-        );
+        assert_eq!(WorkloadState::decode(&b), Err(StateError::Invalid("store ratio")));
         let mut b = good;
         b[72..80].copy_from_slice(&5000u64.to_le_bytes());
-        assert_eq!(
-            WorkloadState::decode(&b),
-            Err(StateError::Invalid("table size"))
-        );
+        assert_eq!(WorkloadState::decode(&b), Err(StateError::Invalid("table size")));
     }
 
     proptest! {

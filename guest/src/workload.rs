@@ -123,31 +123,19 @@ pub struct WorkloadReport {
 
 fn validate(cfg: &WorkloadConfig, mem: &GuestMemory) -> Result<u64, WorkloadError> {
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
-        return Err(WorkloadError::Config(format!(
-            "{} vCPUs (1..={MAX_VCPUS})",
-            cfg.vcpus
-        )));
+        return Err(WorkloadError::Config(format!("{} vCPUs (1..={MAX_VCPUS})", cfg.vcpus)));
     }
     if !(0.0..=1.0).contains(&cfg.store_ratio) {
-        return Err(WorkloadError::Config(format!(
-            "store ratio {} (0..=1)",
-            cfg.store_ratio
-        )));
+        return Err(WorkloadError::Config(format!("store ratio {} (0..=1)", cfg.store_ratio)));
     }
     let n = mem.layout().n_pages();
     let ps = mem.page_size().bytes();
     let t = stamp::table_pages(n, ps);
     if mem.layout().region_pages(0).n_pages < t {
-        return Err(WorkloadError::Config(
-            "the first region cannot hold the version table".into(),
-        ));
+        return Err(WorkloadError::Config("the first region cannot hold the version table".into()));
     }
     if n - t < u64::from(cfg.vcpus) {
-        return Err(WorkloadError::Config(format!(
-            "{} data pages cannot serve {} vCPUs",
-            n - t,
-            cfg.vcpus
-        )));
+        return Err(WorkloadError::Config(format!("{} data pages cannot serve {} vCPUs", n - t, cfg.vcpus)));
     }
     Ok(t)
 }
@@ -163,11 +151,7 @@ impl Workload {
                 ..Default::default()
             })
             .collect();
-        let sampler = Sampler::new(
-            cfg.pattern,
-            mem.layout().n_pages() - table_pages,
-            mem.page_size().bytes(),
-        );
+        let sampler = Sampler::new(cfg.pattern, mem.layout().n_pages() - table_pages, mem.page_size().bytes());
         Workload::start(mem, cfg, sampler, table_pages, vcpus, true)
     }
 
@@ -184,25 +168,14 @@ impl Workload {
             )));
         }
         if state.vcpus.len() != state.config.vcpus as usize {
-            return Err(WorkloadError::StateMismatch(
-                "vCPU count disagrees with configuration".into(),
-            ));
+            return Err(WorkloadError::StateMismatch("vCPU count disagrees with configuration".into()));
         }
         let n_data = mem.layout().n_pages() - table_pages;
         let sampler = match state.config.pattern {
-            Pattern::Zipf { .. } => {
-                Sampler::with_zipf_constant(state.config.pattern, n_data, state.zipf_zetan)
-            }
+            Pattern::Zipf { .. } => Sampler::with_zipf_constant(state.config.pattern, n_data, state.zipf_zetan),
             p => Sampler::new(p, n_data, mem.page_size().bytes()),
         };
-        Workload::start(
-            mem,
-            state.config,
-            sampler,
-            table_pages,
-            state.vcpus.clone(),
-            false,
-        )
+        Workload::start(mem, state.config, sampler, table_pages, state.vcpus.clone(), false)
     }
 
     fn start(
@@ -241,9 +214,7 @@ impl Workload {
         let mut threads = Vec::with_capacity(vcpus.len());
         for (i, mut v) in vcpus.into_iter().enumerate() {
             if fresh {
-                v.cursor = shared
-                    .sampler
-                    .start_cursor(u32::try_from(i).expect("bounded by MAX_VCPUS"), cfg.vcpus);
+                v.cursor = shared.sampler.start_cursor(u32::try_from(i).expect("bounded by MAX_VCPUS"), cfg.vcpus);
             }
             let s = Arc::clone(&shared);
             let t = std::thread::Builder::new()
@@ -258,11 +229,7 @@ impl Workload {
                 }
             }
         }
-        Ok(Workload {
-            shared,
-            threads,
-            start,
-        })
+        Ok(Workload { shared, threads, start })
     }
 
     /// Guest memory.
@@ -301,28 +268,16 @@ impl Workload {
         let deadline = Instant::now() + timeout;
         let mut park = self.shared.park.lock();
         while self.shared.parked.load(Ordering::Acquire) < total {
-            if self
-                .shared
-                .park_cv
-                .wait_until(&mut park, deadline)
-                .timed_out()
-            {
+            if self.shared.park_cv.wait_until(&mut park, deadline).timed_out() {
                 let parked = self.shared.parked.load(Ordering::Acquire);
                 if parked < total {
                     drop(park);
                     self.unpause();
-                    return Err(WorkloadError::PauseTimeout {
-                        parked,
-                        total,
-                        after: timeout,
-                    });
+                    return Err(WorkloadError::PauseTimeout { parked, total, after: timeout });
                 }
             }
         }
-        let vcpus = park
-            .iter()
-            .map(|v| v.expect("every vCPU parked with its state"))
-            .collect();
+        let vcpus = park.iter().map(|v| v.expect("every vCPU parked with its state")).collect();
         Ok(self.state_with(vcpus))
     }
 
@@ -375,13 +330,7 @@ impl Workload {
             n_pages: self.shared.mem.layout().n_pages(),
             vcpus,
         });
-        WorkloadReport {
-            total,
-            here,
-            stalls,
-            violation_log,
-            state,
-        }
+        WorkloadReport { total, here, stalls, violation_log, state }
     }
 }
 
@@ -432,8 +381,7 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
     let threshold = s.cfg.stall_threshold_ns;
     let c = &s.counters[i];
     // Rate limit: access k of this run is due at `paced_from + k / rate`.
-    let pace =
-        (s.cfg.access_rate > 0).then(|| Duration::from_secs_f64(1.0 / s.cfg.access_rate as f64));
+    let pace = (s.cfg.access_rate > 0).then(|| Duration::from_secs_f64(1.0 / s.cfg.access_rate as f64));
     let mut paced_from = Instant::now();
     let mut paced_n: u32 = 0;
     loop {
@@ -487,12 +435,7 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
         let w0 = mem.word(page, 0).load(Ordering::Acquire);
         let wl = mem.word(page, wpp - 1).load(Ordering::Acquire);
         let tag = mem.word(page, 1).load(Ordering::Relaxed);
-        let bad = tag != p ^ stamp::TAG
-            || if owner {
-                w0 != t || wl != t
-            } else {
-                w0 < t || wl < t
-            };
+        let bad = tag != p ^ stamp::TAG || if owner { w0 != t || wl != t } else { w0 < t || wl < t };
         if is_store {
             let v = t + 1;
             mem.word(page, 0).store(v, Ordering::Release);
@@ -518,11 +461,7 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
                 log.push(format!(
                     "vcpu {i} {} page {p}: table {t}, version words {w0}/{wl}, tag {}",
                     if is_store { "store" } else { "load" },
-                    if tag == p ^ stamp::TAG {
-                        "ok".to_string()
-                    } else {
-                        format!("names page {}", tag ^ stamp::TAG)
-                    }
+                    if tag == p ^ stamp::TAG { "ok".to_string() } else { format!("names page {}", tag ^ stamp::TAG) }
                 ));
             }
         }
@@ -543,21 +482,13 @@ mod tests {
     }
 
     fn cfg(vcpus: u32, pattern: &str) -> WorkloadConfig {
-        WorkloadConfig {
-            vcpus,
-            pattern: pattern.parse().unwrap(),
-            ..Default::default()
-        }
+        WorkloadConfig { vcpus, pattern: pattern.parse().unwrap(), ..Default::default() }
     }
 
     fn run_until(w: &Workload, accesses: u64) {
         let t0 = Instant::now();
         while w.stats().accesses < accesses {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "guest stuck at {:?}",
-                w.stats()
-            );
+            assert!(t0.elapsed() < Duration::from_secs(20), "guest stuck at {:?}", w.stats());
             std::thread::sleep(Duration::from_millis(1));
         }
     }
@@ -591,10 +522,7 @@ mod tests {
         w.unpause();
         let t0 = Instant::now();
         while w.stats().violations == 0 {
-            assert!(
-                t0.elapsed() < Duration::from_secs(10),
-                "corruption never noticed"
-            );
+            assert!(t0.elapsed() < Duration::from_secs(10), "corruption never noticed");
             std::thread::sleep(Duration::from_millis(1));
         }
         let r = w.stop();
@@ -632,10 +560,7 @@ mod tests {
         // "Another process": a fresh Workload from the decoded bytes over the same memory.
         let decoded = WorkloadState::decode(&bytes).unwrap();
         let w2 = Workload::resume(Arc::clone(&m), &decoded).unwrap();
-        run_until(
-            &w2,
-            st.vcpus.iter().map(|v| v.accesses).sum::<u64>() + 50_000,
-        );
+        run_until(&w2, st.vcpus.iter().map(|v| v.accesses).sum::<u64>() + 50_000);
         let r2 = w2.stop();
         assert_eq!(r2.total.violations, 0, "{:?}", r2.violation_log);
         assert!(r2.here.accesses >= 50_000);
@@ -654,9 +579,6 @@ mod tests {
         let mut st = w.pause(Duration::from_secs(5)).unwrap();
         drop(w.stop());
         st.n_pages += 1;
-        assert!(matches!(
-            Workload::resume(m, &st),
-            Err(WorkloadError::StateMismatch(_))
-        ));
+        assert!(matches!(Workload::resume(m, &st), Err(WorkloadError::StateMismatch(_))));
     }
 }

@@ -1,15 +1,15 @@
-//! The bulk receiver: precopy rounds and the background push, installed as
-//! they arrive, on a thread of its own so that large frames never delay the
-//! fault loop's demand replies.
+//! The bulk receiver: precopy rounds and the background push, read from the
+//! socket straight into guest memory (shared memory) or a scratch buffer
+//! (anonymous memory) and installed as they arrive, on a thread of its own
+//! so that large frames never delay the fault loop's demand replies.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use proto::session::{BulkEvent, DestBulk};
-use proto::wire::Msg;
-use transport::{Conn, Wait};
+use transport::{Conn, Placed, Wait};
 
-use crate::install::Installer;
+use crate::install::{BulkPlacer, Installer};
 use crate::metrics::PagerMetrics;
 use crate::pager::{PagerError, Shared};
 
@@ -25,16 +25,15 @@ pub(crate) fn run(
     shared: Arc<Shared>,
     metrics: Arc<PagerMetrics>,
 ) {
-    let r = receive(&mut *conn, &mut session, &inst, &shared, &metrics);
-    if let Err(e) = r {
+    let mut placer = BulkPlacer::new(&inst, &mut session);
+    if let Err(e) = receive(&mut *conn, &mut placer, &shared, &metrics) {
         shared.fail_bulk(e);
     }
 }
 
 fn receive(
     conn: &mut dyn Conn,
-    session: &mut DestBulk,
-    inst: &Installer,
+    placer: &mut BulkPlacer<'_>,
     shared: &Shared,
     metrics: &PagerMetrics,
 ) -> Result<(), PagerError> {
@@ -45,23 +44,16 @@ fn receive(
             return Ok(());
         }
         if !switched && shared.switched() {
-            session.on_switchover();
+            placer.session().on_switchover();
             switched = true;
         }
-        let Some(msg) = conn.recv(Wait::for_(IDLE_CHECK))? else {
-            continue;
+        let got = conn.recv_placed(Wait::for_(IDLE_CHECK), placer)?;
+        let event = match got {
+            None => continue,
+            Some(Placed::Pages { .. }) => BulkEvent::Pages,
+            Some(Placed::Msg(msg)) => placer.session().on_recv(&msg)?,
         };
         shared.touch_bulk();
-        let event = session.on_recv(&msg)?;
-        if let (
-            BulkEvent::Pages,
-            Msg::Pages {
-                first, kind, data, ..
-            },
-        ) = (&event, msg)
-        {
-            inst.install(first, data, kind)?;
-        }
         let now = conn.bytes_received();
         PagerMetrics::add(&metrics.bytes_received, now - seen);
         seen = now;

@@ -100,12 +100,8 @@ impl FaultLoop<'_> {
             return Ok((false, true));
         }
         let next_keepalive = st.last_tx + self.cfg.keepalive;
-        let timeout = next_keepalive
-            .saturating_duration_since(Instant::now())
-            .min(TICK);
-        let ms = u16::try_from(timeout.as_millis())
-            .unwrap_or(u16::MAX)
-            .max(1);
+        let timeout = next_keepalive.saturating_duration_since(Instant::now()).min(TICK);
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX).max(1);
         let mut fds = [
             PollFd::new(self.inst.uffd().as_fd(), PollFlags::POLLIN),
             PollFd::new(self.conn.readiness(), PollFlags::POLLIN),
@@ -121,9 +117,7 @@ impl FaultLoop<'_> {
 
     fn handle_faults(&mut self, st: &mut LoopState) -> Result<(), PagerError> {
         st.faults.clear();
-        self.inst
-            .uffd()
-            .read_faults(&mut st.msg_buf, &mut st.faults)?;
+        self.inst.uffd().read_faults(&mut st.msg_buf, &mut st.faults)?;
         if st.faults.is_empty() {
             return Ok(());
         }
@@ -134,21 +128,11 @@ impl FaultLoop<'_> {
             let Some(page) = self.inst.map().page_of(f.addr) else {
                 return Err(PagerError::StrayFault(f.addr.0));
             };
-            self.inst.add_pending(PendingFault {
-                page,
-                t_read,
-                tid: f.tid,
-            });
+            self.inst.add_pending(PendingFault { page, t_read, tid: f.tid });
             st.pages.push(page);
         }
         st.ranges.clear();
-        let added = planner::plan(
-            &st.pages,
-            self.prefetch,
-            self.inst.present(),
-            &mut st.requested,
-            &mut st.ranges,
-        );
+        let added = planner::plan(&st.pages, self.prefetch, self.inst.present(), &mut st.requested, &mut st.ranges);
         if added > 0 {
             self.send_ranges(st, t_read)?;
         }
@@ -162,15 +146,9 @@ impl FaultLoop<'_> {
             st.enc.clear();
             wire::encode_ranges(chunk, &mut st.enc);
             st.req_id = st.req_id.wrapping_add(1);
-            self.conn.send(&Msg::RangeRequest {
-                req_id: st.req_id,
-                ranges: wire::range_list(&st.enc),
-            })?;
+            self.conn.send(&Msg::RangeRequest { req_id: st.req_id, ranges: wire::range_list(&st.enc) })?;
             PagerMetrics::add(&self.metrics.requests, 1);
-            PagerMetrics::add(
-                &self.metrics.pages_requested,
-                chunk.iter().map(|r| r.n_pages).sum(),
-            );
+            PagerMetrics::add(&self.metrics.pages_requested, chunk.iter().map(|r| r.n_pages).sum());
             st.inflight.extend(chunk.iter().map(|r| (now, *r)));
         }
         st.last_tx = Instant::now();
@@ -224,17 +202,12 @@ impl FaultLoop<'_> {
         }
         if let Some(t) = st.complete_sent {
             if now.duration_since(t) > self.cfg.peer_timeout {
-                return Err(PagerError::Timeout {
-                    what: "completion acknowledgement",
-                    after: self.cfg.peer_timeout,
-                });
+                return Err(PagerError::Timeout { what: "completion acknowledgement", after: self.cfg.peer_timeout });
             }
             return Ok(());
         }
         if self.inst.complete() {
-            self.conn.send(&Msg::Complete {
-                n_present: self.inst.n_present(),
-            })?;
+            self.conn.send(&Msg::Complete { n_present: self.inst.n_present() })?;
             self.session.on_complete_sent();
             st.complete_sent = Some(now);
             st.last_tx = now;
@@ -260,10 +233,7 @@ impl FaultLoop<'_> {
             }
         }
         let sweep = self.shared.push_done() && !st.swept;
-        let retry_due = st
-            .inflight
-            .front()
-            .is_none_or(|&(t, _)| now.duration_since(t) >= self.cfg.retry_after);
+        let retry_due = st.inflight.front().is_none_or(|&(t, _)| now.duration_since(t) >= self.cfg.retry_after);
         if sweep || (st.swept && retry_due) {
             // Everything neither present nor requested: lost in flight, or never pushed.
             st.swept = true;
@@ -287,11 +257,7 @@ impl FaultLoop<'_> {
         if !st.ranges.is_empty() {
             let pages: u64 = st.ranges.iter().map(|r| r.n_pages).sum();
             PagerMetrics::add(&self.metrics.pages_rerequested, pages);
-            tracing::debug!(
-                pages,
-                ranges = st.ranges.len(),
-                "re-requesting missing pages"
-            );
+            tracing::debug!(pages, ranges = st.ranges.len(), "re-requesting missing pages");
             self.send_ranges(st, now)?;
         }
         Ok(())

@@ -8,15 +8,24 @@ pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
 /// The destination's view of a guest.
 ///
 /// # Safety
-/// `regions()` must return, in layout order, the start of one private
-/// anonymous mapping per layout region, exactly as long as the region, that
-/// stays mapped for as long as the guest object lives and that nothing but the
-/// guest's own vCPUs reads or writes meanwhile: the pager registers these
-/// ranges with userfaultfd and the kernel writes pages into them.
+/// `regions()` must return, in layout order, the start of one mapping per
+/// layout region, exactly as long as the region, that stays mapped for as
+/// long as the guest object lives and that nothing but the guest's own vCPUs
+/// reads or writes meanwhile: the pager registers these ranges with
+/// userfaultfd and the kernel writes pages into them. Without an alias they
+/// must be private anonymous mappings (installed with UFFDIO_COPY). With
+/// `alias_regions()`, they must be shared mappings of memory whose every page
+/// exists (populated), and each alias a second writable shared mapping of the
+/// same pages, populated too, that only the pager writes: the pager writes
+/// arriving pages through the alias and maps them into the guest's view.
 #[allow(unsafe_code)]
 pub unsafe trait DestGuest {
     /// Where each region's memory starts.
     fn regions(&self) -> Vec<HostAddr>;
+
+    /// Where each region's alias starts, for shared memory; `None` for
+    /// anonymous memory.
+    fn alias_regions(&self) -> Option<Vec<HostAddr>>;
 
     /// Restore the guest from `state` and let its vCPUs run. Memory may still
     /// be missing: vCPUs fault on it and wait.

@@ -1,23 +1,39 @@
 //! Installing received pages and completing the faults that wait on them.
 //!
 //! Shared by the fault thread (demand replies) and the bulk receiver (push and
-//! precopy). Invariants:
-//! * a page's `present` bit is set only after the kernel holds the page, and
-//!   each page is counted once (bits count, not copies);
+//! precopy). Two backends:
+//!
+//! * **Copy** (anonymous memory): UFFDIO_COPY allocates, fills and maps a page
+//!   atomically; the kernel refuses a second install (EEXIST), so races
+//!   between the two threads resolve themselves.
+//! * **Continue** (shared memory): the page's bytes are written through the
+//!   alias mapping (by `memcpy` for demand replies, or by the socket read
+//!   itself for the push: see [`BulkPlacer`]), then UFFDIO_CONTINUE maps it
+//!   into the guest's view. The kernel cannot refuse a second write through
+//!   the alias, so a page is *claimed* first: only the thread that sets its
+//!   `claimed` bit writes it; anyone else discards their copy. Without this,
+//!   a late duplicate could overwrite a page the guest has written since.
+//!
+//! Invariants:
+//! * a page's `present` bit is set only after it is mapped with its content,
+//!   and each page is counted once (bits count, not installs);
+//! * before switchover (precopy) the guest does not run here, so pages may be
+//!   overwritten freely; after it, only missing, unclaimed pages are written;
 //! * a fault registered in `pending` is completed exactly once, by whichever
-//!   thread sees both its `waiting` bit and the page present. The fault thread
-//!   sets `waiting` then checks `present`; installers set `present` then check
-//!   `waiting`, each with a SeqCst fence between, so at least one of them sees
-//!   the other's write (Dekker) and the entry's removal under the lock makes it
-//!   at most one.
+//!   thread sees both its `waiting` bit and the page present: the fault thread
+//!   sets `waiting` then checks `present`, installers set `present` then check
+//!   `waiting`, each with a SeqCst fence between (Dekker), and the entry's
+//!   removal under the lock makes it at most once.
 #![allow(unsafe_code)]
 
-use std::sync::atomic::{Ordering, fence};
+use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::time::Instant;
 
 use parking_lot::Mutex;
+use proto::session::DestBulk;
 use proto::wire::PageKind;
 use proto::{AtomicPageBitmap, HostAddr, MemLayout, PageIdx, PageRange};
+use transport::{IoSpanMut, PagePlacer, PlaceError};
 
 use crate::metrics::PagerMetrics;
 use crate::uffd::{CopyOutcome, UffdError, Userfault};
@@ -59,18 +75,14 @@ impl GuestMap {
 
     /// Region bases and lengths.
     pub fn spans(&self) -> impl Iterator<Item = (HostAddr, usize)> + '_ {
-        self.bases
-            .iter()
-            .zip(self.layout.regions())
-            .map(|(b, r)| (*b, usize::try_from(r.len_bytes).expect("mapped")))
+        self.bases.iter().zip(self.layout.regions()).map(|(b, r)| (*b, usize::try_from(r.len_bytes).expect("mapped")))
     }
 
     /// Host address of `page` (in range).
     #[inline]
     pub fn host_addr(&self, page: PageIdx) -> HostAddr {
         let (i, within) = self.layout.locate(page).expect("validated page");
-        self.bases[i]
-            .offset_by(usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
+        self.bases[i].offset_by(usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
     }
 
     /// Page holding host address `addr`, if it is guest memory.
@@ -80,13 +92,20 @@ impl GuestMap {
         for (i, (b, r)) in self.bases.iter().zip(self.layout.regions()).enumerate() {
             let off = addr.0.wrapping_sub(b.0) as u64;
             if addr.0 >= b.0 && off < r.len_bytes {
-                return Some(PageIdx(
-                    self.layout.region_pages(i).first.0 + (off >> shift),
-                ));
+                return Some(PageIdx(self.layout.region_pages(i).first.0 + (off >> shift)));
             }
         }
         None
     }
+}
+
+/// How pages get into guest memory.
+#[derive(Debug)]
+enum Backend {
+    /// Anonymous memory: UFFDIO_COPY.
+    Copy,
+    /// Shared memory: write through `alias`, then UFFDIO_CONTINUE.
+    Continue { alias: GuestMap, claimed: AtomicPageBitmap },
 }
 
 /// Installs pages into guest memory and tracks what is present.
@@ -94,19 +113,49 @@ impl GuestMap {
 pub struct Installer {
     uffd: Userfault,
     map: GuestMap,
+    backend: Backend,
+    /// Set at switchover: from then on the guest runs here.
+    postcopy: AtomicBool,
     present: AtomicPageBitmap,
     waiting: AtomicPageBitmap,
     pending: Mutex<Vec<PendingFault>>,
     metrics: std::sync::Arc<PagerMetrics>,
 }
 
+/// Calls `f(run)` for each maximal run of set bits of `mask` within the word
+/// holding pages `[base, base + 64)`.
+fn for_each_run(base: u64, mut mask: u64, mut f: impl FnMut(PageRange)) {
+    while mask != 0 {
+        let lo = u64::from(mask.trailing_zeros());
+        let len = u64::from((mask >> lo).trailing_ones());
+        f(PageRange::new(PageIdx(base + lo), len));
+        mask &= if lo + len >= 64 { 0 } else { !((1u64 << (lo + len)) - 1) };
+    }
+}
+
 impl Installer {
-    /// An installer over `map`, whose memory is registered with `uffd`.
-    pub fn new(uffd: Userfault, map: GuestMap, metrics: std::sync::Arc<PagerMetrics>) -> Self {
+    /// An installer over `map`, whose memory is registered with `uffd`
+    /// (missing mode if `alias` is `None`, minor mode otherwise, with `alias`
+    /// mapping the same pages writably and populated).
+    pub fn new(
+        uffd: Userfault,
+        map: GuestMap,
+        alias: Option<Vec<HostAddr>>,
+        metrics: std::sync::Arc<PagerMetrics>,
+    ) -> Self {
         let n = map.layout().n_pages();
+        let backend = match alias {
+            None => Backend::Copy,
+            Some(bases) => Backend::Continue {
+                alias: GuestMap::new(map.layout().clone(), bases),
+                claimed: AtomicPageBitmap::new(n),
+            },
+        };
         Installer {
             uffd,
             map,
+            backend,
+            postcopy: AtomicBool::new(false),
             present: AtomicPageBitmap::new(n),
             waiting: AtomicPageBitmap::new(n),
             pending: Mutex::new(Vec::new()),
@@ -139,21 +188,25 @@ impl Installer {
         self.n_present() == self.map.layout().n_pages()
     }
 
-    /// Mark pages present that the kernel already holds without our install
-    /// (precopy pages in hybrid mode written before registration).
-    pub fn mark_present(&self, r: PageRange) {
-        let newly = self.present.set_range(r);
-        PagerMetrics::add(&self.metrics.pages_present, newly);
+    /// The guest is about to run here: from now on a present page is never
+    /// written again, and (shared memory) pages are claimed before writing.
+    pub fn begin_postcopy(&self) {
+        if let Backend::Continue { claimed, .. } = &self.backend {
+            // Present pages are taken; everything else is up for claiming.
+            let snap = self.present.snapshot();
+            for r in snap.runs() {
+                claimed.set_range(r);
+            }
+        }
+        self.postcopy.store(true, Ordering::Release);
     }
 
-    /// Forget pages about to be evicted (before switchover). Clear the bits
-    /// before the pages are dropped: an install racing in between then either
-    /// finds the old page (EEXIST, skipped) or the hole (installed, bit set).
+    /// Forget pages about to be evicted (before switchover). The bits go
+    /// before the pages do: an install racing in between then either finds
+    /// the old page (skipped) or the hole (installed, bit set).
     pub fn unmark_present(&self, r: PageRange) {
         let cleared = self.present.clear_range(r);
-        self.metrics
-            .pages_present
-            .fetch_sub(cleared, std::sync::atomic::Ordering::Relaxed);
+        self.metrics.pages_present.fetch_sub(cleared, Ordering::Relaxed);
     }
 
     /// Record a fault; completes it at once if its page is already present.
@@ -170,39 +223,70 @@ impl Installer {
         }
     }
 
-    /// Install a run received from the source. `data` holds `n` pages starting
-    /// at `first`; the range was validated by the session. Returns pages
-    /// newly installed.
+    fn kind_counter(&self, kind: PageKind) -> &std::sync::atomic::AtomicU64 {
+        match kind {
+            PageKind::Demand => &self.metrics.pages_demand,
+            PageKind::Push => &self.metrics.pages_push,
+            PageKind::Precopy => &self.metrics.pages_precopy,
+        }
+    }
+
+    /// Account pages that became present, and complete faults waiting on `run`.
+    fn finish(&self, run: PageRange, newly: u64, kind: PageKind) {
+        PagerMetrics::add(&self.metrics.pages_present, newly);
+        PagerMetrics::add(self.kind_counter(kind), newly);
+        fence(Ordering::SeqCst);
+        if self.waiting.any_in(run) {
+            self.complete_waiting(run);
+        }
+    }
+
+    /// Install a run whose bytes are in `data` (`n` pages from `first`; the
+    /// range was validated by the session). Returns pages newly present.
     pub fn install(&self, first: PageIdx, data: &[u8], kind: PageKind) -> Result<u64, UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
-        let n = (data.len() / ps) as u64;
-        let run = PageRange::new(first, n);
+        let run = PageRange::new(first, (data.len() / ps) as u64);
+        let newly = match &self.backend {
+            Backend::Copy => self.install_copy(run, data)?,
+            Backend::Continue { alias, claimed } => self.install_continue(run, data, alias, claimed)?,
+        };
+        self.finish(run, newly, kind);
+        Ok(newly)
+    }
+
+    fn install_copy(&self, run: PageRange, data: &[u8]) -> Result<u64, UffdError> {
+        let ps = self.map.layout().page_size().bytes_usize();
+        let precopy = !self.postcopy.load(Ordering::Acquire);
         let mut newly = 0;
         for (_, piece) in self.map.layout().split_by_region(run) {
             let mut at = piece.first.0;
             let end = piece.end();
             let mut retries = 0;
             while at < end {
+                let off = usize::try_from(at - run.first.0).expect("within run") * ps;
                 if self.present.get(PageIdx(at)) {
-                    PagerMetrics::add(&self.metrics.pages_duplicate, 1);
+                    if precopy {
+                        // A page sent again by a later precopy round: the
+                        // guest does not run here yet, so overwrite it.
+                        let dst = self.map.host_addr(PageIdx(at));
+                        // SAFETY: `dst` is a present page of guest memory
+                        // (mapped, writable by the DestGuest contract) that no
+                        // vCPU touches before switchover.
+                        unsafe { std::ptr::copy_nonoverlapping(data[off..].as_ptr(), dst.0 as *mut u8, ps) };
+                    } else {
+                        PagerMetrics::add(&self.metrics.pages_duplicate, 1);
+                    }
                     at += 1;
                     continue;
                 }
                 // The longest stretch not known present, within this region.
-                let stop = self
-                    .present
-                    .next_with_below(at, end, true)
-                    .map_or(end, |p| p.0);
-                let off = usize::try_from(at - first.0).expect("within run") * ps;
+                let stop = self.present.next_with_below(at, end, true).map_or(end, |p| p.0);
                 let len = usize::try_from(stop - at).expect("within run") * ps;
                 let dst = self.map.host_addr(PageIdx(at));
                 // SAFETY: `dst..dst+len` lies in one region of guest memory that
                 // the DestGuest contract keeps mapped and registered with this
                 // uffd; the source bytes are `data[off..off + len]`.
-                let outcome = unsafe {
-                    self.uffd
-                        .copy(dst, data[off..off + len].as_ptr(), len, true)
-                }?;
+                let outcome = unsafe { self.uffd.copy(dst, data[off..off + len].as_ptr(), len, true) }?;
                 let (copied, skip) = match outcome {
                     CopyOutcome::Done => (len, 0),
                     CopyOutcome::Exists { copied } => (copied, 1),
@@ -222,9 +306,7 @@ impl Installer {
                 };
                 let copied_pages = (copied / ps) as u64;
                 if copied_pages > 0 {
-                    newly += self
-                        .present
-                        .set_range(PageRange::new(PageIdx(at), copied_pages));
+                    newly += self.present.set_range(PageRange::new(PageIdx(at), copied_pages));
                 }
                 if skip > 0 {
                     // Installed by the other thread, which sets the bit itself.
@@ -233,18 +315,107 @@ impl Installer {
                 at += copied_pages + skip;
             }
         }
-        PagerMetrics::add(&self.metrics.pages_present, newly);
-        let counter = match kind {
-            PageKind::Demand => &self.metrics.pages_demand,
-            PageKind::Push => &self.metrics.pages_push,
-            PageKind::Precopy => &self.metrics.pages_precopy,
-        };
-        PagerMetrics::add(counter, newly);
-        fence(Ordering::SeqCst);
-        if self.waiting.any_in(run) {
-            self.complete_waiting(run);
+        Ok(newly)
+    }
+
+    /// Claim the pages of `run` this thread may write: after switchover, the
+    /// missing ones no one else claimed; before, all of them. Calls `f` with
+    /// each claimed stretch (within one 64-page word).
+    fn claim(&self, run: PageRange, claimed: &AtomicPageBitmap, mut f: impl FnMut(PageRange)) {
+        let precopy = !self.postcopy.load(Ordering::Acquire);
+        let mut at = run.first.0;
+        while at < run.end() {
+            let word_end = ((at / 64) + 1) * 64;
+            let hi = word_end.min(run.end());
+            let mask = if hi - at == 64 { u64::MAX } else { ((1u64 << (hi - at)) - 1) << (at % 64) };
+            let piece = PageRange::new(PageIdx(at), hi - at);
+            let mine = if precopy {
+                mask
+            } else {
+                let newly = claimed.set_range_mask(piece);
+                let dups = u64::from((mask & !newly).count_ones());
+                PagerMetrics::add(&self.metrics.pages_duplicate, dups);
+                newly
+            };
+            for_each_run(at - at % 64, mine, &mut f);
+            at = hi;
+        }
+    }
+
+    /// Map written pages of `r` into the guest's view; returns pages newly present.
+    fn map_written(&self, r: PageRange) -> Result<u64, UffdError> {
+        let ps = self.map.layout().page_size().bytes_usize();
+        let mut newly = 0;
+        for (_, piece) in self.map.layout().split_by_region(r) {
+            let mut at = piece.first.0;
+            let mut retries = 0;
+            while at < piece.end() {
+                if self.present.get(PageIdx(at)) {
+                    // Precopy rewrote a mapped page: already visible.
+                    at += 1;
+                    continue;
+                }
+                let stop = self.present.next_with_below(at, piece.end(), true).map_or(piece.end(), |p| p.0);
+                let len = usize::try_from(stop - at).expect("within run") * ps;
+                let dst = self.map.host_addr(PageIdx(at));
+                // SAFETY: a page-aligned stretch of one region of the guest's
+                // view, registered for minor faults with this uffd.
+                let outcome = unsafe { self.uffd.cont(dst, len) }?;
+                let (done, skip) = match outcome {
+                    CopyOutcome::Done => (len, 0),
+                    // Mapped already (only by us: we hold the claim).
+                    CopyOutcome::Exists { copied } => (copied, 1),
+                    CopyOutcome::Again { copied } => {
+                        retries += 1;
+                        PagerMetrics::add(&self.metrics.install_retries, 1);
+                        if retries > MAX_RETRIES {
+                            return Err(UffdError::Install {
+                                op: "UFFDIO_CONTINUE",
+                                addr: dst.0,
+                                len_bytes: len,
+                                source: nix::errno::Errno::EAGAIN,
+                            });
+                        }
+                        (copied, 0)
+                    }
+                };
+                let n = (done / ps) as u64 + skip;
+                newly += self.present.set_range(PageRange::new(PageIdx(at), n));
+                at += n;
+            }
         }
         Ok(newly)
+    }
+
+    fn install_continue(
+        &self,
+        run: PageRange,
+        data: &[u8],
+        alias: &GuestMap,
+        claimed: &AtomicPageBitmap,
+    ) -> Result<u64, UffdError> {
+        let ps = self.map.layout().page_size().bytes_usize();
+        let mut newly = 0;
+        let mut result = Ok(());
+        self.claim(run, claimed, |mine| {
+            for (_, piece) in self.map.layout().split_by_region(mine) {
+                let off = usize::try_from(piece.first.0 - run.first.0).expect("within run") * ps;
+                let len = usize::try_from(piece.n_pages).expect("bounded") * ps;
+                let dst = alias.host_addr(piece.first);
+                // SAFETY: `dst..dst+len` is inside one region's alias mapping
+                // (populated, writable by the DestGuest contract); this thread
+                // holds the claim on these pages, so no one else writes them
+                // and the guest cannot see them until they are mapped.
+                unsafe { std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), dst.0 as *mut u8, len) };
+            }
+            if result.is_ok() {
+                match self.map_written(mine) {
+                    Ok(n) => newly += n,
+                    Err(e) => result = Err(e),
+                }
+            }
+        });
+        result.map(|()| newly)
     }
 
     /// Complete every pending fault on a present page of `r`.
@@ -281,5 +452,268 @@ impl Installer {
     /// Faults still waiting (for diagnostics on failure).
     pub fn n_pending(&self) -> usize {
         self.pending.lock().len()
+    }
+}
+
+/// Places bulk frames straight into guest memory (shared memory: the alias)
+/// or into a scratch buffer (anonymous memory, and pages someone else
+/// claimed), then installs them.
+pub struct BulkPlacer<'a> {
+    inst: &'a Installer,
+    session: &'a mut DestBulk,
+    scratch: Vec<u8>,
+    /// Claimed stretches of the frame being placed.
+    mine: Vec<PageRange>,
+}
+
+impl<'a> BulkPlacer<'a> {
+    /// A placer for `inst`, checking frames against `session`.
+    pub fn new(inst: &'a Installer, session: &'a mut DestBulk) -> Self {
+        BulkPlacer {
+            inst,
+            session,
+            scratch: vec![0; usize::try_from(proto::wire::MAX_RUN_BYTES).expect("8 MiB fits")],
+            mine: Vec::new(),
+        }
+    }
+
+    /// The session (for the frames that are not pages).
+    pub fn session(&mut self) -> &mut DestBulk {
+        self.session
+    }
+}
+
+impl PagePlacer for BulkPlacer<'_> {
+    fn place<'b>(
+        &'b mut self,
+        first: PageIdx,
+        n_pages: u32,
+        kind: PageKind,
+        spans: &mut Vec<IoSpanMut<'b>>,
+    ) -> Result<(), PlaceError> {
+        self.session.check_pages(first, n_pages, kind)?;
+        let ps = self.inst.map.layout().page_size().bytes_usize();
+        let run = PageRange::new(first, u64::from(n_pages));
+        let len = n_pages as usize * ps;
+        self.mine.clear();
+        let Backend::Continue { alias, claimed } = &self.inst.backend else {
+            // Anonymous memory: into scratch, installed by UFFDIO_COPY after.
+            spans.push(IoSpanMut::from_slice(&mut self.scratch[..len]));
+            return Ok(());
+        };
+        let mine = &mut self.mine;
+        self.inst.claim(run, claimed, |r| mine.push(r));
+        // Claimed stretches go to the alias, the rest to scratch (discarded),
+        // in frame order.
+        let scratch = self.scratch.as_mut_ptr();
+        let mut at = first.0;
+        let mut push = |to: HostAddr, n: u64| {
+            // SAFETY: `to` is either inside the alias mapping (populated,
+            // writable; this thread holds the claim on these pages) or inside
+            // `self.scratch`, which outlives the spans ('b borrows self).
+            spans.push(unsafe { IoSpanMut::from_raw(to, usize::try_from(n).expect("bounded") * ps) });
+        };
+        for r in self.mine.iter() {
+            if r.first.0 > at {
+                let off = usize::try_from(at - first.0).expect("within run") * ps;
+                push(HostAddr(scratch as usize + off), r.first.0 - at);
+            }
+            for (_, piece) in self.inst.map.layout().split_by_region(*r) {
+                push(alias.host_addr(piece.first), piece.n_pages);
+            }
+            at = r.end();
+        }
+        if at < run.end() {
+            let off = usize::try_from(at - first.0).expect("within run") * ps;
+            push(HostAddr(scratch as usize + off), run.end() - at);
+        }
+        Ok(())
+    }
+
+    fn placed(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, ok: bool) -> Result<(), PlaceError> {
+        let run = PageRange::new(first, u64::from(n_pages));
+        let newly = match &self.inst.backend {
+            Backend::Copy => {
+                if !ok {
+                    return Ok(());
+                }
+                let ps = self.inst.map.layout().page_size().bytes_usize();
+                self.inst.install_copy(run, &self.scratch[..n_pages as usize * ps])?
+            }
+            Backend::Continue { claimed, .. } => {
+                if !ok {
+                    // Cut short: give the claims back, nothing was mapped.
+                    if self.inst.postcopy.load(Ordering::Acquire) {
+                        for r in &self.mine {
+                            claimed.clear_range(*r);
+                        }
+                    }
+                    return Ok(());
+                }
+                let mut newly = 0;
+                for r in &self.mine {
+                    newly += self.inst.map_written(*r)?;
+                }
+                newly
+            }
+        };
+        self.inst.finish(run, newly, kind);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use memmap2::{MmapOptions, MmapRaw};
+    use proto::PageSize;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+
+    const PG: usize = 4096;
+    const N: u64 = 256;
+
+    /// Guest memory of N pages registered with a fresh uffd, for either backend.
+    struct Fixture {
+        inst: Installer,
+        metrics: Arc<PagerMetrics>,
+        guest: MmapRaw,
+        _alias: Option<MmapRaw>,
+        _file: Option<std::fs::File>,
+    }
+
+    fn fixture(shmem: bool) -> Fixture {
+        let layout = MemLayout::single(PageSize::Size4K, N * PG as u64).unwrap();
+        let metrics = Arc::new(PagerMetrics::default());
+        let len = usize::try_from(N).unwrap() * PG;
+        let (guest, alias, file) = if shmem {
+            let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+            let file = std::fs::File::from(fd);
+            file.set_len(len as u64).unwrap();
+            let g = MmapOptions::new().len(len).map_raw(&file).unwrap();
+            let a = MmapOptions::new().len(len).populate().map_raw(&file).unwrap();
+            (g, Some(a), Some(file))
+        } else {
+            (MmapOptions::new().len(len).map_anon().unwrap().into(), None, None)
+        };
+        let base = HostAddr(guest.as_mut_ptr() as usize);
+        let uffd = Userfault::new(shmem).unwrap();
+        if shmem {
+            uffd.register_minor(base, len).unwrap();
+        } else {
+            uffd.register(base, len).unwrap();
+        }
+        let alias_bases = alias.as_ref().map(|a| vec![HostAddr(a.as_mut_ptr() as usize)]);
+        let inst = Installer::new(uffd, GuestMap::new(layout, vec![base]), alias_bases, Arc::clone(&metrics));
+        Fixture { inst, metrics, guest, _alias: alias, _file: file }
+    }
+
+    fn page_data(first: u64, n: u64, tag: u8) -> Vec<u8> {
+        (0..n).flat_map(|p| std::iter::repeat_n(tag ^ u8::try_from((first + p) % 251).unwrap(), PG)).collect()
+    }
+
+    fn read(f: &Fixture, page: u64) -> u8 {
+        // SAFETY: reading one byte of a present page of the fixture's mapping.
+        unsafe {
+            std::ptr::read_volatile((f.guest.as_ptr() as usize + usize::try_from(page).unwrap() * PG) as *const u8)
+        }
+    }
+
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+
+    #[test]
+    fn duplicates_are_counted_once_and_never_overwrite_after_switchover() {
+        for shmem in [false, true] {
+            let f = fixture(shmem);
+            f.inst.begin_postcopy();
+            assert_eq!(f.inst.install(PageIdx(10), &page_data(10, 20, 1), PageKind::Push).unwrap(), 20);
+            // Overlapping run: pages 0..10 are new, 10..30 duplicates.
+            assert_eq!(f.inst.install(PageIdx(0), &page_data(0, 30, 2), PageKind::Demand).unwrap(), 10);
+            assert_eq!(get(&f.metrics.pages_present), 30);
+            assert_eq!(get(&f.metrics.pages_push), 20);
+            assert_eq!(get(&f.metrics.pages_demand), 10, "shmem={shmem}");
+            assert_eq!(get(&f.metrics.pages_duplicate), 20, "shmem={shmem}");
+            // The first copy of 10..30 stands; the later one was discarded.
+            assert_eq!(read(&f, 15), 1 ^ 15);
+            assert_eq!(read(&f, 25), 1 ^ 25);
+            assert_eq!(read(&f, 5), 2 ^ 5);
+        }
+    }
+
+    #[test]
+    fn precopy_rounds_overwrite_until_switchover() {
+        for shmem in [false, true] {
+            let f = fixture(shmem);
+            f.inst.install(PageIdx(0), &page_data(0, 8, 1), PageKind::Precopy).unwrap();
+            f.inst.install(PageIdx(4), &page_data(4, 8, 3), PageKind::Precopy).unwrap();
+            assert_eq!(read(&f, 5), 3 ^ 5, "shmem={shmem}: a later round wins");
+            assert_eq!(get(&f.metrics.pages_precopy), 12);
+            // Evict 6..12, as a switchover with those pages outstanding would.
+            let r = PageRange::new(PageIdx(6), 6);
+            f.inst.unmark_present(r);
+            let ptr = std::ptr::NonNull::new((f.guest.as_ptr() as usize + 6 * PG) as *mut std::ffi::c_void).unwrap();
+            // SAFETY: dropping pages of the fixture's own mapping.
+            unsafe { nix::sys::mman::madvise(ptr, 6 * PG, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.unwrap();
+            f.inst.begin_postcopy();
+            assert_eq!(get(&f.metrics.pages_present), 6);
+            // The new content of an evicted page goes in; present pages stay.
+            f.inst.install(PageIdx(4), &page_data(4, 4, 7), PageKind::Demand).unwrap();
+            assert_eq!(read(&f, 5), 3 ^ 5);
+            assert_eq!(read(&f, 7), 7 ^ 7);
+            assert_eq!(get(&f.metrics.pages_present), 8);
+        }
+    }
+
+    #[test]
+    fn pending_faults_complete_once_with_latency() {
+        for shmem in [false, true] {
+            let f = fixture(shmem);
+            f.inst.begin_postcopy();
+            let t = Instant::now();
+            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 7 });
+            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 8 });
+            f.inst.add_pending(PendingFault { page: PageIdx(9), t_read: t, tid: 7 });
+            assert_eq!(f.inst.n_pending(), 3);
+            f.inst.install(PageIdx(0), &page_data(0, 4, 0), PageKind::Demand).unwrap();
+            assert_eq!(f.inst.n_pending(), 1, "both faults on page 3 done");
+            assert_eq!(f.metrics.fault_latency.lock().count(), 2);
+            // A fault read after its page arrived completes at once.
+            f.inst.add_pending(PendingFault { page: PageIdx(1), t_read: Instant::now(), tid: 9 });
+            assert_eq!(f.inst.n_pending(), 1);
+            assert_eq!(get(&f.metrics.faults_resolved_early), 1);
+            let block = f.metrics.blocktime_ns.lock();
+            assert_eq!(block.keys().copied().collect::<Vec<_>>(), vec![7, 8, 9]);
+        }
+    }
+
+    #[test]
+    fn a_page_installed_behind_our_back_makes_copy_retry() {
+        let f = fixture(false);
+        f.inst.begin_postcopy();
+        // Page 5 is installed directly (as the other thread's copy racing
+        // ours would be), without the installer's knowledge.
+        let src = vec![9u8; PG];
+        // SAFETY: page 5 of the registered fixture mapping.
+        unsafe { f.inst.uffd().copy(f.inst.map().host_addr(PageIdx(5)), src.as_ptr(), PG, true) }.unwrap();
+        assert_eq!(f.inst.install(PageIdx(0), &page_data(0, 10, 1), PageKind::Push).unwrap(), 9);
+        assert!(get(&f.metrics.install_retries) > 0, "EAGAIN after copying pages 0..5");
+        assert_eq!(get(&f.metrics.pages_duplicate), 1);
+        assert_eq!(read(&f, 5), 9);
+        assert_eq!(read(&f, 6), 1 ^ 6);
+    }
+
+    #[test]
+    fn runs_of_a_mask() {
+        let mut v = vec![];
+        for_each_run(64, 0b1110_0110, |r| v.push((r.first.0, r.n_pages)));
+        assert_eq!(v, vec![(65, 2), (69, 3)]);
+        let mut v = vec![];
+        for_each_run(0, u64::MAX, |r| v.push((r.first.0, r.n_pages)));
+        assert_eq!(v, vec![(0, 64)]);
+        let mut v = vec![];
+        for_each_run(0, 1 << 63, |r| v.push((r.first.0, r.n_pages)));
+        assert_eq!(v, vec![(63, 1)]);
     }
 }

@@ -159,12 +159,9 @@ impl Shared {
     pub(crate) fn check_bulk(&self) -> Result<(), PagerError> {
         if self.bulk_failed.load(Ordering::Acquire) {
             let e = self.bulk_error.lock().take();
-            return Err(PagerError::Bulk(Box::new(e.unwrap_or(
-                PagerError::Timeout {
-                    what: "bulk error",
-                    after: Duration::ZERO,
-                },
-            ))));
+            return Err(PagerError::Bulk(Box::new(
+                e.unwrap_or(PagerError::Timeout { what: "bulk error", after: Duration::ZERO }),
+            )));
         }
         Ok(())
     }
@@ -212,10 +209,7 @@ fn random_u64() -> u64 {
 /// Best effort: tell the source why we stop.
 fn send_error(conn: &mut dyn Conn, e: &PagerError) {
     let text = format!("destination: {}", error_chain(e));
-    let _ = conn.send(&Msg::Error {
-        code: e.code(),
-        message: &text,
-    });
+    let _ = conn.send(&Msg::Error { code: e.code(), message: &text });
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -242,13 +236,7 @@ pub fn run<G: DestGuest>(
     let mut nonce = [0u8; 16];
     getrandom::fill(&mut nonce).expect("the OS random source works");
     let mut session = DestSession::new(cfg.expect.clone(), nonce, random_u64());
-    let mut run = Run {
-        control: &mut *control,
-        session: &mut session,
-        cfg,
-        metrics,
-        started: Instant::now(),
-    };
+    let mut run = Run { control: &mut *control, session: &mut session, cfg, metrics, started: Instant::now() };
     match run.go(accept_bulk, make_guest) {
         Ok(o) => Ok(o),
         Err(e) => {
@@ -295,16 +283,18 @@ impl Run<'_> {
 
         // Register all of guest memory before the guest can run: every page is
         // missing until installed.
-        let uffd = Userfault::new()?;
+        let alias = guest.alias_regions();
+        let uffd = Userfault::new(alias.is_some())?;
         let map = GuestMap::new(layout.clone(), guest.regions());
         for (base, len) in map.spans() {
-            uffd.register(base, len)?;
+            if alias.is_some() {
+                uffd.register_minor(base, len)?;
+            } else {
+                uffd.register(base, len)?;
+            }
         }
-        let inst = Arc::new(Installer::new(uffd, map, Arc::clone(&self.metrics)));
-        self.control.send(&Msg::HelloAck {
-            session: self.session.session(),
-            features: accepted.features,
-        })?;
+        let inst = Arc::new(Installer::new(uffd, map, alias, Arc::clone(&self.metrics)));
+        self.control.send(&Msg::HelloAck { session: self.session.session(), features: accepted.features })?;
 
         let deadline = Instant::now() + self.cfg.handshake_timeout;
         let mut bulk = accept_bulk(deadline)?;
@@ -315,29 +305,19 @@ impl Run<'_> {
                 bulk_session.on_recv(&m)?;
             }
             None => {
-                return Err(PagerError::Timeout {
-                    what: "bulk connection hello",
-                    after: self.cfg.handshake_timeout,
-                });
+                return Err(PagerError::Timeout { what: "bulk connection hello", after: self.cfg.handshake_timeout });
             }
         }
         let shared = Arc::new(Shared::new());
         shared.touch_bulk();
         let thread = {
-            let (inst, shared, metrics) = (
-                Arc::clone(&inst),
-                Arc::clone(&shared),
-                Arc::clone(&self.metrics),
-            );
+            let (inst, shared, metrics) = (Arc::clone(&inst), Arc::clone(&shared), Arc::clone(&self.metrics));
             std::thread::Builder::new()
                 .name("pager-bulk".into())
                 .spawn(move || crate::bulk::run(bulk, bulk_session, inst, shared, metrics))
                 .map_err(|e| PagerError::Guest(Box::new(e)))?
         };
-        let _bulk = BulkGuard {
-            shared: Arc::clone(&shared),
-            thread: Some(thread),
-        };
+        let _bulk = BulkGuard { shared: Arc::clone(&shared), thread: Some(thread) };
 
         let (state, outstanding, rounds) = self.await_switchover(&shared)?;
         let t_switch = Instant::now();
@@ -351,11 +331,7 @@ impl Run<'_> {
             0 => Prefetch::default(),
             pages => Prefetch {
                 pages,
-                mode: if accepted.prefetch_around {
-                    PrefetchMode::Around
-                } else {
-                    PrefetchMode::After
-                },
+                mode: if accepted.prefetch_around { PrefetchMode::Around } else { PrefetchMode::After },
             },
         });
         let source = FaultLoop {
@@ -375,13 +351,7 @@ impl Run<'_> {
             inst.uffd().unregister(base, len)?;
         }
         let fault_latency = self.metrics.fault_latency.lock().clone();
-        let blocktime_ns = self
-            .metrics
-            .blocktime_ns
-            .lock()
-            .iter()
-            .map(|(k, v)| (*k, *v))
-            .collect();
+        let blocktime_ns = self.metrics.blocktime_ns.lock().iter().map(|(k, v)| (*k, *v)).collect();
         let report = PagerReport {
             accepted,
             prefetch,
@@ -401,10 +371,7 @@ impl Run<'_> {
         let deadline = Instant::now() + self.cfg.handshake_timeout;
         loop {
             let Some(msg) = self.control.recv(Wait::Until(deadline))? else {
-                return Err(PagerError::Timeout {
-                    what: "the source's hello",
-                    after: self.cfg.handshake_timeout,
-                });
+                return Err(PagerError::Timeout { what: "the source's hello", after: self.cfg.handshake_timeout });
             };
             match self.session.on_recv(&msg)? {
                 DestEvent::Accepted(a) => return Ok(a),
@@ -416,10 +383,7 @@ impl Run<'_> {
 
     /// Collect the guest state and outstanding set until Switchover, keeping
     /// the source alive meanwhile (precopy may run for a long time).
-    fn await_switchover(
-        &mut self,
-        shared: &Shared,
-    ) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
+    fn await_switchover(&mut self, shared: &Shared) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
         let mut state = Vec::new();
         let mut last_rx = Instant::now();
         let mut last_tx = Instant::now();
@@ -444,10 +408,7 @@ impl Run<'_> {
                     }
                 }
                 DestEvent::KeepAlive => {}
-                DestEvent::SwitchoverReady {
-                    outstanding,
-                    precopy_rounds,
-                } => {
+                DestEvent::SwitchoverReady { outstanding, precopy_rounds } => {
                     return Ok((state, outstanding, precopy_rounds));
                 }
                 DestEvent::Accepted(_) | DestEvent::Finished(_) => {
@@ -463,10 +424,7 @@ impl Run<'_> {
         while shared.rounds_done.load(Ordering::Acquire) < rounds {
             shared.check_bulk()?;
             if Instant::now() > deadline {
-                return Err(PagerError::Timeout {
-                    what: "the last precopy round",
-                    after: self.cfg.peer_timeout,
-                });
+                return Err(PagerError::Timeout { what: "the last precopy round", after: self.cfg.peer_timeout });
             }
             std::thread::sleep(Duration::from_micros(200));
         }
@@ -487,10 +445,7 @@ impl Run<'_> {
             // Only pages we hold need dropping; the rest are missing already.
             let mut at = r.first.0;
             while let Some(p) = inst.present().next_with_below(at, r.end(), true) {
-                let end = inst
-                    .present()
-                    .next_with_below(p.0, r.end(), false)
-                    .map_or(r.end(), |q| q.0);
+                let end = inst.present().next_with_below(p.0, r.end(), false).map_or(r.end(), |q| q.0);
                 let piece = PageRange::new(PageIdx(p.0), end - p.0);
                 inst.unmark_present(piece);
                 guest.evict(piece).map_err(PagerError::Guest)?;
@@ -500,6 +455,7 @@ impl Run<'_> {
         }
         // Pages never sent in precopy but not outstanding cannot exist: the
         // source names every page it did not send as outstanding.
+        inst.begin_postcopy();
         let t1 = Instant::now();
         guest.resume(state).map_err(PagerError::Guest)?;
         let t2 = Instant::now();

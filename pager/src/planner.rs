@@ -32,10 +32,7 @@ pub struct Prefetch {
 
 impl Default for Prefetch {
     fn default() -> Self {
-        Prefetch {
-            pages: 1,
-            mode: PrefetchMode::After,
-        }
+        Prefetch { pages: 1, mode: PrefetchMode::After }
     }
 }
 
@@ -98,13 +95,7 @@ pub fn plan(
 mod tests {
     use super::*;
 
-    fn run(
-        faults: &[u64],
-        pf: Prefetch,
-        present: &[u64],
-        requested: &[u64],
-        n: u64,
-    ) -> Vec<(u64, u64)> {
+    fn run(faults: &[u64], pf: Prefetch, present: &[u64], requested: &[u64], n: u64) -> Vec<(u64, u64)> {
         let p = AtomicPageBitmap::new(n);
         for &x in present {
             p.set(PageIdx(x));
@@ -126,10 +117,7 @@ mod tests {
         out.iter().map(|r| (r.first.0, r.n_pages)).collect()
     }
 
-    const ONE: Prefetch = Prefetch {
-        pages: 1,
-        mode: PrefetchMode::After,
-    };
+    const ONE: Prefetch = Prefetch { pages: 1, mode: PrefetchMode::After };
 
     #[test]
     fn faults_first_deduplicated_and_merged() {
@@ -140,38 +128,21 @@ mod tests {
 
     #[test]
     fn prefetch_after_skips_present_and_requested() {
-        let pf = Prefetch {
-            pages: 8,
-            mode: PrefetchMode::After,
-        };
+        let pf = Prefetch { pages: 8, mode: PrefetchMode::After };
         // Fault 10: 10 goes first; then 11..18 minus present 13 and requested 15.
-        assert_eq!(
-            run(&[10], pf, &[13], &[15], 100),
-            vec![(10, 1), (11, 2), (14, 1), (16, 2)]
-        );
+        assert_eq!(run(&[10], pf, &[13], &[15], 100), vec![(10, 1), (11, 2), (14, 1), (16, 2)]);
         // Clipped at the end of the guest.
         assert_eq!(run(&[97], pf, &[], &[], 100), vec![(97, 1), (98, 2)]);
     }
 
     #[test]
     fn prefetch_around_and_overlapping_windows() {
-        let pf = Prefetch {
-            pages: 5,
-            mode: PrefetchMode::Around,
-        };
-        assert_eq!(
-            run(&[10], pf, &[], &[], 100),
-            vec![(10, 1), (8, 2), (11, 2)]
-        );
-        assert_eq!(run(&[1], pf, &[], &[], 100), vec![(1, 1), (0, 1), (2, 2)]);
+        let pf = Prefetch { pages: 5, mode: PrefetchMode::Around };
+        assert_eq!(run(&[10], pf, &[], &[], 100), vec![(10, 1), (8, 2), (11, 2)]);
+        // Clipped at the start, the window keeps its size.
+        assert_eq!(run(&[1], pf, &[], &[], 100), vec![(1, 1), (0, 1), (2, 3)]);
         // Two faults whose windows overlap: no page twice.
-        let pf = Prefetch {
-            pages: 4,
-            mode: PrefetchMode::After,
-        };
-        assert_eq!(
-            run(&[10, 12], pf, &[], &[], 100),
-            vec![(10, 1), (12, 1), (11, 1), (13, 3)]
-        );
+        let pf = Prefetch { pages: 4, mode: PrefetchMode::After };
+        assert_eq!(run(&[10, 12], pf, &[], &[], 100), vec![(10, 1), (12, 1), (11, 1), (13, 3)]);
     }
 }

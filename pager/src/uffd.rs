@@ -1,7 +1,9 @@
 //! A typed userfaultfd for the pager.
 //!
 //! The `userfaultfd` crate creates the descriptor (via /dev/userfaultfd),
-//! negotiates the API and registers ranges. Fault messages are read here as
+//! negotiates the API and registers ranges (MISSING for anonymous memory,
+//! MINOR for shared memory, whose pages exist in the page cache and only
+//! lack a mapping in the guest's view). Fault messages are read here as
 //! raw 32-byte `uffd_msg`s (parsed with explicit offsets, no unsafe). Page
 //! installation wraps UFFDIO_COPY and UFFDIO_ZEROPAGE directly through `nix`,
 //! because the crate loses the partial-copy count: on this kernel (checked on
@@ -30,6 +32,16 @@ struct UffdioCopy {
 }
 const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
 
+/// Kernel ABI: `struct uffdio_continue`.
+#[repr(C)]
+struct UffdioContinue {
+    start: u64,
+    len: u64,
+    mode: u64,
+    mapped: i64,
+}
+const _: () = assert!(std::mem::size_of::<UffdioContinue>() == 32);
+
 /// Kernel ABI: `struct uffdio_zeropage`.
 #[repr(C)]
 struct UffdioZeropage {
@@ -44,6 +56,10 @@ const UFFDIO: u8 = 0xAA;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 nix::ioctl_readwrite!(ioctl_copy, UFFDIO, 0x03, UffdioCopy);
 nix::ioctl_readwrite!(ioctl_zeropage, UFFDIO, 0x04, UffdioZeropage);
+nix::ioctl_readwrite!(ioctl_continue, UFFDIO, 0x07, UffdioContinue);
+
+/// UFFD_FEATURE_MINOR_SHMEM (not in the crate's flags).
+const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 
 /// Size of one `struct uffd_msg`.
 pub const MSG_LEN: usize = 32;
@@ -142,37 +158,40 @@ pub struct Userfault {
     uffd: Uffd,
 }
 
-fn classify(
-    copied: i64,
-    errno: Errno,
-    op: &'static str,
-    dst: HostAddr,
-    len: usize,
-) -> Result<CopyOutcome, UffdError> {
+fn classify(copied: i64, errno: Errno, op: &'static str, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
     let done = usize::try_from(copied).unwrap_or(0);
     match errno {
         Errno::EEXIST => Ok(CopyOutcome::Exists { copied: done }),
         Errno::EAGAIN => Ok(CopyOutcome::Again { copied: done }),
-        source => Err(UffdError::Install {
-            op,
-            addr: dst.0,
-            len_bytes: len,
-            source,
-        }),
+        source => Err(UffdError::Install { op, addr: dst.0, len_bytes: len, source }),
     }
 }
 
 impl Userfault {
-    /// A nonblocking userfaultfd reporting faulting thread ids.
-    pub fn new() -> Result<Userfault, UffdError> {
+    /// A nonblocking userfaultfd reporting faulting thread ids; with `minor`,
+    /// also able to report minor faults on shared memory. Not user-mode-only:
+    /// a KVM vCPU's faults on guest memory are taken in kernel mode.
+    pub fn new(minor: bool) -> Result<Userfault, UffdError> {
+        let mut features = FeatureFlags::THREAD_ID;
+        if minor {
+            features |= FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM);
+        }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
             .user_mode_only(false)
-            .require_features(FeatureFlags::THREAD_ID)
+            .require_features(features)
             .create()
             .map_err(UffdError::Create)?;
         Ok(Userfault { uffd })
+    }
+
+    /// Register `[addr, addr + len)` of shared memory for minor faults.
+    pub fn register_minor(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
+        self.uffd
+            .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MINOR)
+            .map(drop)
+            .map_err(|source| UffdError::Register { addr: addr.0, len_bytes, source })
     }
 
     /// Register `[addr, addr + len)` for missing faults.
@@ -180,32 +199,21 @@ impl Userfault {
         self.uffd
             .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MISSING)
             .map(drop)
-            .map_err(|source| UffdError::Register {
-                addr: addr.0,
-                len_bytes,
-                source,
-            })
+            .map_err(|source| UffdError::Register { addr: addr.0, len_bytes, source })
     }
 
     /// Unregister a range (blocked threads, if any, are woken and retry without it).
     pub fn unregister(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
-        self.uffd
-            .unregister(addr.0 as *mut c_void, len_bytes)
-            .map_err(|source| UffdError::Unregister {
-                addr: addr.0,
-                len_bytes,
-                source,
-            })
+        self.uffd.unregister(addr.0 as *mut c_void, len_bytes).map_err(|source| UffdError::Unregister {
+            addr: addr.0,
+            len_bytes,
+            source,
+        })
     }
 
     /// Wake threads waiting on `[addr, addr + len)`.
     pub fn wake(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
-        self.uffd
-            .wake(addr.0 as *mut c_void, len_bytes)
-            .map_err(|source| UffdError::Wake {
-                addr: addr.0,
-                source,
-            })
+        self.uffd.wake(addr.0 as *mut c_void, len_bytes).map_err(|source| UffdError::Wake { addr: addr.0, source })
     }
 
     /// Read every pending message without blocking, appending page faults to
@@ -229,11 +237,7 @@ impl Userfault {
                 let addr = u64::from_ne_bytes(m[16..24].try_into().expect("8 bytes"));
                 let tid = u32::from_ne_bytes(m[24..28].try_into().expect("4 bytes"));
                 let addr = usize::try_from(addr).expect("64-bit host");
-                out.push(Fault {
-                    addr: HostAddr(addr),
-                    write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
-                    tid,
-                });
+                out.push(Fault { addr: HostAddr(addr), write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0, tid });
                 total += 1;
             }
             if n < buf.len() {
@@ -249,13 +253,7 @@ impl Userfault {
     /// `[dst, dst + len)` must be page-aligned, inside a range registered with
     /// this userfaultfd and owned by the caller's guest (the kernel writes it);
     /// `[src, src + len)` must be readable.
-    pub unsafe fn copy(
-        &self,
-        dst: HostAddr,
-        src: *const u8,
-        len: usize,
-        wake: bool,
-    ) -> Result<CopyOutcome, UffdError> {
+    pub unsafe fn copy(&self, dst: HostAddr, src: *const u8, len: usize, wake: bool) -> Result<CopyOutcome, UffdError> {
         let mut c = UffdioCopy {
             dst: dst.0 as u64,
             src: src as u64,
@@ -271,17 +269,28 @@ impl Userfault {
         }
     }
 
+    /// Map the page-cache pages behind `[dst, dst + len)` into the registered
+    /// (guest) view and wake waiters: the pages must already hold their
+    /// content (written through another mapping).
+    ///
+    /// # Safety
+    /// `[dst, dst + len)` must be page-aligned, inside a range registered for
+    /// minor faults with this userfaultfd and owned by the caller's guest.
+    pub unsafe fn cont(&self, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
+        let mut c = UffdioContinue { start: dst.0 as u64, len: len as u64, mode: 0, mapped: 0 };
+        // SAFETY: live fd, valid struct, caller-guaranteed range.
+        match unsafe { ioctl_continue(self.uffd.as_raw_fd(), &raw mut c) } {
+            Ok(_) => Ok(CopyOutcome::Done),
+            Err(e) => classify(c.mapped, e, "UFFDIO_CONTINUE", dst, len),
+        }
+    }
+
     /// Install zero pages at `[dst, dst + len)`.
     ///
     /// # Safety
     /// As for [`Userfault::copy`], without the source.
     pub unsafe fn zeropage(&self, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
-        let mut z = UffdioZeropage {
-            start: dst.0 as u64,
-            len: len as u64,
-            mode: 0,
-            zeropage: 0,
-        };
+        let mut z = UffdioZeropage { start: dst.0 as u64, len: len as u64, mode: 0, zeropage: 0 };
         // SAFETY: as in `copy`: live fd, valid struct, caller-guaranteed range.
         match unsafe { ioctl_zeropage(self.uffd.as_raw_fd(), &raw mut z) } {
             Ok(_) => Ok(CopyOutcome::Done),
@@ -308,47 +317,26 @@ mod tests {
         let n = 8;
         let m = MmapOptions::new().len(n * PG).map_anon().unwrap();
         let base = HostAddr(m.as_ptr() as usize);
-        let u = Userfault::new().unwrap();
+        let u = Userfault::new(false).unwrap();
         u.register(base, n * PG).unwrap();
         let src = vec![0x5au8; n * PG];
         // SAFETY: the destination is inside the registered mapping `m`, which
         // outlives the calls; `src` is readable for the lengths used.
         unsafe {
-            assert_eq!(
-                u.copy(base.offset_by(4 * PG), src.as_ptr(), PG, true)
-                    .unwrap(),
-                CopyOutcome::Done
-            );
+            assert_eq!(u.copy(base.offset_by(4 * PG), src.as_ptr(), PG, true).unwrap(), CopyOutcome::Done);
             // Pages 0..4 go in, then page 4 is present: EAGAIN with a count.
-            assert_eq!(
-                u.copy(base, src.as_ptr(), n * PG, true).unwrap(),
-                CopyOutcome::Again { copied: 4 * PG }
-            );
+            assert_eq!(u.copy(base, src.as_ptr(), n * PG, true).unwrap(), CopyOutcome::Again { copied: 4 * PG });
             // Starting on a present page: EEXIST, nothing copied.
             assert_eq!(
-                u.copy(base.offset_by(4 * PG), src.as_ptr(), PG, true)
-                    .unwrap(),
+                u.copy(base.offset_by(4 * PG), src.as_ptr(), PG, true).unwrap(),
                 CopyOutcome::Exists { copied: 0 }
             );
             // An unaligned source is fine.
-            assert_eq!(
-                u.copy(base.offset_by(5 * PG), src.as_ptr().add(24), PG, true)
-                    .unwrap(),
-                CopyOutcome::Done
-            );
-            assert_eq!(
-                u.zeropage(base.offset_by(6 * PG), PG).unwrap(),
-                CopyOutcome::Done
-            );
-            assert_eq!(
-                u.zeropage(base.offset_by(6 * PG), PG).unwrap(),
-                CopyOutcome::Exists { copied: 0 }
-            );
+            assert_eq!(u.copy(base.offset_by(5 * PG), src.as_ptr().add(24), PG, true).unwrap(), CopyOutcome::Done);
+            assert_eq!(u.zeropage(base.offset_by(6 * PG), PG).unwrap(), CopyOutcome::Done);
+            assert_eq!(u.zeropage(base.offset_by(6 * PG), PG).unwrap(), CopyOutcome::Exists { copied: 0 });
             // A misaligned destination is an error, not a silent success.
-            assert!(
-                u.copy(base.offset_by(7 * PG + 8), src.as_ptr(), PG, true)
-                    .is_err()
-            );
+            assert!(u.copy(base.offset_by(7 * PG + 8), src.as_ptr(), PG, true).is_err());
         }
         assert!(m[..4 * PG].iter().all(|&b| b == 0x5a));
         assert!(m[6 * PG..7 * PG].iter().all(|&b| b == 0));
@@ -359,10 +347,48 @@ mod tests {
     }
 
     #[test]
+    fn minor_faults_on_shared_memory_are_served_by_continue() {
+        let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(4 * PG as u64).unwrap();
+        let guest = MmapOptions::new().len(4 * PG).map_raw(&file).unwrap();
+        let mut alias = unsafe_map_mut(&file);
+        alias.fill(0);
+        let base = HostAddr(guest.as_mut_ptr() as usize);
+        let u = Userfault::new(true).unwrap();
+        u.register_minor(base, 4 * PG).unwrap();
+        let addr = base.offset_by(PG).0;
+        let t = std::thread::spawn(move || {
+            // SAFETY: the mapping outlives the thread (joined below).
+            unsafe { std::ptr::read_volatile(addr as *const u8) }
+        });
+        let mut buf = [0u8; 64 * MSG_LEN];
+        let mut faults = Vec::new();
+        let t0 = std::time::Instant::now();
+        while faults.is_empty() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no minor fault event");
+            u.read_faults(&mut buf, &mut faults).unwrap();
+            std::thread::yield_now();
+        }
+        alias[PG..2 * PG].fill(42);
+        // SAFETY: page-aligned, inside the minor-registered guest view.
+        assert_eq!(unsafe { u.cont(base.offset_by(PG), PG) }.unwrap(), CopyOutcome::Done);
+        assert_eq!(t.join().unwrap(), 42);
+        // SAFETY: as above; the page is mapped now.
+        assert_eq!(unsafe { u.cont(base.offset_by(PG), PG) }.unwrap(), CopyOutcome::Exists { copied: 0 });
+    }
+
+    /// A writable shared mapping of the whole file (test helper).
+    fn unsafe_map_mut(file: &std::fs::File) -> memmap2::MmapMut {
+        // SAFETY: the memfd is private to this test; no one else resizes it.
+        unsafe { MmapOptions::new().map_mut(file) }.unwrap()
+    }
+
+    #[test]
     fn faults_arrive_with_thread_ids_and_copy_wakes() {
         let m = MmapOptions::new().len(4 * PG).map_anon().unwrap();
         let base = HostAddr(m.as_ptr() as usize);
-        let u = Userfault::new().unwrap();
+        let u = Userfault::new(false).unwrap();
         u.register(base, 4 * PG).unwrap();
         let addr = base.offset_by(2 * PG + 100).0;
         let t = std::thread::spawn(move || {
@@ -375,14 +401,12 @@ mod tests {
         let mut faults = Vec::new();
         let t0 = std::time::Instant::now();
         while faults.is_empty() {
-            assert!(
-                t0.elapsed() < std::time::Duration::from_secs(5),
-                "no fault event"
-            );
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no fault event");
             u.read_faults(&mut buf, &mut faults).unwrap();
             std::thread::yield_now();
         }
-        assert_eq!(faults[0].addr.0, addr);
+        // The page address: UFFD_FEATURE_EXACT_ADDRESS is not requested.
+        assert_eq!(faults[0].addr.0, addr & !(PG - 1));
         assert!(!faults[0].write);
         let src = vec![9u8; PG];
         // SAFETY: page-aligned destination inside the registered mapping.

@@ -23,12 +23,7 @@ pub fn hello_mac(key: &[u8], nonce: &[u8; NONCE_LEN], body_without_mac: &[u8]) -
 }
 
 /// Check a hello's MAC in constant time.
-pub fn verify_hello_mac(
-    key: &[u8],
-    nonce: &[u8; NONCE_LEN],
-    body_without_mac: &[u8],
-    mac: &[u8; MAC_LEN],
-) -> bool {
+pub fn verify_hello_mac(key: &[u8], nonce: &[u8; NONCE_LEN], body_without_mac: &[u8], mac: &[u8; MAC_LEN]) -> bool {
     let mut m = HmacSha256::new_from_slice(key).expect("HMAC takes keys of any length");
     m.update(nonce);
     m.update(body_without_mac);
@@ -45,12 +40,7 @@ mod tests {
         let mac = hello_mac(b"secret", &n, b"body");
         assert!(verify_hello_mac(b"secret", &n, b"body", &mac));
         assert!(!verify_hello_mac(b"other", &n, b"body", &mac));
-        assert!(!verify_hello_mac(
-            b"secret",
-            &[2u8; NONCE_LEN],
-            b"body",
-            &mac
-        ));
+        assert!(!verify_hello_mac(b"secret", &[2u8; NONCE_LEN], b"body", &mac));
         assert!(!verify_hello_mac(b"secret", &n, b"bodY", &mac));
     }
 }

@@ -24,11 +24,7 @@ fn bit_of(i: u64) -> u64 {
 /// Mask of the bits `[lo, hi)` within one word, `0 <= lo < hi <= 64`.
 #[inline]
 fn span_mask(lo: u64, hi: u64) -> u64 {
-    let upper = if hi == WORD_BITS {
-        u64::MAX
-    } else {
-        (1u64 << hi) - 1
-    };
+    let upper = if hi == WORD_BITS { u64::MAX } else { (1u64 << hi) - 1 };
     upper & !((1u64 << lo) - 1)
 }
 
@@ -55,10 +51,7 @@ pub struct PageBitmap {
 impl PageBitmap {
     /// An all-clear bitmap of `len` pages.
     pub fn new(len: u64) -> Self {
-        PageBitmap {
-            words: vec![0; word_of(len.div_ceil(WORD_BITS) * WORD_BITS)],
-            len,
-        }
+        PageBitmap { words: vec![0; word_of(len.div_ceil(WORD_BITS) * WORD_BITS)], len }
     }
 
     /// An all-set bitmap of `len` pages.
@@ -174,9 +167,7 @@ impl PageBitmap {
     pub fn run_from(&self, from: u64, value: bool, max: u64) -> Option<PageRange> {
         let first = self.next_with(from, value)?;
         let limit = self.len.min(first.0.saturating_add(max));
-        let end = self
-            .next_with_below(first.0, limit, !value)
-            .map_or(limit, |p| p.0);
+        let end = self.next_with_below(first.0, limit, !value).map_or(limit, |p| p.0);
         Some(PageRange::new(first, end - first.0))
     }
 
@@ -228,10 +219,7 @@ impl AtomicPageBitmap {
     /// An all-clear bitmap of `len` pages.
     pub fn new(len: u64) -> Self {
         let n = word_of(len.div_ceil(WORD_BITS) * WORD_BITS);
-        AtomicPageBitmap {
-            words: (0..n).map(|_| AtomicU64::new(0)).collect(),
-            len,
-        }
+        AtomicPageBitmap { words: (0..n).map(|_| AtomicU64::new(0)).collect(), len }
     }
 
     /// Number of pages covered.
@@ -278,6 +266,16 @@ impl AtomicPageBitmap {
         newly
     }
 
+    /// Set the pages of `r`, which must lie within one 64-page word; returns
+    /// the mask (bit i = page 64w+i) of the bits this call set.
+    pub fn set_range_mask(&self, r: PageRange) -> u64 {
+        debug_assert!(r.end() <= self.len && r.n_pages > 0 && r.first.0 / 64 == (r.end() - 1) / 64);
+        let lo = r.first.0 % WORD_BITS;
+        let m = span_mask(lo, lo + r.n_pages);
+        let prev = self.words[word_of(r.first.0)].fetch_or(m, Ordering::AcqRel);
+        m & !prev
+    }
+
     /// Clear every page of `r`; returns how many were set before.
     pub fn clear_range(&self, r: PageRange) -> u64 {
         debug_assert!(r.end() <= self.len);
@@ -292,18 +290,14 @@ impl AtomicPageBitmap {
     /// Whether any page of `r` is set.
     pub fn any_in(&self, r: PageRange) -> bool {
         let mut any = false;
-        for_each_word(r.first.0, r.n_pages, |w, m| {
-            any |= self.words[w].load(Ordering::Acquire) & m != 0
-        });
+        for_each_word(r.first.0, r.n_pages, |w, m| any |= self.words[w].load(Ordering::Acquire) & m != 0);
         any
     }
 
     /// Whether every page of `r` is set.
     pub fn all_in(&self, r: PageRange) -> bool {
         let mut all = true;
-        for_each_word(r.first.0, r.n_pages, |w, m| {
-            all &= self.words[w].load(Ordering::Acquire) & m == m
-        });
+        for_each_word(r.first.0, r.n_pages, |w, m| all &= self.words[w].load(Ordering::Acquire) & m == m);
         all
     }
 
@@ -315,10 +309,7 @@ impl AtomicPageBitmap {
 
     /// Number of set pages (a snapshot; exact once writers have stopped).
     pub fn count_ones(&self) -> u64 {
-        self.words
-            .iter()
-            .map(|w| u64::from(w.load(Ordering::Acquire).count_ones()))
-            .sum()
+        self.words.iter().map(|w| u64::from(w.load(Ordering::Acquire).count_ones())).sum()
     }
 
     /// First page `>= from` whose bit equals `value` (snapshot).
@@ -337,22 +328,13 @@ impl AtomicPageBitmap {
     pub fn run_from(&self, from: u64, value: bool, max: u64) -> Option<PageRange> {
         let first = self.next_with(from, value)?;
         let limit = self.len.min(first.0.saturating_add(max));
-        let end = self
-            .next_with_below(first.0, limit, !value)
-            .map_or(limit, |p| p.0);
+        let end = self.next_with_below(first.0, limit, !value).map_or(limit, |p| p.0);
         Some(PageRange::new(first, end - first.0))
     }
 
     /// A plain copy of the current bits.
     pub fn snapshot(&self) -> PageBitmap {
-        PageBitmap {
-            words: self
-                .words
-                .iter()
-                .map(|w| w.load(Ordering::Acquire))
-                .collect(),
-            len: self.len,
-        }
+        PageBitmap { words: self.words.iter().map(|w| w.load(Ordering::Acquire)).collect(), len: self.len }
     }
 }
 
@@ -367,26 +349,14 @@ mod tests {
         assert_eq!(b.set_range(PageRange::new(PageIdx(60), 10)), 10);
         assert_eq!(b.set_range(PageRange::new(PageIdx(65), 10)), 5);
         assert_eq!(b.count_ones(), 15);
-        assert_eq!(
-            b.runs().collect::<Vec<_>>(),
-            vec![PageRange::new(PageIdx(60), 15)]
-        );
+        assert_eq!(b.runs().collect::<Vec<_>>(), vec![PageRange::new(PageIdx(60), 15)]);
         assert_eq!(b.next_with(0, true), Some(PageIdx(60)));
         assert_eq!(b.next_with(60, false), Some(PageIdx(75)));
-        assert_eq!(
-            b.run_from(0, false, 1000),
-            Some(PageRange::new(PageIdx(0), 60))
-        );
-        assert_eq!(
-            b.run_from(61, true, 4),
-            Some(PageRange::new(PageIdx(61), 4))
-        );
+        assert_eq!(b.run_from(0, false, 1000), Some(PageRange::new(PageIdx(0), 60)));
+        assert_eq!(b.run_from(61, true, 4), Some(PageRange::new(PageIdx(61), 4)));
         b.clear_range(PageRange::new(PageIdx(62), 3));
         assert_eq!(b.count_ones(), 12);
-        assert_eq!(
-            b.run_from(199, false, 10),
-            Some(PageRange::new(PageIdx(199), 1))
-        );
+        assert_eq!(b.run_from(199, false, 10), Some(PageRange::new(PageIdx(199), 1)));
         assert_eq!(b.next_with(200, false), None);
     }
 
@@ -416,11 +386,12 @@ mod tests {
         assert_eq!(a.next_with(0, false), Some(PageIdx(1)));
         assert_eq!(a.next_with_below(1, 10, true), None);
         assert_eq!(a.next_with_below(1, 11, true), Some(PageIdx(10)));
-        assert_eq!(
-            a.run_from(5, false, 100),
-            Some(PageRange::new(PageIdx(5), 5))
-        );
+        assert_eq!(a.run_from(5, false, 100), Some(PageRange::new(PageIdx(5), 5)));
         assert_eq!(a.clear_range(PageRange::new(PageIdx(8), 4)), 2);
+        let b = AtomicPageBitmap::new(128);
+        b.set(PageIdx(66));
+        assert_eq!(b.set_range_mask(PageRange::new(PageIdx(65), 3)), 0b1010);
+        assert_eq!(b.set_range_mask(PageRange::new(PageIdx(64), 64)), !0b1110);
         assert_eq!(a.count_ones(), 119);
     }
 

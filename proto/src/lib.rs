@@ -21,6 +21,4 @@ pub mod wire;
 
 pub use bitmap::{AtomicPageBitmap, PageBitmap};
 pub use stats::{LatencyHist, LatencySummary};
-pub use types::{
-    GuestOffset, HostAddr, LayoutError, MemLayout, PageIdx, PageRange, PageSize, RegionDesc,
-};
+pub use types::{GuestOffset, HostAddr, LayoutError, MemLayout, PageIdx, PageRange, PageSize, RegionDesc};

@@ -18,8 +18,8 @@ use crate::auth;
 use crate::bitmap::PageBitmap;
 use crate::types::{LayoutError, MemLayout, PageIdx, PageRange, PageSize};
 use crate::wire::{
-    ErrorCode, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind,
-    SERVER_FLAG_AUTH_REQUIRED, ServerHello, SourceStats, Tag, VERSION, hello_mac_input,
+    ErrorCode, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, SERVER_FLAG_AUTH_REQUIRED, ServerHello,
+    SourceStats, Tag, VERSION, hello_mac_input,
 };
 
 /// Oldest protocol version this build accepts.
@@ -40,9 +40,7 @@ pub enum SessionError {
         phase: &'static str,
     },
     /// No protocol version in common.
-    #[error(
-        "peer speaks protocol versions {min}..={max}, this build speaks {MIN_VERSION}..={VERSION}"
-    )]
+    #[error("peer speaks protocol versions {min}..={max}, this build speaks {MIN_VERSION}..={VERSION}")]
     Version {
         /// Peer's oldest.
         min: u16,
@@ -105,29 +103,16 @@ impl SessionError {
 
 fn peer_error(msg: &Msg<'_>) -> Option<SessionError> {
     match msg {
-        Msg::Error { code, message } => Some(SessionError::Peer {
-            code: *code,
-            message: (*message).to_string(),
-        }),
+        Msg::Error { code, message } => Some(SessionError::Peer { code: *code, message: (*message).to_string() }),
         _ => None,
     }
 }
 
-fn check_pages(
-    layout: &MemLayout,
-    what: &'static str,
-    first: PageIdx,
-    n_pages: u64,
-) -> Result<(), SessionError> {
+fn check_pages(layout: &MemLayout, what: &'static str, first: PageIdx, n_pages: u64) -> Result<(), SessionError> {
     if layout.contains_range(first, n_pages) {
         Ok(())
     } else {
-        Err(SessionError::OutOfRange {
-            what,
-            first: first.0,
-            n_pages,
-            n_pages_total: layout.n_pages(),
-        })
+        Err(SessionError::OutOfRange { what, first: first.0, n_pages, n_pages_total: layout.n_pages() })
     }
 }
 
@@ -233,17 +218,8 @@ impl DestSession {
 
     /// The first message to send.
     pub fn server_hello(&self) -> Msg<'static> {
-        let flags = if self.expect.key.is_some() {
-            SERVER_FLAG_AUTH_REQUIRED
-        } else {
-            0
-        };
-        Msg::ServerHello(ServerHello {
-            min_version: MIN_VERSION,
-            max_version: VERSION,
-            flags,
-            nonce: self.nonce,
-        })
+        let flags = if self.expect.key.is_some() { SERVER_FLAG_AUTH_REQUIRED } else { 0 };
+        Msg::ServerHello(ServerHello { min_version: MIN_VERSION, max_version: VERSION, flags, nonce: self.nonce })
     }
 
     /// The session cookie.
@@ -258,16 +234,11 @@ impl DestSession {
 
     fn accept(&self, h: &Hello) -> Result<Accepted, SessionError> {
         if h.version < MIN_VERSION || h.version > VERSION {
-            return Err(SessionError::Version {
-                min: h.version,
-                max: h.version,
-            });
+            return Err(SessionError::Version { min: h.version, max: h.version });
         }
         if let Some(key) = &self.expect.key {
             if h.mac == [0u8; MAC_LEN] {
-                return Err(SessionError::Auth(
-                    "the destination requires a key and the hello carries none",
-                ));
+                return Err(SessionError::Auth("the destination requires a key and the hello carries none"));
             }
             if !auth::verify_hello_mac(key, &self.nonce, &hello_mac_input(h), &h.mac) {
                 return Err(SessionError::Auth("wrong key"));
@@ -277,18 +248,12 @@ impl DestSession {
         if let Some(k) = self.expect.guest_kind
             && k != h.guest_kind
         {
-            return Err(SessionError::Mismatch(format!(
-                "guest is {:?}, destination expects {k:?}",
-                h.guest_kind
-            )));
+            return Err(SessionError::Mismatch(format!("guest is {:?}, destination expects {k:?}", h.guest_kind)));
         }
         if let Some(ps) = self.expect.page_size
             && ps != h.page_size
         {
-            return Err(SessionError::Mismatch(format!(
-                "page size {}, destination expects {ps}",
-                h.page_size
-            )));
+            return Err(SessionError::Mismatch(format!("page size {}, destination expects {ps}", h.page_size)));
         }
         if let Some(bytes) = self.expect.mem_bytes
             && bytes != layout.len_bytes()
@@ -315,10 +280,7 @@ impl DestSession {
             self.phase = DestPhase::Done;
             return Err(e);
         }
-        let unexpected = |phase: DestPhase| SessionError::Unexpected {
-            tag: msg.tag(),
-            phase: phase.name(),
-        };
+        let unexpected = |phase: DestPhase| SessionError::Unexpected { tag: msg.tag(), phase: phase.name() };
         match (self.phase, msg) {
             (DestPhase::AwaitHello, Msg::Hello(h)) => {
                 let a = self.accept(h)?;
@@ -348,46 +310,23 @@ impl DestSession {
                 }
                 Ok(DestEvent::Data)
             }
-            (
-                DestPhase::PreSwitchover,
-                Msg::Switchover {
-                    n_outstanding,
-                    precopy_rounds,
-                },
-            ) => {
+            (DestPhase::PreSwitchover, Msg::Switchover { n_outstanding, precopy_rounds }) => {
                 if !self.got_state {
                     return Err(unexpected(self.phase));
                 }
                 let bm = self.outstanding.take().expect("set at hello");
                 let sent = bm.count_ones();
                 if sent != *n_outstanding {
-                    return Err(SessionError::Count {
-                        what: "outstanding pages",
-                        said: *n_outstanding,
-                        sent,
-                    });
+                    return Err(SessionError::Count { what: "outstanding pages", said: *n_outstanding, sent });
                 }
                 self.phase = DestPhase::Postcopy;
-                Ok(DestEvent::SwitchoverReady {
-                    outstanding: bm,
-                    precopy_rounds: *precopy_rounds,
-                })
+                Ok(DestEvent::SwitchoverReady { outstanding: bm, precopy_rounds: *precopy_rounds })
             }
             (
                 DestPhase::Postcopy | DestPhase::Completing,
-                Msg::Pages {
-                    first,
-                    n_pages,
-                    kind: PageKind::Demand,
-                    ..
-                },
+                Msg::Pages { first, n_pages, kind: PageKind::Demand, .. },
             ) => {
-                check_pages(
-                    self.layout.as_ref().expect("set at hello"),
-                    "demand pages",
-                    *first,
-                    u64::from(*n_pages),
-                )?;
+                check_pages(self.layout.as_ref().expect("set at hello"), "demand pages", *first, u64::from(*n_pages))?;
                 Ok(DestEvent::Data)
             }
             (DestPhase::Completing, Msg::CompleteAck(s)) => {
@@ -443,18 +382,32 @@ pub enum BulkEvent {
 impl DestBulk {
     /// A bulk machine for the session `session` over `layout`.
     pub fn new(session: u64, layout: MemLayout) -> Self {
-        DestBulk {
-            phase: BulkPhase::AwaitHello,
-            session,
-            layout,
-            pushed: 0,
-            switched: false,
-        }
+        DestBulk { phase: BulkPhase::AwaitHello, session, layout, pushed: 0, switched: false }
     }
 
     /// The guest switched over: push pages are legal from now on, precopy pages no longer.
     pub fn on_switchover(&mut self) {
         self.switched = true;
+    }
+
+    /// Check a Pages frame from its prefix alone (before its data is read
+    /// into guest memory).
+    pub fn check_pages(&mut self, first: PageIdx, n_pages: u32, kind: PageKind) -> Result<(), SessionError> {
+        let legal = self.phase == BulkPhase::Streaming
+            && match kind {
+                PageKind::Precopy => !self.switched,
+                PageKind::Push => true,
+                PageKind::Demand => false,
+            };
+        if !legal {
+            let phase = if self.phase == BulkPhase::Streaming { "streaming" } else { "not streaming" };
+            return Err(SessionError::Unexpected { tag: Tag::Pages, phase });
+        }
+        check_pages(&self.layout, "bulk pages", first, u64::from(n_pages))?;
+        if kind == PageKind::Push {
+            self.pushed += u64::from(n_pages);
+        }
+        Ok(())
     }
 
     /// Check a received bulk message.
@@ -471,66 +424,28 @@ impl DestBulk {
         match (self.phase, msg) {
             (BulkPhase::AwaitHello, Msg::BulkHello { version, session }) => {
                 if *version < MIN_VERSION || *version > VERSION {
-                    return Err(SessionError::Version {
-                        min: *version,
-                        max: *version,
-                    });
+                    return Err(SessionError::Version { min: *version, max: *version });
                 }
                 if *session != self.session {
-                    return Err(SessionError::Auth(
-                        "bulk connection presented an unknown session",
-                    ));
+                    return Err(SessionError::Auth("bulk connection presented an unknown session"));
                 }
                 self.phase = BulkPhase::Streaming;
                 Ok(BulkEvent::Bound)
             }
-            (
-                BulkPhase::Streaming,
-                Msg::Pages {
-                    first,
-                    n_pages,
-                    kind,
-                    ..
-                },
-            ) => {
-                let legal = match kind {
-                    PageKind::Precopy => !self.switched,
-                    PageKind::Push => true,
-                    PageKind::Demand => false,
-                };
-                if !legal {
-                    return Err(SessionError::Unexpected {
-                        tag: Tag::Pages,
-                        phase,
-                    });
-                }
-                check_pages(&self.layout, "bulk pages", *first, u64::from(*n_pages))?;
-                if *kind == PageKind::Push {
-                    self.pushed += u64::from(*n_pages);
-                }
+            (BulkPhase::Streaming, Msg::Pages { first, n_pages, kind, .. }) => {
+                self.check_pages(*first, *n_pages, *kind)?;
                 Ok(BulkEvent::Pages)
             }
-            (BulkPhase::Streaming, Msg::PrecopyRound { .. }) if !self.switched => {
-                Ok(BulkEvent::RoundEnd)
-            }
+            (BulkPhase::Streaming, Msg::PrecopyRound { .. }) if !self.switched => Ok(BulkEvent::RoundEnd),
             (BulkPhase::Streaming, Msg::PushDone { n_pushed }) => {
                 // More received than announced can only be a broken peer.
                 if *n_pushed < self.pushed {
-                    return Err(SessionError::Count {
-                        what: "pushed pages",
-                        said: *n_pushed,
-                        sent: self.pushed,
-                    });
+                    return Err(SessionError::Count { what: "pushed pages", said: *n_pushed, sent: self.pushed });
                 }
                 self.phase = BulkPhase::Done;
-                Ok(BulkEvent::PushDone {
-                    lost: n_pushed - self.pushed,
-                })
+                Ok(BulkEvent::PushDone { lost: n_pushed - self.pushed })
             }
-            (_, m) => Err(SessionError::Unexpected {
-                tag: m.tag(),
-                phase,
-            }),
+            (_, m) => Err(SessionError::Unexpected { tag: m.tag(), phase }),
         }
     }
 }
@@ -607,10 +522,7 @@ pub struct SourceSession {
 impl SourceSession {
     /// A new session making `offer`.
     pub fn new(offer: SourceOffer) -> Self {
-        SourceSession {
-            phase: SourcePhase::AwaitServerHello,
-            offer,
-        }
+        SourceSession { phase: SourcePhase::AwaitServerHello, offer }
     }
 
     /// Check a received message and advance.
@@ -619,17 +531,11 @@ impl SourceSession {
             self.phase = SourcePhase::Done;
             return Err(e);
         }
-        let unexpected = |phase: SourcePhase| SessionError::Unexpected {
-            tag: msg.tag(),
-            phase: phase.name(),
-        };
+        let unexpected = |phase: SourcePhase| SessionError::Unexpected { tag: msg.tag(), phase: phase.name() };
         match (self.phase, msg) {
             (SourcePhase::AwaitServerHello, Msg::ServerHello(s)) => {
                 if s.min_version > VERSION || s.max_version < MIN_VERSION {
-                    return Err(SessionError::Version {
-                        min: s.min_version,
-                        max: s.max_version,
-                    });
+                    return Err(SessionError::Version { min: s.min_version, max: s.max_version });
                 }
                 let version = VERSION.min(s.max_version);
                 let mut hello = Hello {
@@ -644,13 +550,9 @@ impl SourceSession {
                     mac: [0; MAC_LEN],
                 };
                 match (&self.offer.key, s.flags & SERVER_FLAG_AUTH_REQUIRED != 0) {
-                    (Some(key), _) => {
-                        hello.mac = auth::hello_mac(key, &s.nonce, &hello_mac_input(&hello))
-                    }
+                    (Some(key), _) => hello.mac = auth::hello_mac(key, &s.nonce, &hello_mac_input(&hello)),
                     (None, true) => {
-                        return Err(SessionError::Auth(
-                            "the destination requires a key and none was given",
-                        ));
+                        return Err(SessionError::Auth("the destination requires a key and none was given"));
                     }
                     (None, false) => {}
                 }
@@ -664,14 +566,9 @@ impl SourceSession {
                     )));
                 }
                 self.phase = SourcePhase::Ready;
-                Ok(SourceEvent::Accepted {
-                    session: *session,
-                    features: *features,
-                })
+                Ok(SourceEvent::Accepted { session: *session, features: *features })
             }
-            (SourcePhase::AwaitServerHello | SourcePhase::AwaitHelloAck, _) => {
-                Err(unexpected(self.phase))
-            }
+            (SourcePhase::AwaitServerHello | SourcePhase::AwaitHelloAck, _) => Err(unexpected(self.phase)),
             (_, Msg::KeepAlive) => Ok(SourceEvent::KeepAlive),
             (SourcePhase::AwaitSwitchoverAck, Msg::SwitchoverAck(t)) => {
                 self.phase = SourcePhase::Postcopy;
@@ -686,11 +583,7 @@ impl SourceSession {
             (SourcePhase::Postcopy, Msg::Complete { n_present }) => {
                 let n = self.offer.layout.n_pages();
                 if *n_present != n {
-                    return Err(SessionError::Count {
-                        what: "pages present at completion",
-                        said: *n_present,
-                        sent: n,
-                    });
+                    return Err(SessionError::Count { what: "pages present at completion", said: *n_present, sent: n });
                 }
                 self.phase = SourcePhase::Done;
                 Ok(SourceEvent::Complete)
@@ -720,11 +613,7 @@ impl SourceSession {
 
 /// Validate a page run the driver is about to request or install, for use
 /// outside the machines (e.g. precopy installs).
-pub fn check_range(
-    layout: &MemLayout,
-    what: &'static str,
-    r: PageRange,
-) -> Result<(), SessionError> {
+pub fn check_range(layout: &MemLayout, what: &'static str, r: PageRange) -> Result<(), SessionError> {
     check_pages(layout, what, r.first, r.n_pages)
 }
 
@@ -749,37 +638,14 @@ mod tests {
     }
 
     /// Drive both machines through a handshake; returns them ready.
-    fn handshake(
-        key_d: Option<&[u8]>,
-        key_s: Option<&[u8]>,
-    ) -> Result<(DestSession, SourceSession), SessionError> {
-        let mut d = DestSession::new(
-            DestExpect {
-                key: key_d.map(<[u8]>::to_vec),
-                ..Default::default()
-            },
-            [5; 16],
-            77,
-        );
+    fn handshake(key_d: Option<&[u8]>, key_s: Option<&[u8]>) -> Result<(DestSession, SourceSession), SessionError> {
+        let mut d = DestSession::new(DestExpect { key: key_d.map(<[u8]>::to_vec), ..Default::default() }, [5; 16], 77);
         let mut s = SourceSession::new(offer(key_s));
-        let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello())? else {
-            panic!("no hello")
-        };
-        let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h))? else {
-            panic!("not accepted")
-        };
+        let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello())? else { panic!("no hello") };
+        let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h))? else { panic!("not accepted") };
         assert_eq!(a.layout, layout());
-        let ack = Msg::HelloAck {
-            session: d.session(),
-            features: a.features,
-        };
-        assert_eq!(
-            s.on_recv(&ack)?,
-            SourceEvent::Accepted {
-                session: 77,
-                features: 0
-            }
-        );
+        let ack = Msg::HelloAck { session: d.session(), features: a.features };
+        assert_eq!(s.on_recv(&ack)?, SourceEvent::Accepted { session: 77, features: 0 });
         Ok((d, s))
     }
 
@@ -789,283 +655,123 @@ mod tests {
         assert_eq!(d.on_recv(&Msg::GuestState(b"st")).unwrap(), DestEvent::Data);
         let mut wb = Vec::new();
         encode_words(&[u64::MAX, 0b1011], &mut wb);
-        assert_eq!(
-            d.on_recv(&Msg::Outstanding {
-                first_word: 0,
-                words: word_list(&wb)
-            })
-            .unwrap(),
-            DestEvent::Data
-        );
-        let ev = d
-            .on_recv(&Msg::Switchover {
-                n_outstanding: 67,
-                precopy_rounds: 0,
-            })
-            .unwrap();
-        assert!(
-            matches!(ev, DestEvent::SwitchoverReady { outstanding, .. } if outstanding.count_ones() == 67)
-        );
+        assert_eq!(d.on_recv(&Msg::Outstanding { first_word: 0, words: word_list(&wb) }).unwrap(), DestEvent::Data);
+        let ev = d.on_recv(&Msg::Switchover { n_outstanding: 67, precopy_rounds: 0 }).unwrap();
+        assert!(matches!(ev, DestEvent::SwitchoverReady { outstanding, .. } if outstanding.count_ones() == 67));
         s.on_switchover_sent();
         assert!(s.switchover_in_doubt());
-        assert!(matches!(
-            s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default()))
-                .unwrap(),
-            SourceEvent::Resumed(_)
-        ));
+        assert!(matches!(s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default())).unwrap(), SourceEvent::Resumed(_)));
         assert!(s.switched_over());
         let mut rb = Vec::new();
         encode_ranges(&[PageRange::new(PageIdx(3), 4)], &mut rb);
-        assert_eq!(
-            s.on_recv(&Msg::RangeRequest {
-                req_id: 1,
-                ranges: range_list(&rb)
-            })
-            .unwrap(),
-            SourceEvent::Request
-        );
+        assert_eq!(s.on_recv(&Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }).unwrap(), SourceEvent::Request);
         let data = vec![0; 4096];
-        let demand = Msg::Pages {
-            first: PageIdx(127),
-            n_pages: 1,
-            kind: PageKind::Demand,
-            data: &data,
-        };
+        let demand = Msg::Pages { first: PageIdx(127), n_pages: 1, kind: PageKind::Demand, data: &data };
         assert_eq!(d.on_recv(&demand).unwrap(), DestEvent::Data);
         d.on_complete_sent();
-        assert_eq!(
-            s.on_recv(&Msg::Complete { n_present: 128 }).unwrap(),
-            SourceEvent::Complete
-        );
-        assert!(matches!(
-            d.on_recv(&Msg::CompleteAck(SourceStats::default()))
-                .unwrap(),
-            DestEvent::Finished(_)
-        ));
+        assert_eq!(s.on_recv(&Msg::Complete { n_present: 128 }).unwrap(), SourceEvent::Complete);
+        assert!(matches!(d.on_recv(&Msg::CompleteAck(SourceStats::default())).unwrap(), DestEvent::Finished(_)));
     }
 
     #[test]
     fn out_of_order_and_out_of_range_are_rejected() {
         let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
         assert!(matches!(
-            d.on_recv(&Msg::Switchover {
-                n_outstanding: 0,
-                precopy_rounds: 0
-            }),
+            d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }),
             Err(SessionError::Unexpected { .. })
         ));
         let (mut d, mut s) = handshake(None, None).unwrap();
         // Switchover before the guest state.
         assert!(matches!(
-            d.on_recv(&Msg::Switchover {
-                n_outstanding: 0,
-                precopy_rounds: 0
-            }),
+            d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }),
             Err(SessionError::Unexpected { .. })
         ));
         // Outstanding words past the end of the bitmap (128 pages = 2 words).
         let (mut d2, _) = handshake(None, None).unwrap();
         let mut wb = Vec::new();
         encode_words(&[1, 1], &mut wb);
-        let r = d2.on_recv(&Msg::Outstanding {
-            first_word: 1,
-            words: word_list(&wb),
-        });
+        let r = d2.on_recv(&Msg::Outstanding { first_word: 1, words: word_list(&wb) });
         assert!(matches!(r, Err(SessionError::OutOfRange { .. })));
-        let r = d2.on_recv(&Msg::Outstanding {
-            first_word: u64::MAX,
-            words: word_list(&wb),
-        });
+        let r = d2.on_recv(&Msg::Outstanding { first_word: u64::MAX, words: word_list(&wb) });
         assert!(matches!(r, Err(SessionError::OutOfRange { .. })));
         // A wrong outstanding count.
         d.on_recv(&Msg::GuestState(b"")).unwrap();
         assert!(matches!(
-            d.on_recv(&Msg::Switchover {
-                n_outstanding: 5,
-                precopy_rounds: 0
-            }),
+            d.on_recv(&Msg::Switchover { n_outstanding: 5, precopy_rounds: 0 }),
             Err(SessionError::Count { .. })
         ));
         // A range request before switchover, then one out of range.
         let mut rb = Vec::new();
         encode_ranges(&[PageRange::new(PageIdx(120), 9)], &mut rb);
-        let req = Msg::RangeRequest {
-            req_id: 1,
-            ranges: range_list(&rb),
-        };
-        assert!(matches!(
-            s.on_recv(&req),
-            Err(SessionError::Unexpected { .. })
-        ));
+        let req = Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) };
+        assert!(matches!(s.on_recv(&req), Err(SessionError::Unexpected { .. })));
         s.on_switchover_sent();
-        s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default()))
-            .unwrap();
-        assert!(matches!(
-            s.on_recv(&req),
-            Err(SessionError::OutOfRange { .. })
-        ));
+        s.on_recv(&Msg::SwitchoverAck(ResumeTimes::default())).unwrap();
+        assert!(matches!(s.on_recv(&req), Err(SessionError::OutOfRange { .. })));
         // Completion with the wrong count.
-        assert!(matches!(
-            s.on_recv(&Msg::Complete { n_present: 5 }),
-            Err(SessionError::Count { .. })
-        ));
+        assert!(matches!(s.on_recv(&Msg::Complete { n_present: 5 }), Err(SessionError::Count { .. })));
     }
 
     #[test]
     fn auth_is_enforced_both_ways() {
         assert!(handshake(Some(b"k"), Some(b"k")).is_ok());
-        assert!(matches!(
-            handshake(Some(b"k"), Some(b"x")),
-            Err(SessionError::Auth("wrong key"))
-        ));
-        assert!(matches!(
-            handshake(Some(b"k"), None),
-            Err(SessionError::Auth(_))
-        ));
+        assert!(matches!(handshake(Some(b"k"), Some(b"x")), Err(SessionError::Auth("wrong key"))));
+        assert!(matches!(handshake(Some(b"k"), None), Err(SessionError::Auth(_))));
         // A hello forged without the key (zero MAC) against a keyed destination.
-        let mut d = DestSession::new(
-            DestExpect {
-                key: Some(b"k".to_vec()),
-                ..Default::default()
-            },
-            [1; 16],
-            1,
-        );
+        let mut d = DestSession::new(DestExpect { key: Some(b"k".to_vec()), ..Default::default() }, [1; 16], 1);
         let mut s = SourceSession::new(offer(None));
-        let unkeyed = ServerHello {
-            min_version: 1,
-            max_version: 1,
-            flags: 0,
-            nonce: [1; 16],
-        };
-        let SourceEvent::SendHello(h) = s.on_recv(&Msg::ServerHello(unkeyed)).unwrap() else {
-            panic!()
-        };
-        assert!(matches!(
-            d.on_recv(&Msg::Hello(h)),
-            Err(SessionError::Auth(_))
-        ));
+        let unkeyed = ServerHello { min_version: 1, max_version: 1, flags: 0, nonce: [1; 16] };
+        let SourceEvent::SendHello(h) = s.on_recv(&Msg::ServerHello(unkeyed)).unwrap() else { panic!() };
+        assert!(matches!(d.on_recv(&Msg::Hello(h)), Err(SessionError::Auth(_))));
     }
 
     #[test]
     fn version_and_mismatch() {
         let mut s = SourceSession::new(offer(None));
-        let future = ServerHello {
-            min_version: VERSION + 1,
-            max_version: VERSION + 5,
-            flags: 0,
-            nonce: [0; 16],
-        };
-        assert!(matches!(
-            s.on_recv(&Msg::ServerHello(future)),
-            Err(SessionError::Version { .. })
-        ));
+        let future = ServerHello { min_version: VERSION + 1, max_version: VERSION + 5, flags: 0, nonce: [0; 16] };
+        assert!(matches!(s.on_recv(&Msg::ServerHello(future)), Err(SessionError::Version { .. })));
         let mut d = DestSession::new(
-            DestExpect {
-                mem_bytes: Some(1 << 30),
-                guest_kind: Some(GuestKind::Vm),
-                ..Default::default()
-            },
+            DestExpect { mem_bytes: Some(1 << 30), guest_kind: Some(GuestKind::Vm), ..Default::default() },
             [0; 16],
             1,
         );
         let mut s = SourceSession::new(offer(None));
-        let SourceEvent::SendHello(mut h) = s.on_recv(&d.server_hello()).unwrap() else {
-            panic!()
-        };
+        let SourceEvent::SendHello(mut h) = s.on_recv(&d.server_hello()).unwrap() else { panic!() };
         let e = d.on_recv(&Msg::Hello(h.clone())).unwrap_err();
         assert_eq!(e.code(), ErrorCode::Mismatch);
         h.version = VERSION + 1;
         let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
-        assert!(matches!(
-            d.on_recv(&Msg::Hello(h)),
-            Err(SessionError::Version { .. })
-        ));
+        assert!(matches!(d.on_recv(&Msg::Hello(h)), Err(SessionError::Version { .. })));
     }
 
     #[test]
     fn peer_errors_surface() {
         let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
-        let e = d
-            .on_recv(&Msg::Error {
-                code: ErrorCode::Aborted,
-                message: "bye",
-            })
-            .unwrap_err();
-        assert_eq!(
-            e,
-            SessionError::Peer {
-                code: ErrorCode::Aborted,
-                message: "bye".into()
-            }
-        );
+        let e = d.on_recv(&Msg::Error { code: ErrorCode::Aborted, message: "bye" }).unwrap_err();
+        assert_eq!(e, SessionError::Peer { code: ErrorCode::Aborted, message: "bye".into() });
     }
 
     #[test]
     fn bulk_machine() {
         let mut b = DestBulk::new(9, layout());
         let data = vec![0; 4096];
-        let push = Msg::Pages {
-            first: PageIdx(0),
-            n_pages: 1,
-            kind: PageKind::Push,
-            data: &data,
-        };
-        assert!(matches!(
-            b.on_recv(&push),
-            Err(SessionError::Unexpected { .. })
-        ));
-        assert!(matches!(
-            b.on_recv(&Msg::BulkHello {
-                version: 1,
-                session: 8
-            }),
-            Err(SessionError::Auth(_))
-        ));
+        let push = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data };
+        assert!(matches!(b.on_recv(&push), Err(SessionError::Unexpected { .. })));
+        assert!(matches!(b.on_recv(&Msg::BulkHello { version: 1, session: 8 }), Err(SessionError::Auth(_))));
         let mut b = DestBulk::new(9, layout());
-        assert_eq!(
-            b.on_recv(&Msg::BulkHello {
-                version: 1,
-                session: 9
-            })
-            .unwrap(),
-            BulkEvent::Bound
-        );
-        let pre = Msg::Pages {
-            first: PageIdx(0),
-            n_pages: 1,
-            kind: PageKind::Precopy,
-            data: &data,
-        };
+        assert_eq!(b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap(), BulkEvent::Bound);
+        let pre = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Precopy, data: &data };
         assert_eq!(b.on_recv(&pre).unwrap(), BulkEvent::Pages);
         b.on_switchover();
         assert!(b.on_recv(&pre).is_err(), "precopy pages after switchover");
         assert_eq!(b.on_recv(&push).unwrap(), BulkEvent::Pages);
-        let far = Msg::Pages {
-            first: PageIdx(128),
-            n_pages: 1,
-            kind: PageKind::Push,
-            data: &data,
-        };
-        assert!(matches!(
-            b.on_recv(&far),
-            Err(SessionError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            b.on_recv(&Msg::PushDone { n_pushed: 0 }),
-            Err(SessionError::Count { .. })
-        ));
+        let far = Msg::Pages { first: PageIdx(128), n_pages: 1, kind: PageKind::Push, data: &data };
+        assert!(matches!(b.on_recv(&far), Err(SessionError::OutOfRange { .. })));
+        assert!(matches!(b.on_recv(&Msg::PushDone { n_pushed: 0 }), Err(SessionError::Count { .. })));
         let mut b = DestBulk::new(9, layout());
-        b.on_recv(&Msg::BulkHello {
-            version: 1,
-            session: 9,
-        })
-        .unwrap();
+        b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap();
         b.on_switchover();
         b.on_recv(&push).unwrap();
-        assert_eq!(
-            b.on_recv(&Msg::PushDone { n_pushed: 3 }).unwrap(),
-            BulkEvent::PushDone { lost: 2 }
-        );
+        assert_eq!(b.on_recv(&Msg::PushDone { n_pushed: 3 }).unwrap(), BulkEvent::PushDone { lost: 2 });
     }
 }

@@ -43,9 +43,7 @@ pub struct LatencySummary {
 impl LatencyHist {
     /// An empty histogram.
     pub fn new() -> Self {
-        LatencyHist {
-            h: Histogram::new_with_bounds(1, MAX_NS, 3).expect("static bounds are valid"),
-        }
+        LatencyHist { h: Histogram::new_with_bounds(1, MAX_NS, 3).expect("static bounds are valid") }
     }
 
     /// Record one latency.
@@ -98,10 +96,7 @@ impl LatencyHist {
     /// The recorded distribution as (value_ns, count) pairs, ascending: a
     /// compact, lossless form for reports (equal-value buckets of the histogram).
     pub fn to_buckets(&self) -> Vec<(u64, u64)> {
-        self.h
-            .iter_recorded()
-            .map(|v| (v.value_iterated_to(), v.count_at_value()))
-            .collect()
+        self.h.iter_recorded().map(|v| (v.value_iterated_to(), v.count_at_value())).collect()
     }
 
     /// Rebuild from [`LatencyHist::to_buckets`] output.

@@ -159,9 +159,7 @@ pub enum LayoutError {
         n: usize,
     },
     /// A region start or length is not a multiple of the page size, or is zero.
-    #[error(
-        "region {index} (guest {guest:#x}, {len_bytes} bytes) is empty or not aligned to {page_size} pages"
-    )]
+    #[error("region {index} (guest {guest:#x}, {len_bytes} bytes) is empty or not aligned to {page_size} pages")]
     Misaligned {
         /// Region index.
         index: usize,
@@ -210,50 +208,26 @@ impl MemLayout {
         let mut prev_end: u64 = 0;
         for (index, r) in regions.iter().enumerate() {
             if r.len_bytes == 0 || r.len_bytes % ps != 0 || r.guest.0 % ps != 0 {
-                return Err(LayoutError::Misaligned {
-                    index,
-                    guest: r.guest.0,
-                    len_bytes: r.len_bytes,
-                    page_size,
-                });
+                return Err(LayoutError::Misaligned { index, guest: r.guest.0, len_bytes: r.len_bytes, page_size });
             }
-            let end = r
-                .guest
-                .0
-                .checked_add(r.len_bytes)
-                .ok_or(LayoutError::TooLarge)?;
+            let end = r.guest.0.checked_add(r.len_bytes).ok_or(LayoutError::TooLarge)?;
             if index > 0 && r.guest.0 < prev_end {
-                return Err(LayoutError::Unordered {
-                    index,
-                    guest: r.guest.0,
-                });
+                return Err(LayoutError::Unordered { index, guest: r.guest.0 });
             }
             prev_end = end;
             first_page.push(total);
-            total = total
-                .checked_add(r.len_bytes / ps)
-                .ok_or(LayoutError::TooLarge)?;
+            total = total.checked_add(r.len_bytes / ps).ok_or(LayoutError::TooLarge)?;
             if total > MAX_PAGES {
                 return Err(LayoutError::TooLarge);
             }
         }
         first_page.push(total);
-        Ok(MemLayout {
-            page_size,
-            regions,
-            first_page,
-        })
+        Ok(MemLayout { page_size, regions, first_page })
     }
 
     /// A single region of `len_bytes` at guest offset 0.
     pub fn single(page_size: PageSize, len_bytes: u64) -> Result<MemLayout, LayoutError> {
-        MemLayout::new(
-            page_size,
-            vec![RegionDesc {
-                guest: GuestOffset(0),
-                len_bytes,
-            }],
-        )
+        MemLayout::new(page_size, vec![RegionDesc { guest: GuestOffset(0), len_bytes }])
     }
 
     /// The page size.
@@ -280,10 +254,7 @@ impl MemLayout {
 
     /// Pages of region `i` as a range of page indices.
     pub fn region_pages(&self, i: usize) -> PageRange {
-        PageRange::new(
-            PageIdx(self.first_page[i]),
-            self.first_page[i + 1] - self.first_page[i],
-        )
+        PageRange::new(PageIdx(self.first_page[i]), self.first_page[i + 1] - self.first_page[i])
     }
 
     /// Region holding `page` and the page's index within it, if in range.
@@ -309,9 +280,7 @@ impl MemLayout {
     /// Guest offset of the start of `page`, if in range.
     pub fn offset_of(&self, page: PageIdx) -> Option<GuestOffset> {
         let (i, within) = self.locate(page)?;
-        Some(GuestOffset(
-            self.regions[i].guest.0 + within * self.page_size.bytes(),
-        ))
+        Some(GuestOffset(self.regions[i].guest.0 + within * self.page_size.bytes()))
     }
 
     /// Whether `range` is non-empty and lies inside the guest (it may span regions:
@@ -323,10 +292,7 @@ impl MemLayout {
 
     /// Split `range` at region boundaries: each piece lies in one region.
     /// The caller has checked `contains_range`.
-    pub fn split_by_region(
-        &self,
-        range: PageRange,
-    ) -> impl Iterator<Item = (usize, PageRange)> + '_ {
+    pub fn split_by_region(&self, range: PageRange) -> impl Iterator<Item = (usize, PageRange)> + '_ {
         let mut next = range.first.0;
         let end = range.end();
         std::iter::from_fn(move || {
@@ -350,14 +316,8 @@ mod tests {
         MemLayout::new(
             PageSize::Size4K,
             vec![
-                RegionDesc {
-                    guest: GuestOffset(0),
-                    len_bytes: 10 * 4096,
-                },
-                RegionDesc {
-                    guest: GuestOffset(1 << 32),
-                    len_bytes: 6 * 4096,
-                },
+                RegionDesc { guest: GuestOffset(0), len_bytes: 10 * 4096 },
+                RegionDesc { guest: GuestOffset(1 << 32), len_bytes: 6 * 4096 },
             ],
         )
         .unwrap()
@@ -370,60 +330,26 @@ mod tests {
         assert_eq!(l.locate(PageIdx(9)), Some((0, 9)));
         assert_eq!(l.locate(PageIdx(10)), Some((1, 0)));
         assert_eq!(l.locate(PageIdx(16)), None);
-        assert_eq!(
-            l.offset_of(PageIdx(11)),
-            Some(GuestOffset((1 << 32) + 4096))
-        );
+        assert_eq!(l.offset_of(PageIdx(11)), Some(GuestOffset((1 << 32) + 4096)));
         assert_eq!(l.page_of(GuestOffset((1 << 32) + 4097)), Some(PageIdx(11)));
-        assert_eq!(
-            l.page_of(GuestOffset(10 * 4096)),
-            None,
-            "hole between regions"
-        );
+        assert_eq!(l.page_of(GuestOffset(10 * 4096)), None, "hole between regions");
         let pieces: Vec<_> = l.split_by_region(PageRange::new(PageIdx(8), 5)).collect();
-        assert_eq!(
-            pieces,
-            vec![
-                (0, PageRange::new(PageIdx(8), 2)),
-                (1, PageRange::new(PageIdx(10), 3))
-            ]
-        );
+        assert_eq!(pieces, vec![(0, PageRange::new(PageIdx(8), 2)), (1, PageRange::new(PageIdx(10), 3))]);
     }
 
     #[test]
     fn rejects_bad_layouts() {
         let ps = PageSize::Size4K;
         assert_eq!(MemLayout::new(ps, vec![]), Err(LayoutError::Empty));
-        assert!(matches!(
-            MemLayout::single(ps, 4095),
-            Err(LayoutError::Misaligned { .. })
-        ));
-        assert!(matches!(
-            MemLayout::single(ps, 0),
-            Err(LayoutError::Misaligned { .. })
-        ));
+        assert!(matches!(MemLayout::single(ps, 4095), Err(LayoutError::Misaligned { .. })));
+        assert!(matches!(MemLayout::single(ps, 0), Err(LayoutError::Misaligned { .. })));
         let overlap = vec![
-            RegionDesc {
-                guest: GuestOffset(0),
-                len_bytes: 8192,
-            },
-            RegionDesc {
-                guest: GuestOffset(4096),
-                len_bytes: 8192,
-            },
+            RegionDesc { guest: GuestOffset(0), len_bytes: 8192 },
+            RegionDesc { guest: GuestOffset(4096), len_bytes: 8192 },
         ];
-        assert!(matches!(
-            MemLayout::new(ps, overlap),
-            Err(LayoutError::Unordered { .. })
-        ));
-        assert_eq!(
-            MemLayout::single(ps, (MAX_PAGES + 1) * 4096),
-            Err(LayoutError::TooLarge)
-        );
-        let wrap = vec![RegionDesc {
-            guest: GuestOffset(u64::MAX - 4095),
-            len_bytes: 8192,
-        }];
+        assert!(matches!(MemLayout::new(ps, overlap), Err(LayoutError::Unordered { .. })));
+        assert_eq!(MemLayout::single(ps, (MAX_PAGES + 1) * 4096), Err(LayoutError::TooLarge));
+        let wrap = vec![RegionDesc { guest: GuestOffset(u64::MAX - 4095), len_bytes: 8192 }];
         assert_eq!(MemLayout::new(ps, wrap), Err(LayoutError::TooLarge));
     }
 

@@ -269,11 +269,7 @@ impl FrameHeader {
     /// Decode and check a header.
     pub fn decode(b: &[u8]) -> Result<FrameHeader, DecodeError> {
         if b.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated {
-                what: "frame header",
-                need: HEADER_LEN,
-                have: b.len(),
-            });
+            return Err(DecodeError::Truncated { what: "frame header", need: HEADER_LEN, have: b.len() });
         }
         let tag = Tag::from_u8(b[0]).ok_or(DecodeError::UnknownTag(b[0]))?;
         if b[1] != 0 || b[2] != 0 || b[3] != 0 {
@@ -282,11 +278,7 @@ impl FrameHeader {
         let body_len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
         let max = tag.max_body_len();
         if body_len > max {
-            return Err(DecodeError::TooLarge {
-                tag,
-                len: body_len,
-                max,
-            });
+            return Err(DecodeError::TooLarge { tag, len: body_len, max });
         }
         Ok(FrameHeader { tag, body_len })
     }
@@ -521,9 +513,7 @@ impl<'a> WordList<'a> {
 
     /// The words in order.
     pub fn iter(&self) -> impl Iterator<Item = u64> + 'a {
-        self.0
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        self.0.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
     }
 }
 
@@ -629,11 +619,7 @@ impl<'a> Rd<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let have = self.b.len() - self.at;
         if have < n {
-            return Err(DecodeError::Truncated {
-                what: self.what,
-                need: self.at + n,
-                have: self.b.len(),
-            });
+            return Err(DecodeError::Truncated { what: self.what, need: self.at + n, have: self.b.len() });
         }
         let s = &self.b[self.at..self.at + n];
         self.at += n;
@@ -645,21 +631,15 @@ impl<'a> Rd<'a> {
     }
 
     fn u16(&mut self) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?.try_into().expect("2 bytes"),
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
     }
 
     fn u32(&mut self) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
     }
 
     fn u64(&mut self) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
@@ -675,11 +655,7 @@ impl<'a> Rd<'a> {
     /// The body must be used up exactly.
     fn finish(&self, tag: Tag) -> Result<(), DecodeError> {
         if self.at != self.b.len() {
-            return Err(DecodeError::LengthMismatch {
-                tag,
-                len: self.b.len(),
-                expected: self.at as u64,
-            });
+            return Err(DecodeError::LengthMismatch { tag, len: self.b.len(), expected: self.at as u64 });
         }
         Ok(())
     }
@@ -695,17 +671,9 @@ fn check_magic(rd: &mut Rd<'_>) -> Result<(), DecodeError> {
 
 /// Decode the body of a frame whose header was decoded (and length-checked) as
 /// `h`. `page_size` is the negotiated page size, if known yet.
-pub fn decode<'a>(
-    h: FrameHeader,
-    body: &'a [u8],
-    page_size: Option<PageSize>,
-) -> Result<Msg<'a>, DecodeError> {
+pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -> Result<Msg<'a>, DecodeError> {
     if body.len() != h.body_len as usize {
-        return Err(DecodeError::LengthMismatch {
-            tag: h.tag,
-            len: body.len(),
-            expected: u64::from(h.body_len),
-        });
+        return Err(DecodeError::LengthMismatch { tag: h.tag, len: body.len(), expected: u64::from(h.body_len) });
     }
     let tag = h.tag;
     let mut rd = Rd::new(body, "message body");
@@ -717,21 +685,12 @@ pub fn decode<'a>(
             let flags = rd.u32()?;
             let nonce = rd.array::<NONCE_LEN>()?;
             if min_version == 0 || min_version > max_version {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "version range",
-                    value: u64::from(min_version),
-                });
+                return Err(DecodeError::Invalid { tag, field: "version range", value: u64::from(min_version) });
             }
             if flags & !SERVER_FLAG_AUTH_REQUIRED != 0 {
                 return Err(DecodeError::Reserved(tag));
             }
-            Msg::ServerHello(ServerHello {
-                min_version,
-                max_version,
-                flags,
-                nonce,
-            })
+            Msg::ServerHello(ServerHello { min_version, max_version, flags, nonce })
         }
         Tag::Hello => {
             check_magic(&mut rd)?;
@@ -743,11 +702,7 @@ pub fn decode<'a>(
                 value: kind.into(),
             })?;
             let m = rd.u8()?;
-            let mode = Mode::from_u8(m).ok_or(DecodeError::Invalid {
-                tag,
-                field: "mode",
-                value: m.into(),
-            })?;
+            let mode = Mode::from_u8(m).ok_or(DecodeError::Invalid { tag, field: "mode", value: m.into() })?;
             let features = rd.u64()?;
             let ps = rd.u32()?;
             let page_size = PageSize::from_bytes(u64::from(ps)).ok_or(DecodeError::Invalid {
@@ -757,11 +712,7 @@ pub fn decode<'a>(
             })?;
             let n = rd.u16()?;
             if usize::from(n) > crate::types::MAX_REGIONS || n == 0 {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "n_regions",
-                    value: n.into(),
-                });
+                return Err(DecodeError::Invalid { tag, field: "n_regions", value: n.into() });
             }
             if rd.u16()? != 0 {
                 return Err(DecodeError::Reserved(tag));
@@ -769,21 +720,14 @@ pub fn decode<'a>(
             let prefetch_pages = rd.u32()?;
             let pm = rd.u8()?;
             if pm > 1 {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "prefetch_mode",
-                    value: pm.into(),
-                });
+                return Err(DecodeError::Invalid { tag, field: "prefetch_mode", value: pm.into() });
             }
             if rd.array::<3>()? != [0; 3] {
                 return Err(DecodeError::Reserved(tag));
             }
             let mut regions = Vec::with_capacity(usize::from(n));
             for _ in 0..n {
-                regions.push(RegionDesc {
-                    guest: GuestOffset(rd.u64()?),
-                    len_bytes: rd.u64()?,
-                });
+                regions.push(RegionDesc { guest: GuestOffset(rd.u64()?), len_bytes: rd.u64()? });
             }
             let mac = rd.array::<MAC_LEN>()?;
             Msg::Hello(Hello {
@@ -798,30 +742,20 @@ pub fn decode<'a>(
                 mac,
             })
         }
-        Tag::HelloAck => Msg::HelloAck {
-            session: rd.u64()?,
-            features: rd.u64()?,
-        },
+        Tag::HelloAck => Msg::HelloAck { session: rd.u64()?, features: rd.u64()? },
         Tag::BulkHello => {
             check_magic(&mut rd)?;
             let version = rd.u16()?;
             if rd.u16()? != 0 {
                 return Err(DecodeError::Reserved(tag));
             }
-            Msg::BulkHello {
-                version,
-                session: rd.u64()?,
-            }
+            Msg::BulkHello { version, session: rd.u64()? }
         }
         Tag::Error => {
             let code = ErrorCode::from_u16(rd.u16()?);
             let len = rd.u16()?;
             if len > MAX_ERROR_LEN {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "message length",
-                    value: len.into(),
-                });
+                return Err(DecodeError::Invalid { tag, field: "message length", value: len.into() });
             }
             let bytes = rd.take(usize::from(len))?;
             // A peer's bad UTF-8 must not hide its error: keep the valid prefix.
@@ -843,10 +777,7 @@ pub fn decode<'a>(
                     expected: 8 + (rest.len() as u64 / 8 + 1) * 8,
                 });
             }
-            Msg::Outstanding {
-                first_word,
-                words: WordList(rest),
-            }
+            Msg::Outstanding { first_word, words: WordList(rest) }
         }
         Tag::Switchover => {
             let n_outstanding = rd.u64()?;
@@ -854,60 +785,36 @@ pub fn decode<'a>(
             if rd.u32()? != 0 {
                 return Err(DecodeError::Reserved(tag));
             }
-            Msg::Switchover {
-                n_outstanding,
-                precopy_rounds,
-            }
+            Msg::Switchover { n_outstanding, precopy_rounds }
         }
-        Tag::SwitchoverAck => Msg::SwitchoverAck(ResumeTimes {
-            restore_ns: rd.u64()?,
-            evict_ns: rd.u64()?,
-            arm_ns: rd.u64()?,
-        }),
+        Tag::SwitchoverAck => {
+            Msg::SwitchoverAck(ResumeTimes { restore_ns: rd.u64()?, evict_ns: rd.u64()?, arm_ns: rd.u64()? })
+        }
         Tag::RangeRequest => {
             let req_id = rd.u32()?;
             let n = rd.u32()?;
             if n == 0 || n > MAX_REQUEST_RANGES {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "n_ranges",
-                    value: n.into(),
-                });
+                return Err(DecodeError::Invalid { tag, field: "n_ranges", value: n.into() });
             }
             let raw = rd.take(n as usize * 12)?;
             let list = RangeList(raw);
             if list.iter().any(|r| r.n_pages == 0) {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "range n_pages",
-                    value: 0,
-                });
+                return Err(DecodeError::Invalid { tag, field: "range n_pages", value: 0 });
             }
-            Msg::RangeRequest {
-                req_id,
-                ranges: list,
-            }
+            Msg::RangeRequest { req_id, ranges: list }
         }
         Tag::Pages => {
             let page_size = page_size.ok_or(DecodeError::NoPageSize)?;
             let first = PageIdx(rd.u64()?);
             let n_pages = rd.u32()?;
             let k = rd.u8()?;
-            let kind = PageKind::from_u8(k).ok_or(DecodeError::Invalid {
-                tag,
-                field: "kind",
-                value: k.into(),
-            })?;
+            let kind = PageKind::from_u8(k).ok_or(DecodeError::Invalid { tag, field: "kind", value: k.into() })?;
             if rd.array::<3>()? != [0; 3] {
                 return Err(DecodeError::Reserved(tag));
             }
             let data_len = u64::from(n_pages) * page_size.bytes();
             if n_pages == 0 || data_len > MAX_RUN_BYTES {
-                return Err(DecodeError::Invalid {
-                    tag,
-                    field: "n_pages",
-                    value: n_pages.into(),
-                });
+                return Err(DecodeError::Invalid { tag, field: "n_pages", value: n_pages.into() });
             }
             let data = rd.rest();
             if data.len() as u64 != data_len {
@@ -917,19 +824,10 @@ pub fn decode<'a>(
                     expected: PAGES_PREFIX_LEN as u64 + data_len,
                 });
             }
-            Msg::Pages {
-                first,
-                n_pages,
-                kind,
-                data,
-            }
+            Msg::Pages { first, n_pages, kind, data }
         }
-        Tag::PushDone => Msg::PushDone {
-            n_pushed: rd.u64()?,
-        },
-        Tag::Complete => Msg::Complete {
-            n_present: rd.u64()?,
-        },
+        Tag::PushDone => Msg::PushDone { n_pushed: rd.u64()? },
+        Tag::Complete => Msg::Complete { n_present: rd.u64()? },
         Tag::CompleteAck => Msg::CompleteAck(SourceStats {
             downtime_ns: rd.u64()?,
             pause_to_sent_ns: rd.u64()?,
@@ -944,22 +842,49 @@ pub fn decode<'a>(
             if rd.u32()? != 0 {
                 return Err(DecodeError::Reserved(tag));
             }
-            Msg::PrecopyRound {
-                round,
-                n_pages: rd.u64()?,
-            }
+            Msg::PrecopyRound { round, n_pages: rd.u64()? }
         }
     };
     rd.finish(tag)?;
     Ok(msg)
 }
 
+/// Decode the fixed prefix of a Pages frame (the 16 bytes after the header),
+/// checking it against the header's length: what a receiver needs to decide
+/// where the data goes before reading it.
+pub fn decode_pages_prefix(
+    h: FrameHeader,
+    prefix: &[u8],
+    page_size: Option<PageSize>,
+) -> Result<(PageIdx, u32, PageKind), DecodeError> {
+    debug_assert_eq!(h.tag, Tag::Pages);
+    let tag = Tag::Pages;
+    let page_size = page_size.ok_or(DecodeError::NoPageSize)?;
+    let mut rd = Rd::new(prefix, "pages prefix");
+    let first = PageIdx(rd.u64()?);
+    let n_pages = rd.u32()?;
+    let k = rd.u8()?;
+    let kind = PageKind::from_u8(k).ok_or(DecodeError::Invalid { tag, field: "kind", value: k.into() })?;
+    if rd.array::<3>()? != [0; 3] {
+        return Err(DecodeError::Reserved(tag));
+    }
+    let data_len = u64::from(n_pages) * page_size.bytes();
+    if n_pages == 0 || data_len > MAX_RUN_BYTES {
+        return Err(DecodeError::Invalid { tag, field: "n_pages", value: n_pages.into() });
+    }
+    if u64::from(h.body_len) != PAGES_PREFIX_LEN as u64 + data_len {
+        return Err(DecodeError::LengthMismatch {
+            tag,
+            len: h.body_len as usize,
+            expected: PAGES_PREFIX_LEN as u64 + data_len,
+        });
+    }
+    Ok((first, n_pages, kind))
+}
+
 /// Decode one whole frame from the front of `buf`: `Ok(None)` if more bytes
 /// are needed, else the message and the frame's length.
-pub fn decode_frame(
-    buf: &[u8],
-    page_size: Option<PageSize>,
-) -> Result<Option<(Msg<'_>, usize)>, DecodeError> {
+pub fn decode_frame(buf: &[u8], page_size: Option<PageSize>) -> Result<Option<(Msg<'_>, usize)>, DecodeError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
@@ -996,10 +921,7 @@ pub fn hello_mac_input(h: &Hello) -> Vec<u8> {
     out.push(h.mode as u8);
     put_u64(&mut out, h.features);
     put_u32(&mut out, len_u32(h.page_size.bytes_usize()));
-    put_u16(
-        &mut out,
-        u16::try_from(h.regions.len()).expect("regions bounded by MAX_REGIONS"),
-    );
+    put_u16(&mut out, u16::try_from(h.regions.len()).expect("regions bounded by MAX_REGIONS"));
     put_u16(&mut out, 0);
     put_u32(&mut out, h.prefetch_pages);
     out.extend_from_slice(&[u8::from(h.prefetch_around), 0, 0, 0]);
@@ -1020,8 +942,7 @@ pub fn pages_prefix(
 ) -> [u8; HEADER_LEN + PAGES_PREFIX_LEN] {
     let data_len = u64::from(n_pages) * page_size.bytes();
     debug_assert!(n_pages > 0 && data_len <= MAX_RUN_BYTES);
-    let body_len =
-        u32::try_from(PAGES_PREFIX_LEN as u64 + data_len).expect("run within MAX_RUN_BYTES");
+    let body_len = u32::try_from(PAGES_PREFIX_LEN as u64 + data_len).expect("run within MAX_RUN_BYTES");
     let mut out = [0u8; HEADER_LEN + PAGES_PREFIX_LEN];
     out[..HEADER_LEN].copy_from_slice(&FrameHeader::encode(Tag::Pages, body_len));
     out[8..16].copy_from_slice(&first.0.to_le_bytes());
@@ -1099,10 +1020,7 @@ impl Msg<'_> {
                 put_u64(out, *first_word);
                 out.extend_from_slice(words.0);
             }
-            Msg::Switchover {
-                n_outstanding,
-                precopy_rounds,
-            } => {
+            Msg::Switchover { n_outstanding, precopy_rounds } => {
                 put_u64(out, *n_outstanding);
                 put_u32(out, *precopy_rounds);
                 put_u32(out, 0);
@@ -1117,12 +1035,7 @@ impl Msg<'_> {
                 put_u32(out, len_u32(ranges.len()));
                 out.extend_from_slice(ranges.0);
             }
-            Msg::Pages {
-                first,
-                n_pages,
-                kind,
-                data,
-            } => {
+            Msg::Pages { first, n_pages, kind, data } => {
                 put_u64(out, first.0);
                 put_u32(out, *n_pages);
                 out.extend_from_slice(&[*kind as u8, 0, 0, 0]);
@@ -1166,10 +1079,7 @@ impl Msg<'_> {
 pub fn encode_ranges(ranges: &[PageRange], out: &mut Vec<u8>) {
     for r in ranges {
         put_u64(out, r.first.0);
-        put_u32(
-            out,
-            u32::try_from(r.n_pages).expect("range length fits u32"),
-        );
+        put_u32(out, u32::try_from(r.n_pages).expect("range length fits u32"));
     }
 }
 
@@ -1201,19 +1111,12 @@ mod tests {
 
     fn roundtrip(m: &Msg<'_>) {
         let frame = m.to_frame();
-        let (back, used) = decode_frame(&frame, PS)
-            .expect("decodes")
-            .expect("complete");
+        let (back, used) = decode_frame(&frame, PS).expect("decodes").expect("complete");
         assert_eq!(used, frame.len());
         assert_eq!(&back, m);
         // Every strict prefix is "need more", never an error or a panic.
         for cut in 0..frame.len() {
-            assert_eq!(
-                decode_frame(&frame[..cut], PS),
-                Ok(None),
-                "prefix {cut} of {:?}",
-                m.tag()
-            );
+            assert_eq!(decode_frame(&frame[..cut], PS), Ok(None), "prefix {cut} of {:?}", m.tag());
         }
         // A body cut short inside a correct header is Truncated or LengthMismatch
         // (an opaque guest state has no inner length: any length is a state).
@@ -1222,11 +1125,7 @@ mod tests {
             let short = &frame[HEADER_LEN..frame.len() - 1];
             let mut h2 = h;
             h2.body_len -= 1;
-            assert!(
-                decode(h2, short, PS).is_err(),
-                "{:?} accepted a short body",
-                m.tag()
-            );
+            assert!(decode(h2, short, PS).is_err(), "{:?} accepted a short body", m.tag());
         }
     }
 
@@ -1240,14 +1139,8 @@ mod tests {
             prefetch_pages: 8,
             prefetch_around: true,
             regions: vec![
-                RegionDesc {
-                    guest: GuestOffset(0),
-                    len_bytes: 1 << 30,
-                },
-                RegionDesc {
-                    guest: GuestOffset(1 << 32),
-                    len_bytes: 1 << 20,
-                },
+                RegionDesc { guest: GuestOffset(0), len_bytes: 1 << 30 },
+                RegionDesc { guest: GuestOffset(1 << 32), len_bytes: 1 << 20 },
             ],
             mac: [7; MAC_LEN],
         }
@@ -1256,61 +1149,23 @@ mod tests {
     #[test]
     fn every_message_round_trips() {
         let mut rb = Vec::new();
-        encode_ranges(
-            &[
-                PageRange::new(PageIdx(5), 3),
-                PageRange::new(PageIdx(1 << 40), 1),
-            ],
-            &mut rb,
-        );
+        encode_ranges(&[PageRange::new(PageIdx(5), 3), PageRange::new(PageIdx(1 << 40), 1)], &mut rb);
         let mut wb = Vec::new();
         encode_words(&[1, u64::MAX, 0], &mut wb);
         let data = vec![0xab; 2 * 4096];
         let msgs = vec![
-            Msg::ServerHello(ServerHello {
-                min_version: 1,
-                max_version: 3,
-                flags: 1,
-                nonce: [9; NONCE_LEN],
-            }),
+            Msg::ServerHello(ServerHello { min_version: 1, max_version: 3, flags: 1, nonce: [9; NONCE_LEN] }),
             Msg::Hello(hello()),
-            Msg::HelloAck {
-                session: 0xdead_beef,
-                features: 3,
-            },
-            Msg::BulkHello {
-                version: 1,
-                session: 42,
-            },
-            Msg::Error {
-                code: ErrorCode::Auth,
-                message: "bad key: é",
-            },
+            Msg::HelloAck { session: 0xdead_beef, features: 3 },
+            Msg::BulkHello { version: 1, session: 42 },
+            Msg::Error { code: ErrorCode::Auth, message: "bad key: é" },
             Msg::KeepAlive,
             Msg::GuestState(b"state bytes"),
-            Msg::Outstanding {
-                first_word: 17,
-                words: word_list(&wb),
-            },
-            Msg::Switchover {
-                n_outstanding: 12345,
-                precopy_rounds: 3,
-            },
-            Msg::SwitchoverAck(ResumeTimes {
-                restore_ns: 1,
-                evict_ns: 2,
-                arm_ns: 3,
-            }),
-            Msg::RangeRequest {
-                req_id: 9,
-                ranges: range_list(&rb),
-            },
-            Msg::Pages {
-                first: PageIdx(77),
-                n_pages: 2,
-                kind: PageKind::Demand,
-                data: &data,
-            },
+            Msg::Outstanding { first_word: 17, words: word_list(&wb) },
+            Msg::Switchover { n_outstanding: 12345, precopy_rounds: 3 },
+            Msg::SwitchoverAck(ResumeTimes { restore_ns: 1, evict_ns: 2, arm_ns: 3 }),
+            Msg::RangeRequest { req_id: 9, ranges: range_list(&rb) },
+            Msg::Pages { first: PageIdx(77), n_pages: 2, kind: PageKind::Demand, data: &data },
             Msg::PushDone { n_pushed: 99 },
             Msg::Complete { n_present: 100 },
             Msg::CompleteAck(SourceStats {
@@ -1322,10 +1177,7 @@ mod tests {
                 requests: 6,
                 push_ns: 7,
             }),
-            Msg::PrecopyRound {
-                round: 3,
-                n_pages: 1000,
-            },
+            Msg::PrecopyRound { round: 3, n_pages: 1000 },
         ];
         let mut seen = std::collections::HashSet::new();
         for m in &msgs {
@@ -1336,14 +1188,24 @@ mod tests {
     }
 
     #[test]
+    fn pages_prefix_decodes_alone() {
+        let data = vec![1u8; 2 * 4096];
+        let f = Msg::Pages { first: PageIdx(10), n_pages: 2, kind: PageKind::Push, data: &data }.to_frame();
+        let h = FrameHeader::decode(&f).unwrap();
+        let got = decode_pages_prefix(h, &f[HEADER_LEN..HEADER_LEN + PAGES_PREFIX_LEN], PS).unwrap();
+        assert_eq!(got, (PageIdx(10), 2, PageKind::Push));
+        // A header whose length disagrees with n_pages.
+        let mut h2 = h;
+        h2.body_len += 4096;
+        assert!(decode_pages_prefix(h2, &f[HEADER_LEN..HEADER_LEN + PAGES_PREFIX_LEN], PS).is_err());
+        assert!(decode_pages_prefix(h, &f[HEADER_LEN..HEADER_LEN + 8], PS).is_err());
+        assert_eq!(decode_pages_prefix(h, &f[HEADER_LEN..HEADER_LEN + 16], None), Err(DecodeError::NoPageSize));
+    }
+
+    #[test]
     fn pages_prefix_matches_encode() {
         let data = vec![1u8; 3 * 4096];
-        let m = Msg::Pages {
-            first: PageIdx(10),
-            n_pages: 3,
-            kind: PageKind::Push,
-            data: &data,
-        };
+        let m = Msg::Pages { first: PageIdx(10), n_pages: 3, kind: PageKind::Push, data: &data };
         let frame = m.to_frame();
         let prefix = pages_prefix(PageIdx(10), 3, PageKind::Push, PageSize::Size4K);
         assert_eq!(&frame[..prefix.len()], &prefix[..]);
@@ -1351,164 +1213,71 @@ mod tests {
 
     #[test]
     fn rejects_unknown_reserved_and_oversized() {
-        assert_eq!(
-            FrameHeader::decode(&[0, 0, 0, 0, 0, 0, 0, 0]),
-            Err(DecodeError::UnknownTag(0))
-        );
-        assert_eq!(
-            FrameHeader::decode(&[200, 0, 0, 0, 0, 0, 0, 0]),
-            Err(DecodeError::UnknownTag(200))
-        );
-        assert_eq!(
-            FrameHeader::decode(&[6, 1, 0, 0, 0, 0, 0, 0]),
-            Err(DecodeError::Reserved(Tag::KeepAlive))
-        );
-        assert!(matches!(
-            FrameHeader::decode(&[6, 0, 0, 0, 1, 0, 0, 0]),
-            Err(DecodeError::TooLarge { .. })
-        ));
+        assert_eq!(FrameHeader::decode(&[0, 0, 0, 0, 0, 0, 0, 0]), Err(DecodeError::UnknownTag(0)));
+        assert_eq!(FrameHeader::decode(&[200, 0, 0, 0, 0, 0, 0, 0]), Err(DecodeError::UnknownTag(200)));
+        assert_eq!(FrameHeader::decode(&[6, 1, 0, 0, 0, 0, 0, 0]), Err(DecodeError::Reserved(Tag::KeepAlive)));
+        assert!(matches!(FrameHeader::decode(&[6, 0, 0, 0, 1, 0, 0, 0]), Err(DecodeError::TooLarge { .. })));
         let huge = FrameHeader::encode(Tag::Pages, u32::MAX);
-        assert!(matches!(
-            FrameHeader::decode(&huge),
-            Err(DecodeError::TooLarge { .. })
-        ));
-        assert!(matches!(
-            decode_frame(&huge, PS),
-            Err(DecodeError::TooLarge { .. })
-        ));
+        assert!(matches!(FrameHeader::decode(&huge), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(decode_frame(&huge, PS), Err(DecodeError::TooLarge { .. })));
     }
 
     #[test]
     fn rejects_inconsistent_bodies() {
         // Pages whose n_pages disagrees with its data.
         let data = vec![0u8; 4096];
-        let mut f = Msg::Pages {
-            first: PageIdx(0),
-            n_pages: 1,
-            kind: PageKind::Push,
-            data: &data,
-        }
-        .to_frame();
+        let mut f = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data }.to_frame();
         f[16] = 2; // n_pages = 2
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::LengthMismatch { .. })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::LengthMismatch { .. })));
         // Pages before the page size is known.
-        let f = Msg::Pages {
-            first: PageIdx(0),
-            n_pages: 1,
-            kind: PageKind::Push,
-            data: &data,
-        }
-        .to_frame();
+        let f = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data }.to_frame();
         assert_eq!(decode_frame(&f, None), Err(DecodeError::NoPageSize));
         // A run larger than MAX_RUN_BYTES with 2 MiB pages.
-        let mut f = Msg::Pages {
-            first: PageIdx(0),
-            n_pages: 1,
-            kind: PageKind::Push,
-            data: &data,
-        }
-        .to_frame();
+        let mut f = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data }.to_frame();
         f[16..20].copy_from_slice(&5u32.to_le_bytes());
-        assert!(matches!(
-            decode_frame(&f, Some(PageSize::Size2M)),
-            Err(DecodeError::Invalid { .. })
-        ));
+        assert!(matches!(decode_frame(&f, Some(PageSize::Size2M)), Err(DecodeError::Invalid { .. })));
         // Zero-length range.
         let mut rb = Vec::new();
         encode_ranges(&[PageRange::new(PageIdx(1), 1)], &mut rb);
-        let mut f = Msg::RangeRequest {
-            req_id: 1,
-            ranges: range_list(&rb),
-        }
-        .to_frame();
+        let mut f = Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }.to_frame();
         f[HEADER_LEN + 16..HEADER_LEN + 20].copy_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::Invalid { .. })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { .. })));
         // A range count larger than the body.
-        let mut f = Msg::RangeRequest {
-            req_id: 1,
-            ranges: range_list(&rb),
-        }
-        .to_frame();
+        let mut f = Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }.to_frame();
         f[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::Truncated { .. })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Truncated { .. })));
         // Trailing garbage after a fixed-size body.
         let mut f = Msg::Complete { n_present: 1 }.to_frame();
         f.push(0);
         f[4] = 9;
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::TooLarge { .. })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::TooLarge { .. })));
         // Wrong magic, bad mode, too many regions.
         let mut f = Msg::Hello(hello()).to_frame();
         f[HEADER_LEN] ^= 1;
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::BadMagic(_))
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::BadMagic(_))));
         let mut f = Msg::Hello(hello()).to_frame();
         f[HEADER_LEN + 7] = 9;
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::Invalid { field: "mode", .. })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { field: "mode", .. })));
         let mut f = Msg::Hello(hello()).to_frame();
         f[HEADER_LEN + 20..HEADER_LEN + 22].copy_from_slice(&65u16.to_le_bytes());
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::Invalid {
-                field: "n_regions",
-                ..
-            })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { field: "n_regions", .. })));
         // Inverted version range.
-        let mut f = Msg::ServerHello(ServerHello {
-            min_version: 1,
-            max_version: 1,
-            flags: 0,
-            nonce: [0; 16],
-        })
-        .to_frame();
+        let mut f =
+            Msg::ServerHello(ServerHello { min_version: 1, max_version: 1, flags: 0, nonce: [0; 16] }).to_frame();
         f[HEADER_LEN + 4] = 5;
-        assert!(matches!(
-            decode_frame(&f, PS),
-            Err(DecodeError::Invalid { .. })
-        ));
+        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { .. })));
     }
 
     #[test]
     fn error_message_is_bounded_and_lossy_utf8_survives() {
         let long = "x".repeat(5000);
-        let f = Msg::Error {
-            code: ErrorCode::Internal,
-            message: &long,
-        }
-        .to_frame();
+        let f = Msg::Error { code: ErrorCode::Internal, message: &long }.to_frame();
         let (m, _) = decode_frame(&f, PS).unwrap().unwrap();
         assert!(matches!(m, Msg::Error { message, .. } if message.len() == 1024));
-        let mut f = Msg::Error {
-            code: ErrorCode::Protocol,
-            message: "abc",
-        }
-        .to_frame();
+        let mut f = Msg::Error { code: ErrorCode::Protocol, message: "abc" }.to_frame();
         f[HEADER_LEN + 5] = 0xff;
         let (m, _) = decode_frame(&f, PS).unwrap().unwrap();
-        assert_eq!(
-            m,
-            Msg::Error {
-                code: ErrorCode::Protocol,
-                message: "a"
-            }
-        );
+        assert_eq!(m, Msg::Error { code: ErrorCode::Protocol, message: "a" });
     }
 
     proptest! {

@@ -88,17 +88,13 @@ impl Pusher {
                 cursor = h;
                 SenderMetrics::add(&self.metrics.push_restarts, 1);
             }
-            let Some(run) = self
-                .next_run(cursor, n)
-                .or_else(|| self.next_run(0, cursor.min(n)))
-            else {
+            let Some(run) = self.next_run(cursor, n).or_else(|| self.next_run(0, cursor.min(n))) else {
                 break;
             };
             spans.clear();
             map.spans(run, &mut spans);
             let n_run = u32::try_from(run.n_pages).expect("run_pages fits u32");
-            self.conn
-                .send_pages(run.first, n_run, PageKind::Push, &spans)?;
+            self.conn.send_pages(run.first, n_run, PageKind::Push, &spans)?;
             self.pushed.set_range(run);
             n_pushed += run.n_pages;
             SenderMetrics::add(&self.metrics.pages_pushed, run.n_pages);
@@ -110,10 +106,7 @@ impl Pusher {
         self.conn.send(&Msg::PushDone { n_pushed })?;
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.metrics.push_ns.store(ns, Ordering::Relaxed);
-        SenderMetrics::add(
-            &self.metrics.bytes_sent,
-            self.conn.bytes_sent() - sent_before,
-        );
+        SenderMetrics::add(&self.metrics.bytes_sent, self.conn.bytes_sent() - sent_before);
         tracing::debug!(n_pushed, "push done");
         Ok(n_pushed)
     }

@@ -16,9 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::session::{SessionError, SourceEvent, SourceOffer, SourceSession};
-use proto::wire::{
-    self, ErrorCode, MAX_OUTSTANDING_WORDS, Mode, Msg, PageKind, ResumeTimes, SourceStats,
-};
+use proto::wire::{self, ErrorCode, MAX_OUTSTANDING_WORDS, Mode, Msg, PageKind, ResumeTimes, SourceStats};
 use proto::{AtomicPageBitmap, PageBitmap, PageIdx, PageRange};
 use transport::{Conn, IoSpan, TransportError, Wait};
 
@@ -175,11 +173,8 @@ pub fn run<G: SourceGuest>(
     control.set_page_size(layout.page_size());
     let mut bulk = open_bulk().map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
     bulk.set_page_size(layout.page_size());
-    bulk.send(&Msg::BulkHello {
-        version: wire::VERSION,
-        session: session_id,
-    })
-    .map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
+    bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session_id })
+        .map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
 
     // Pure postcopy: every page is outstanding. (Precopy rounds would send
     // pages here and leave only the dirty set outstanding.)
@@ -188,9 +183,7 @@ pub fn run<G: SourceGuest>(
 
     // Switchover. Until the Switchover frame is written, failure unpauses.
     let t_pause = Instant::now();
-    let state = guest
-        .pause()
-        .map_err(|e| fail(FailPhase::BeforeSwitchover)(SenderError::Guest(e)))?;
+    let state = guest.pause().map_err(|e| fail(FailPhase::BeforeSwitchover)(SenderError::Guest(e)))?;
     let sent = send_switchover(&mut *control, &state, &outstanding, rounds);
     if let Err(e) = sent {
         report_error(&mut *control, &e);
@@ -296,24 +289,14 @@ fn report_error(conn: &mut dyn Conn, e: &SenderError) {
         text.push_str(&c.to_string());
         cur = c.source();
     }
-    let _ = conn.send(&Msg::Error {
-        code,
-        message: &text,
-    });
+    let _ = conn.send(&Msg::Error { code, message: &text });
 }
 
-fn handshake(
-    control: &mut dyn Conn,
-    session: &mut SourceSession,
-    cfg: &SenderConfig,
-) -> Result<u64, SenderError> {
+fn handshake(control: &mut dyn Conn, session: &mut SourceSession, cfg: &SenderConfig) -> Result<u64, SenderError> {
     let deadline = Instant::now() + cfg.handshake_timeout;
     loop {
         let Some(msg) = control.recv(Wait::Until(deadline))? else {
-            return Err(SenderError::Timeout {
-                what: "the destination's handshake",
-                after: cfg.handshake_timeout,
-            });
+            return Err(SenderError::Timeout { what: "the destination's handshake", after: cfg.handshake_timeout });
         };
         match session.on_recv(&msg)? {
             SourceEvent::SendHello(h) => control.send(&Msg::Hello(h))?,
@@ -332,26 +315,16 @@ fn send_switchover(
 ) -> Result<(), SenderError> {
     control.send(&Msg::GuestState(state))?;
     let mut enc = Vec::new();
-    for (i, chunk) in outstanding
-        .words()
-        .chunks(MAX_OUTSTANDING_WORDS as usize)
-        .enumerate()
-    {
+    for (i, chunk) in outstanding.words().chunks(MAX_OUTSTANDING_WORDS as usize).enumerate() {
         if chunk.iter().all(|w| *w == 0) {
             continue;
         }
         enc.clear();
         wire::encode_words(chunk, &mut enc);
         let first_word = (i * MAX_OUTSTANDING_WORDS as usize) as u64;
-        control.send(&Msg::Outstanding {
-            first_word,
-            words: wire::word_list(&enc),
-        })?;
+        control.send(&Msg::Outstanding { first_word, words: wire::word_list(&enc) })?;
     }
-    control.send(&Msg::Switchover {
-        n_outstanding: outstanding.count_ones(),
-        precopy_rounds: rounds,
-    })?;
+    control.send(&Msg::Switchover { n_outstanding: outstanding.count_ones(), precopy_rounds: rounds })?;
     Ok(())
 }
 
@@ -395,11 +368,7 @@ struct Demand<'a> {
 
 impl Demand<'_> {
     /// Serve until the destination confirms completion.
-    fn serve(
-        &mut self,
-        push_failed: &AtomicBool,
-        stats: &mut SourceStats,
-    ) -> Result<(), SenderError> {
+    fn serve(&mut self, push_failed: &AtomicBool, stats: &mut SourceStats) -> Result<(), SenderError> {
         let mut last_rx = Instant::now();
         let mut last_tx = Instant::now();
         let mut sent_seen = self.conn.bytes_sent();
@@ -433,10 +402,7 @@ impl Demand<'_> {
                     last_tx = Instant::now();
                 }
                 SourceEvent::Complete => {
-                    SenderMetrics::add(
-                        &self.metrics.bytes_sent,
-                        self.conn.bytes_sent() - sent_seen,
-                    );
+                    SenderMetrics::add(&self.metrics.bytes_sent, self.conn.bytes_sent() - sent_seen);
                     stats.pages_pushed = SenderMetrics::get(&self.metrics.pages_pushed);
                     stats.pages_demand = SenderMetrics::get(&self.metrics.pages_demand);
                     stats.requests = SenderMetrics::get(&self.metrics.requests);
@@ -470,8 +436,7 @@ impl Demand<'_> {
                 spans.clear();
                 self.map.spans(piece, &mut spans);
                 let n = u32::try_from(piece.n_pages).expect("bounded by MAX_RUN_BYTES");
-                self.conn
-                    .send_pages(piece.first, n, PageKind::Demand, &spans)?;
+                self.conn.send_pages(piece.first, n, PageKind::Demand, &spans)?;
                 self.served.set_range(piece);
                 first = piece.end();
             }

@@ -68,6 +68,16 @@ pub enum TransportError {
         #[source]
         source: std::io::Error,
     },
+    /// The placer refused a Pages frame (out of range, out of order) or
+    /// failed to take it.
+    #[error("pages frame from {peer} refused")]
+    Refused {
+        /// Who the peer was.
+        peer: String,
+        /// Why.
+        #[source]
+        source: PlaceError,
+    },
     /// Connecting or accepting did not succeed in time.
     #[error("{what} timed out after {after:?}")]
     Timeout {
@@ -90,11 +100,7 @@ pub struct IoSpan<'a> {
 impl<'a> IoSpan<'a> {
     /// A span over a slice.
     pub fn from_slice(s: &'a [u8]) -> Self {
-        IoSpan {
-            ptr: s.as_ptr(),
-            len: s.len(),
-            _life: PhantomData,
-        }
+        IoSpan { ptr: s.as_ptr(), len: s.len(), _life: PhantomData }
     }
 
     /// A span over raw memory.
@@ -106,11 +112,7 @@ impl<'a> IoSpan<'a> {
     /// concern (the source sends a page again if it was dirtied meanwhile).
     #[allow(unsafe_code)]
     pub unsafe fn from_raw(addr: HostAddr, len: usize) -> Self {
-        IoSpan {
-            ptr: addr.0 as *const u8,
-            len,
-            _life: PhantomData,
-        }
+        IoSpan { ptr: addr.0 as *const u8, len, _life: PhantomData }
     }
 
     /// Start address.
@@ -127,6 +129,86 @@ impl<'a> IoSpan<'a> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// A span of memory the kernel writes received bytes into: guest memory
+/// (through the destination's alias mapping) or a scratch buffer.
+#[derive(Debug)]
+pub struct IoSpanMut<'a> {
+    ptr: *mut u8,
+    len: usize,
+    _life: PhantomData<&'a mut [u8]>,
+}
+
+impl<'a> IoSpanMut<'a> {
+    /// A span over a slice.
+    pub fn from_slice(s: &'a mut [u8]) -> Self {
+        IoSpanMut { ptr: s.as_mut_ptr(), len: s.len(), _life: PhantomData }
+    }
+
+    /// A span over raw memory.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must stay mapped and writable for `'a`, and no
+    /// one may rely on its content while bytes land in it (the pager claims a
+    /// page before pointing a span at it).
+    #[allow(unsafe_code)]
+    pub unsafe fn from_raw(addr: HostAddr, len: usize) -> Self {
+        IoSpanMut { ptr: addr.0 as *mut u8, len, _life: PhantomData }
+    }
+
+    /// Start address.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the span is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A placer's refusal or failure.
+pub type PlaceError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Decides where the data of each received Pages frame goes, so it can be
+/// read from the socket straight into guest memory.
+pub trait PagePlacer {
+    /// Check the frame and append spans totalling `n_pages * page_size` bytes
+    /// for its data.
+    fn place<'a>(
+        &'a mut self,
+        first: PageIdx,
+        n_pages: u32,
+        kind: PageKind,
+        spans: &mut Vec<IoSpanMut<'a>>,
+    ) -> Result<(), PlaceError>;
+
+    /// The data is in the spans (`ok`), or the frame was cut short (`!ok`):
+    /// the placer finishes or undoes what `place` began.
+    fn placed(&mut self, first: PageIdx, n_pages: u32, kind: PageKind, ok: bool) -> Result<(), PlaceError>;
+}
+
+/// What `recv_placed` received.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Placed<'a> {
+    /// A message other than Pages (or a Pages frame, when placing is not
+    /// possible for it).
+    Msg(Msg<'a>),
+    /// A Pages frame whose data went where the placer said.
+    Pages {
+        /// First page.
+        first: PageIdx,
+        /// Pages.
+        n_pages: u32,
+        /// Why they were sent.
+        kind: PageKind,
+    },
 }
 
 /// One framed connection.
@@ -147,6 +229,12 @@ pub trait Conn: Send {
     /// Receive one message, waiting as `wait` allows: `Ok(None)` when nothing
     /// whole arrived in time.
     fn recv(&mut self, wait: Wait) -> Result<Option<Msg<'_>>, TransportError>;
+
+    /// Receive one message as `recv` does, except that the data of a Pages
+    /// frame is read straight into the memory `placer` names, without passing
+    /// through the connection's buffer. Once a frame's data has begun, the
+    /// call waits for all of it (up to the connection's timeout).
+    fn recv_placed(&mut self, wait: Wait, placer: &mut dyn PagePlacer) -> Result<Option<Placed<'_>>, TransportError>;
 
     /// Tell the decoder the negotiated page size (Pages frames are rejected
     /// before it is known).
@@ -169,26 +257,14 @@ pub trait Conn: Send {
 }
 
 /// Wait for `fd` to be readable (or writable) until `deadline`; `Ok(false)` on timeout.
-pub(crate) fn poll_fd(
-    fd: BorrowedFd<'_>,
-    writable: bool,
-    deadline: Instant,
-) -> std::io::Result<bool> {
+pub(crate) fn poll_fd(fd: BorrowedFd<'_>, writable: bool, deadline: Instant) -> std::io::Result<bool> {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-    let flags = if writable {
-        PollFlags::POLLOUT
-    } else {
-        PollFlags::POLLIN
-    };
+    let flags = if writable { PollFlags::POLLOUT } else { PollFlags::POLLIN };
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let ms = u16::try_from(left.as_millis().min(u128::from(u16::MAX))).unwrap_or(u16::MAX);
         // Round up so a sub-millisecond remainder still waits.
-        let ms = if left > Duration::ZERO && ms == 0 {
-            1
-        } else {
-            ms
-        };
+        let ms = if left > Duration::ZERO && ms == 0 { 1 } else { ms };
         let mut fds = [PollFd::new(fd, flags)];
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(0) => {

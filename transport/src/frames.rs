@@ -21,11 +21,7 @@ pub(crate) struct RecvBuf {
 
 impl RecvBuf {
     pub(crate) fn new(capacity: usize) -> Self {
-        RecvBuf {
-            buf: vec![0; capacity.max(MIN_READ_SPACE)],
-            start: 0,
-            end: 0,
-        }
+        RecvBuf { buf: vec![0; capacity.max(MIN_READ_SPACE)], start: 0, end: 0 }
     }
 
     /// Whether unconsumed bytes are pending.
@@ -74,8 +70,7 @@ impl RecvBuf {
         }
         let need = if self.pending() >= HEADER_LEN {
             // Validated already by take_frame; a bad header never gets here.
-            FrameHeader::decode(&self.buf[self.start..self.end])
-                .map_or(HEADER_LEN, |h| h.frame_len())
+            FrameHeader::decode(&self.buf[self.start..self.end]).map_or(HEADER_LEN, |h| h.frame_len())
         } else {
             HEADER_LEN
         };
@@ -89,6 +84,17 @@ impl RecvBuf {
             self.buf.resize(need, 0);
         }
         &mut self.buf[self.end..]
+    }
+
+    /// The unconsumed bytes.
+    pub(crate) fn peek(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Drop `n` unconsumed bytes from the front.
+    pub(crate) fn consume(&mut self, n: usize) {
+        debug_assert!(n <= self.pending());
+        self.start += n;
     }
 
     /// Record `n` bytes read into `space()`.
@@ -117,9 +123,7 @@ mod tests {
             let mut at = 0;
             while at < stream.len() || rb.pending() > 0 {
                 while let Some(r) = rb.take_frame().unwrap() {
-                    let (m, _) = proto::wire::decode_frame(rb.bytes(r), None)
-                        .unwrap()
-                        .unwrap();
+                    let (m, _) = proto::wire::decode_frame(rb.bytes(r), None).unwrap().unwrap();
                     if let Msg::Complete { n_present } = m {
                         assert_eq!(n_present, got / 2);
                     }

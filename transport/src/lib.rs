@@ -18,4 +18,4 @@ mod frames;
 pub mod mem;
 pub mod tcp;
 
-pub use conn::{Conn, IoSpan, TransportError, Wait};
+pub use conn::{Conn, IoSpan, IoSpanMut, PagePlacer, PlaceError, Placed, TransportError, Wait};

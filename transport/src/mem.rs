@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use proto::wire::{self, FrameHeader, HEADER_LEN, Msg, PageKind, Tag};
 use proto::{PageIdx, PageSize};
 
-use crate::conn::{Conn, IoSpan, TransportError, Wait, poll_fd};
+use crate::conn::{Conn, IoSpan, IoSpanMut, PagePlacer, Placed, TransportError, Wait, poll_fd};
 
 /// Faults injected on one direction of the link. Control frames are never
 /// dropped or reordered (a TCP connection cannot do that either); Pages
@@ -92,9 +92,7 @@ pub struct MemConn {
 
 impl std::fmt::Debug for MemConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemConn")
-            .field("name", &self.name)
-            .finish_non_exhaustive()
+        f.debug_struct("MemConn").field("name", &self.name).finish_non_exhaustive()
     }
 }
 
@@ -111,16 +109,12 @@ pub fn pair(a_to_b: MemLink, b_to_a: MemLink) -> (MemConn, MemConn) {
             seq: 0,
         }),
         cv: Condvar::new(),
-        event: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-            .expect("eventfd"),
+        event: EventFd::from_value_and_flags(0, EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).expect("eventfd"),
         link,
         writer_gone: AtomicBool::new(false),
         reader_gone: AtomicBool::new(false),
     };
-    let shared = Arc::new(Shared {
-        pipes: [pipe(a_to_b), pipe(b_to_a)],
-        closed: AtomicBool::new(false),
-    });
+    let shared = Arc::new(Shared { pipes: [pipe(a_to_b), pipe(b_to_a)], closed: AtomicBool::new(false) });
     for i in 0..2 {
         let l = &shared.pipes[i].link;
         if l.delay > Duration::ZERO || l.pages_delay > Duration::ZERO {
@@ -148,18 +142,12 @@ fn deliver_delayed(s: &Shared, i: usize) {
     let p = &s.pipes[i];
     let mut st = p.st.lock();
     loop {
-        if s.closed.load(Ordering::Acquire)
-            || (p.writer_gone.load(Ordering::Acquire) && st.delayed.is_empty())
-        {
+        if s.closed.load(Ordering::Acquire) || (p.writer_gone.load(Ordering::Acquire) && st.delayed.is_empty()) {
             return;
         }
         let now = Instant::now();
         let mut moved = false;
-        while st
-            .delayed
-            .first_key_value()
-            .is_some_and(|((t, _), _)| *t <= now)
-        {
+        while st.delayed.first_key_value().is_some_and(|((t, _), _)| *t <= now) {
             let (_, f) = st.delayed.pop_first().expect("first exists");
             st.ready.push_back(f);
             moved = true;
@@ -184,17 +172,11 @@ impl MemConn {
     }
 
     fn closed_err(&self) -> TransportError {
-        TransportError::Closed {
-            peer: self.name.clone(),
-            mid_frame: false,
-        }
+        TransportError::Closed { peer: self.name.clone(), mid_frame: false }
     }
 
     fn push_frame(&mut self, frame: Vec<u8>) -> Result<(), TransportError> {
-        if self.shared.closed.load(Ordering::Acquire)
-            || self.shared.pipes[self.tx]
-                .reader_gone
-                .load(Ordering::Acquire)
+        if self.shared.closed.load(Ordering::Acquire) || self.shared.pipes[self.tx].reader_gone.load(Ordering::Acquire)
         {
             return Err(self.closed_err());
         }
@@ -211,21 +193,13 @@ impl MemConn {
         }
         if is_pages {
             st.pages_frames += 1;
-            if p.link
-                .drop_pages_every
-                .is_some_and(|k| st.pages_frames.is_multiple_of(k.max(1)))
-            {
+            if p.link.drop_pages_every.is_some_and(|k| st.pages_frames.is_multiple_of(k.max(1))) {
                 return Ok(());
             }
         }
         let mut out = Vec::with_capacity(2);
         let k = st.pages_frames;
-        if is_pages
-            && p.link
-                .reorder_every
-                .is_some_and(|e| k.is_multiple_of(e.max(1)))
-            && st.held.is_none()
-        {
+        if is_pages && p.link.reorder_every.is_some_and(|e| k.is_multiple_of(e.max(1))) && st.held.is_none() {
             st.held = Some(frame);
         } else {
             out.push(frame);
@@ -233,12 +207,7 @@ impl MemConn {
                 out.push(h);
             }
         }
-        let delay = p.link.delay
-            + if is_pages {
-                p.link.pages_delay
-            } else {
-                Duration::ZERO
-            };
+        let delay = p.link.delay + if is_pages { p.link.pages_delay } else { Duration::ZERO };
         if delay > Duration::ZERO {
             let at = Instant::now() + delay;
             for f in out {
@@ -316,11 +285,7 @@ impl Conn for MemConn {
                 Wait::No => return Ok(None),
                 Wait::Until(deadline) => {
                     let ready = poll_fd(self.shared.pipes[rx].event.as_fd(), false, deadline)
-                        .map_err(|source| TransportError::Io {
-                            op: "poll",
-                            peer: self.name.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| TransportError::Io { op: "poll", peer: self.name.clone(), source })?;
                     if !ready {
                         return Ok(None);
                     }
@@ -328,13 +293,41 @@ impl Conn for MemConn {
             }
         }
         let peer = self.name.clone();
-        let h = FrameHeader::decode(&self.cur).map_err(|source| TransportError::Decode {
-            peer: peer.clone(),
-            source,
-        })?;
+        let h =
+            FrameHeader::decode(&self.cur).map_err(|source| TransportError::Decode { peer: peer.clone(), source })?;
         wire::decode(h, &self.cur[HEADER_LEN..], self.page_size)
             .map(Some)
             .map_err(|source| TransportError::Decode { peer, source })
+    }
+
+    fn recv_placed(&mut self, wait: Wait, placer: &mut dyn PagePlacer) -> Result<Option<Placed<'_>>, TransportError> {
+        let peer = self.name.clone();
+        let Some(msg) = self.recv(wait)? else { return Ok(None) };
+        let Msg::Pages { first, n_pages, kind, data } = msg else { return Ok(Some(Placed::Msg(msg))) };
+        let mut spans: Vec<IoSpanMut<'_>> = Vec::with_capacity(8);
+        placer
+            .place(first, n_pages, kind, &mut spans)
+            .map_err(|source| TransportError::Refused { peer: peer.clone(), source })?;
+        let given: usize = spans.iter().map(IoSpanMut::len).sum();
+        if given != data.len() {
+            drop(spans);
+            let _ = placer.placed(first, n_pages, kind, false);
+            let source = format!("placer gave {given} bytes for {}", data.len()).into();
+            return Err(TransportError::Refused { peer, source });
+        }
+        let mut at = 0;
+        for s in &spans {
+            // SAFETY: the span is writable for its length by the placer's
+            // contract; the source lies in this connection's frame buffer.
+            #[allow(unsafe_code)]
+            unsafe {
+                std::ptr::copy_nonoverlapping(data[at..].as_ptr(), s.ptr(), s.len());
+            }
+            at += s.len();
+        }
+        drop(spans);
+        placer.placed(first, n_pages, kind, true).map_err(|source| TransportError::Refused { peer, source })?;
+        Ok(Some(Placed::Pages { first, n_pages, kind }))
     }
 
     fn set_page_size(&mut self, ps: PageSize) {
@@ -373,9 +366,7 @@ impl Drop for MemConn {
             let _lock = tx.st.lock();
             tx.cv.notify_all();
         }
-        self.shared.pipes[1 - self.tx]
-            .reader_gone
-            .store(true, Ordering::Release);
+        self.shared.pipes[1 - self.tx].reader_gone.store(true, Ordering::Release);
     }
 }
 
@@ -402,14 +393,7 @@ mod tests {
         for i in 0..5 {
             a.send(&complete(i)).unwrap();
         }
-        assert!(
-            poll_fd(
-                b.readiness(),
-                false,
-                Instant::now() + Duration::from_secs(1)
-            )
-            .unwrap()
-        );
+        assert!(poll_fd(b.readiness(), false, Instant::now() + Duration::from_secs(1)).unwrap());
         for i in 0..5 {
             assert_eq!(recv_n(&mut b), Some(i));
         }
@@ -418,30 +402,20 @@ mod tests {
 
     #[test]
     fn pages_delay_lets_control_frames_overtake() {
-        let link = MemLink {
-            pages_delay: Duration::from_millis(50),
-            ..Default::default()
-        };
+        let link = MemLink { pages_delay: Duration::from_millis(50), ..Default::default() };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.set_page_size(PageSize::Size4K);
         b.set_page_size(PageSize::Size4K);
         let page = vec![0u8; 4096];
-        a.send_pages(PageIdx(0), 1, PageKind::Push, &[IoSpan::from_slice(&page)])
-            .unwrap();
+        a.send_pages(PageIdx(0), 1, PageKind::Push, &[IoSpan::from_slice(&page)]).unwrap();
         a.send(&complete(7)).unwrap();
         assert_eq!(recv_n(&mut b), Some(7));
-        assert!(matches!(
-            b.recv(Wait::for_(Duration::from_secs(2))).unwrap(),
-            Some(Msg::Pages { .. })
-        ));
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(2))).unwrap(), Some(Msg::Pages { .. })));
     }
 
     #[test]
     fn delay_is_applied() {
-        let link = MemLink {
-            delay: Duration::from_millis(30),
-            ..Default::default()
-        };
+        let link = MemLink { delay: Duration::from_millis(30), ..Default::default() };
         let (mut a, mut b) = pair(link, MemLink::default());
         let t0 = Instant::now();
         a.send(&complete(1)).unwrap();
@@ -452,17 +426,13 @@ mod tests {
 
     #[test]
     fn reorder_drop_and_disconnect() {
-        let link = MemLink {
-            reorder_every: Some(2),
-            ..Default::default()
-        };
+        let link = MemLink { reorder_every: Some(2), ..Default::default() };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.set_page_size(PageSize::Size4K);
         b.set_page_size(PageSize::Size4K);
         let page = vec![0u8; 4096];
         for i in 1..=5 {
-            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)])
-                .unwrap();
+            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)]).unwrap();
             // Control frames are never reordered.
             a.send(&complete(i)).unwrap();
         }
@@ -478,58 +448,37 @@ mod tests {
         assert_eq!(pages, vec![1, 3, 2, 5, 4]);
         assert_eq!(ctl, vec![1, 2, 3, 4, 5]);
 
-        let link = MemLink {
-            drop_pages_every: Some(2),
-            ..Default::default()
-        };
+        let link = MemLink { drop_pages_every: Some(2), ..Default::default() };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.set_page_size(PageSize::Size4K);
         b.set_page_size(PageSize::Size4K);
         let page = vec![0u8; 4096];
         for i in 0..4 {
-            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)])
-                .unwrap();
+            a.send_pages(PageIdx(i), 1, PageKind::Push, &[IoSpan::from_slice(&page)]).unwrap();
         }
         let mut firsts = vec![];
-        while let Some(Msg::Pages { first, .. }) =
-            b.recv(Wait::for_(Duration::from_millis(50))).unwrap()
-        {
+        while let Some(Msg::Pages { first, .. }) = b.recv(Wait::for_(Duration::from_millis(50))).unwrap() {
             firsts.push(first.0);
         }
         assert_eq!(firsts, vec![0, 2]);
 
-        let link = MemLink {
-            disconnect_after: Some(2),
-            ..Default::default()
-        };
+        let link = MemLink { disconnect_after: Some(2), ..Default::default() };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.send(&complete(1)).unwrap();
         a.send(&complete(2)).unwrap();
         assert!(a.send(&complete(3)).is_err());
-        assert!(matches!(
-            b.recv(Wait::for_(Duration::from_secs(1))),
-            Ok(Some(_)) | Err(TransportError::Closed { .. })
-        ));
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(1))), Ok(Some(_)) | Err(TransportError::Closed { .. })));
         assert!(b.send(&complete(0)).is_err());
     }
 
     #[test]
     fn drop_delivers_in_flight_frames_then_eof() {
-        let link = MemLink {
-            delay: Duration::from_millis(20),
-            ..Default::default()
-        };
+        let link = MemLink { delay: Duration::from_millis(20), ..Default::default() };
         let (mut a, mut b) = pair(link, MemLink::default());
         a.send(&complete(1)).unwrap();
         drop(a);
         assert_eq!(recv_n(&mut b), Some(1));
-        assert!(matches!(
-            b.recv(Wait::for_(Duration::from_secs(1))),
-            Err(TransportError::Closed { .. })
-        ));
-        assert!(
-            b.send(&complete(2)).is_err(),
-            "sending to a dropped end fails"
-        );
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(1))), Err(TransportError::Closed { .. })));
+        assert!(b.send(&complete(2)).is_err(), "sending to a dropped end fails");
     }
 }

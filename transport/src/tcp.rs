@@ -14,10 +14,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant};
 
-use proto::wire::{self, FrameHeader, HEADER_LEN, Msg, PageKind};
+use proto::wire::{self, FrameHeader, HEADER_LEN, Msg, PAGES_PREFIX_LEN, PageKind, Tag};
 use proto::{PageIdx, PageSize};
 
-use crate::conn::{Conn, IoSpan, TransportError, Wait, poll_fd};
+use crate::conn::{Conn, IoSpan, PagePlacer, Placed, TransportError, Wait, poll_fd};
 use crate::frames::RecvBuf;
 
 /// Tunables of one TCP connection.
@@ -33,11 +33,7 @@ pub struct TcpOptions {
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions {
-            send_timeout: Duration::from_secs(10),
-            notsent_lowat: None,
-            recv_buf: 4 << 20,
-        }
+        TcpOptions { send_timeout: Duration::from_secs(10), notsent_lowat: None, recv_buf: 4 << 20 }
     }
 }
 
@@ -55,60 +51,35 @@ pub struct TcpConn {
 
 impl std::fmt::Debug for TcpConn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpConn")
-            .field("peer", &self.peer)
-            .finish_non_exhaustive()
+        f.debug_struct("TcpConn").field("peer", &self.peer).finish_non_exhaustive()
     }
 }
 
 fn io_err(op: &'static str, peer: &str, source: std::io::Error) -> TransportError {
     match source.kind() {
         ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-            TransportError::Closed {
-                peer: peer.to_string(),
-                mid_frame: false,
-            }
+            TransportError::Closed { peer: peer.to_string(), mid_frame: false }
         }
-        _ => TransportError::Io {
-            op,
-            peer: peer.to_string(),
-            source,
-        },
+        _ => TransportError::Io { op, peer: peer.to_string(), source },
     }
 }
 
-fn set_int_opt(
-    fd: BorrowedFd<'_>,
-    level: libc::c_int,
-    name: libc::c_int,
-    v: libc::c_int,
-) -> std::io::Result<()> {
+fn set_int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> std::io::Result<()> {
     let len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).expect("small");
     // SAFETY: `fd` is an open socket for the call's duration; the option value
     // points at a live c_int of the length passed.
     let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&raw const v).cast(), len) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 impl TcpConn {
     fn from_stream(stream: TcpStream, opts: &TcpOptions) -> std::io::Result<TcpConn> {
-        let peer = stream
-            .peer_addr()
-            .map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
+        let peer = stream.peer_addr().map_or_else(|_| "unknown peer".to_string(), |a| a.to_string());
         stream.set_nodelay(true)?;
         stream.set_nonblocking(true)?;
         if let Some(lowat) = opts.notsent_lowat {
             let v = libc::c_int::try_from(lowat).unwrap_or(libc::c_int::MAX);
-            set_int_opt(
-                stream.as_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_NOTSENT_LOWAT,
-                v,
-            )?;
+            set_int_opt(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
         }
         Ok(TcpConn {
             stream,
@@ -123,18 +94,10 @@ impl TcpConn {
     }
 
     /// Connect to `addr`, failing after `timeout`.
-    pub fn connect(
-        addr: &str,
-        timeout: Duration,
-        opts: &TcpOptions,
-    ) -> Result<TcpConn, TransportError> {
+    pub fn connect(addr: &str, timeout: Duration, opts: &TcpOptions) -> Result<TcpConn, TransportError> {
         let addrs: Vec<SocketAddr> = addr
             .to_socket_addrs()
-            .map_err(|source| TransportError::Io {
-                op: "resolve",
-                peer: addr.to_string(),
-                source,
-            })?
+            .map_err(|source| TransportError::Io { op: "resolve", peer: addr.to_string(), source })?
             .collect();
         let mut last = None;
         for a in addrs {
@@ -147,18 +110,9 @@ impl TcpConn {
                     });
                 }
                 Err(e) if e.kind() == ErrorKind::TimedOut => {
-                    last = Some(TransportError::Timeout {
-                        what: format!("connecting to {a}"),
-                        after: timeout,
-                    });
+                    last = Some(TransportError::Timeout { what: format!("connecting to {a}"), after: timeout });
                 }
-                Err(source) => {
-                    last = Some(TransportError::Io {
-                        op: "connect",
-                        peer: a.to_string(),
-                        source,
-                    })
-                }
+                Err(source) => last = Some(TransportError::Io { op: "connect", peer: a.to_string(), source }),
             }
         }
         Err(last.unwrap_or_else(|| TransportError::Io {
@@ -172,16 +126,8 @@ impl TcpConn {
     /// as a normal one first).
     pub fn set_notsent_lowat(&mut self, bytes: u32) -> Result<(), TransportError> {
         let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-        set_int_opt(
-            self.stream.as_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NOTSENT_LOWAT,
-            v,
-        )
-        .map_err(|source| TransportError::Io {
-            op: "setsockopt TCP_NOTSENT_LOWAT",
-            peer: self.peer.clone(),
-            source,
+        set_int_opt(self.stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v).map_err(|source| {
+            TransportError::Io { op: "setsockopt TCP_NOTSENT_LOWAT", peer: self.peer.clone(), source }
         })
     }
 
@@ -191,8 +137,7 @@ impl TcpConn {
         let mut first = 0;
         let mut stalled_since: Option<Instant> = None;
         while first < iov.len() {
-            let cnt =
-                libc::c_int::try_from((iov.len() - first).min(1024)).expect("at most IOV_MAX");
+            let cnt = libc::c_int::try_from((iov.len() - first).min(1024)).expect("at most IOV_MAX");
             // SAFETY: every iovec points at memory the caller keeps readable for
             // this call (slices it borrows, or IoSpans whose constructor promised
             // it); the socket fd is open.
@@ -241,11 +186,142 @@ impl TcpConn {
     }
 }
 
-fn iovec_of(ptr: *const u8, len: usize) -> libc::iovec {
-    libc::iovec {
-        iov_base: ptr.cast_mut().cast(),
-        iov_len: len,
+impl TcpConn {
+    /// Read more bytes into the receive buffer, at most `max`. `Ok(false)` if
+    /// nothing arrived within `wait`.
+    fn fill(&mut self, max: usize, wait: Wait) -> Result<bool, TransportError> {
+        loop {
+            let space = self.rb.space();
+            let n = space.len().min(max.max(1));
+            match (&self.stream).read(&mut space[..n]) {
+                Ok(0) => {
+                    return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: self.rb.pending() > 0 });
+                }
+                Ok(n) => {
+                    self.received += n as u64;
+                    self.rb.commit(n);
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => match wait {
+                    Wait::No => return Ok(false),
+                    Wait::Until(deadline) => {
+                        if !poll_fd(self.stream.as_fd(), false, deadline).map_err(|e| io_err("poll", &self.peer, e))? {
+                            return Ok(false);
+                        }
+                    }
+                },
+                Err(e) => return Err(io_err("read", &self.peer, e)),
+            }
+        }
     }
+
+    /// Fill `spans` completely from the socket, waiting at most the
+    /// connection's timeout between bytes.
+    fn read_into(&mut self, spans: &mut [libc::iovec]) -> Result<(), TransportError> {
+        let mut first = 0;
+        while first < spans.len() && spans[first].iov_len == 0 {
+            first += 1;
+        }
+        while first < spans.len() {
+            let cnt = libc::c_int::try_from((spans.len() - first).min(1024)).expect("at most IOV_MAX");
+            // SAFETY: each iovec points at memory the placer's IoSpanMut
+            // promised writable for this call; the fd is an open socket.
+            let n = unsafe { libc::readv(self.stream.as_raw_fd(), spans[first..].as_ptr(), cnt) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    ErrorKind::Interrupted => continue,
+                    ErrorKind::WouldBlock => {
+                        let deadline = Instant::now() + self.send_timeout;
+                        if !poll_fd(self.stream.as_fd(), false, deadline).map_err(|e| io_err("poll", &self.peer, e))? {
+                            return Err(TransportError::Timeout {
+                                what: format!("the rest of a pages frame from {}", self.peer),
+                                after: self.send_timeout,
+                            });
+                        }
+                        continue;
+                    }
+                    _ => return Err(io_err("readv", &self.peer, e)),
+                }
+            }
+            if n == 0 {
+                return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: true });
+            }
+            let mut n = usize::try_from(n).expect("non-negative");
+            self.received += n as u64;
+            while n > 0 {
+                let v = &mut spans[first];
+                let k = n.min(v.iov_len);
+                // SAFETY: k <= iov_len keeps the pointer inside the span.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(k) }.cast();
+                v.iov_len -= k;
+                n -= k;
+                if v.iov_len == 0 {
+                    first += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deliver the data of the Pages frame whose header and prefix are at the
+    /// front of the buffer into the placer's spans.
+    fn place_frame(
+        &mut self,
+        h: FrameHeader,
+        placer: &mut dyn PagePlacer,
+    ) -> Result<(PageIdx, u32, PageKind), TransportError> {
+        let peer = self.peer.clone();
+        let prefix = &self.rb.peek()[HEADER_LEN..HEADER_LEN + PAGES_PREFIX_LEN];
+        let (first, n_pages, kind) = wire::decode_pages_prefix(h, prefix, self.page_size)
+            .map_err(|source| TransportError::Decode { peer: peer.clone(), source })?;
+        self.rb.consume(HEADER_LEN + PAGES_PREFIX_LEN);
+        let data_len = h.body_len as usize - PAGES_PREFIX_LEN;
+        let mut spans = Vec::with_capacity(8);
+        placer
+            .place(first, n_pages, kind, &mut spans)
+            .map_err(|source| TransportError::Refused { peer: peer.clone(), source })?;
+        let mut iov: Vec<libc::iovec> =
+            spans.iter().map(|s| libc::iovec { iov_base: s.ptr().cast(), iov_len: s.len() }).collect();
+        drop(spans);
+        let given: usize = iov.iter().map(|v| v.iov_len).sum();
+        let result = if given != data_len {
+            Err(TransportError::Refused {
+                peer: peer.clone(),
+                source: format!("placer gave {given} bytes for {data_len}").into(),
+            })
+        } else {
+            // Bytes already buffered first, then straight from the socket.
+            let mut have = self.rb.pending().min(data_len);
+            let mut at = 0;
+            let mut k = 0;
+            while have > 0 {
+                let v = &mut iov[k];
+                let n = have.min(v.iov_len);
+                // SAFETY: the destination is inside a placer span (writable
+                // by contract), the source inside the receive buffer.
+                unsafe { std::ptr::copy_nonoverlapping(self.rb.peek()[at..].as_ptr(), v.iov_base.cast::<u8>(), n) };
+                // SAFETY: n <= iov_len keeps the pointer inside the span.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                at += n;
+                have -= n;
+                if v.iov_len == 0 {
+                    k += 1;
+                }
+            }
+            self.rb.consume(at);
+            self.read_into(&mut iov[k..])
+        };
+        let ok = result.is_ok();
+        placer.placed(first, n_pages, kind, ok).map_err(|source| TransportError::Refused { peer, source })?;
+        result.map(|()| (first, n_pages, kind))
+    }
+}
+
+fn iovec_of(ptr: *const u8, len: usize) -> libc::iovec {
+    libc::iovec { iov_base: ptr.cast_mut().cast(), iov_len: len }
 }
 
 impl Conn for TcpConn {
@@ -267,10 +343,7 @@ impl Conn for TcpConn {
         data: &[IoSpan<'_>],
     ) -> Result<(), TransportError> {
         let ps = self.page_size.expect("page size set before pages are sent");
-        debug_assert_eq!(
-            data.iter().map(IoSpan::len).sum::<usize>() as u64,
-            u64::from(n_pages) * ps.bytes()
-        );
+        debug_assert_eq!(data.iter().map(IoSpan::len).sum::<usize>() as u64, u64::from(n_pages) * ps.bytes());
         let prefix = wire::pages_prefix(first, n_pages, kind, ps);
         let mut iov = Vec::with_capacity(data.len() + 1);
         iov.push(iovec_of(prefix.as_ptr(), prefix.len()));
@@ -284,19 +357,13 @@ impl Conn for TcpConn {
                 Ok(Some(r)) => break r,
                 Ok(None) => {}
                 Err(source) => {
-                    return Err(TransportError::Decode {
-                        peer: self.peer.clone(),
-                        source,
-                    });
+                    return Err(TransportError::Decode { peer: self.peer.clone(), source });
                 }
             }
             let space = self.rb.space();
             match (&self.stream).read(space) {
                 Ok(0) => {
-                    return Err(TransportError::Closed {
-                        peer: self.peer.clone(),
-                        mid_frame: self.rb.pending() > 0,
-                    });
+                    return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: self.rb.pending() > 0 });
                 }
                 Ok(n) => {
                     self.received += n as u64;
@@ -320,10 +387,44 @@ impl Conn for TcpConn {
         let h = FrameHeader::decode(bytes).expect("validated by take_frame");
         wire::decode(h, &bytes[HEADER_LEN..], self.page_size)
             .map(Some)
-            .map_err(|source| TransportError::Decode {
-                peer: self.peer.clone(),
-                source,
-            })
+            .map_err(|source| TransportError::Decode { peer: self.peer.clone(), source })
+    }
+
+    fn recv_placed(&mut self, wait: Wait, placer: &mut dyn PagePlacer) -> Result<Option<Placed<'_>>, TransportError> {
+        // Never read past the frame being assembled: a Pages frame's data must
+        // stay in the socket until the placer says where it goes.
+        let whole = loop {
+            let pending = self.rb.pending();
+            let need = if pending >= HEADER_LEN {
+                let h = FrameHeader::decode(self.rb.peek())
+                    .map_err(|source| TransportError::Decode { peer: self.peer.clone(), source })?;
+                if h.tag == Tag::Pages {
+                    if pending >= HEADER_LEN + PAGES_PREFIX_LEN {
+                        let (first, n_pages, kind) = self.place_frame(h, placer)?;
+                        return Ok(Some(Placed::Pages { first, n_pages, kind }));
+                    }
+                    HEADER_LEN + PAGES_PREFIX_LEN - pending
+                } else if pending >= h.frame_len() {
+                    break h;
+                } else {
+                    h.frame_len() - pending
+                }
+            } else {
+                // A header, and a Pages prefix if that is what follows.
+                HEADER_LEN + PAGES_PREFIX_LEN - pending
+            };
+            if !self.fill(need, wait)? {
+                return Ok(None);
+            }
+        };
+        let range =
+            self.rb.take_frame().map_err(|source| TransportError::Decode { peer: self.peer.clone(), source })?;
+        let range = range.expect("a whole frame is buffered");
+        debug_assert_eq!(range.len(), whole.frame_len());
+        let bytes = self.rb.bytes(range);
+        wire::decode(whole, &bytes[HEADER_LEN..], self.page_size)
+            .map(|m| Some(Placed::Msg(m)))
+            .map_err(|source| TransportError::Decode { peer: self.peer.clone(), source })
     }
 
     fn set_page_size(&mut self, ps: PageSize) {
@@ -366,20 +467,17 @@ impl TcpListen {
             peer: addr.to_string(),
             source,
         })?;
-        l.set_nonblocking(true)
-            .map_err(|source| TransportError::Io {
-                op: "listen",
-                peer: addr.to_string(),
-                source,
-            })?;
+        l.set_nonblocking(true).map_err(|source| TransportError::Io {
+            op: "listen",
+            peer: addr.to_string(),
+            source,
+        })?;
         Ok(TcpListen { l, opts })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.l
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.l.local_addr().expect("a bound listener has an address")
     }
 
     /// Accept one connection, waiting at most until `deadline`.
@@ -388,21 +486,17 @@ impl TcpListen {
         loop {
             match self.l.accept() {
                 Ok((s, _)) => {
-                    return TcpConn::from_stream(s, &self.opts).map_err(|source| {
-                        TransportError::Io {
-                            op: "configure socket",
-                            peer: me,
-                            source,
-                        }
+                    return TcpConn::from_stream(s, &self.opts).map_err(|source| TransportError::Io {
+                        op: "configure socket",
+                        peer: me,
+                        source,
                     });
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                    let ready = poll_fd(self.l.as_fd(), false, deadline).map_err(|source| {
-                        TransportError::Io {
-                            op: "poll",
-                            peer: me.clone(),
-                            source,
-                        }
+                    let ready = poll_fd(self.l.as_fd(), false, deadline).map_err(|source| TransportError::Io {
+                        op: "poll",
+                        peer: me.clone(),
+                        source,
                     })?;
                     if !ready {
                         let after = deadline.saturating_duration_since(Instant::now());
@@ -414,11 +508,7 @@ impl TcpListen {
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(source) => {
-                    return Err(TransportError::Io {
-                        op: "accept",
-                        peer: me,
-                        source,
-                    });
+                    return Err(TransportError::Io { op: "accept", peer: me, source });
                 }
             }
         }
@@ -428,6 +518,7 @@ impl TcpListen {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::conn::IoSpanMut;
 
     fn pair() -> (TcpConn, TcpConn) {
         let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
@@ -447,31 +538,112 @@ mod tests {
         let p1 = vec![1u8; 4096];
         let p2 = vec![2u8; 8192];
         a.send(&Msg::KeepAlive).unwrap();
-        a.send_pages(
-            PageIdx(9),
-            3,
-            PageKind::Push,
-            &[IoSpan::from_slice(&p1), IoSpan::from_slice(&p2)],
-        )
-        .unwrap();
+        a.send_pages(PageIdx(9), 3, PageKind::Push, &[IoSpan::from_slice(&p1), IoSpan::from_slice(&p2)]).unwrap();
         let deadline = Wait::for_(Duration::from_secs(5));
         assert_eq!(b.recv(deadline).unwrap(), Some(Msg::KeepAlive));
         match b.recv(deadline).unwrap() {
-            Some(Msg::Pages {
-                first,
-                n_pages,
-                kind,
-                data,
-            }) => {
+            Some(Msg::Pages { first, n_pages, kind, data }) => {
                 assert_eq!((first, n_pages, kind), (PageIdx(9), 3, PageKind::Push));
-                assert!(
-                    data[..4096].iter().all(|&x| x == 1) && data[4096..].iter().all(|&x| x == 2)
-                );
+                assert!(data[..4096].iter().all(|&x| x == 1) && data[4096..].iter().all(|&x| x == 2));
             }
             other => panic!("got {other:?}"),
         }
         assert_eq!(b.recv(Wait::No).unwrap(), None);
         assert_eq!(a.bytes_sent(), b.bytes_received());
+    }
+
+    /// Places every page's data into a flat buffer indexed by page.
+    struct Flat {
+        mem: Vec<u8>,
+        placed: Vec<(u64, u32, bool)>,
+    }
+
+    impl PagePlacer for Flat {
+        fn place<'a>(
+            &'a mut self,
+            first: PageIdx,
+            n: u32,
+            _kind: PageKind,
+            spans: &mut Vec<IoSpanMut<'a>>,
+        ) -> Result<(), crate::PlaceError> {
+            let at = usize::try_from(first.0).unwrap() * 4096;
+            let len = n as usize * 4096;
+            if at + len > self.mem.len() {
+                return Err("out of range".into());
+            }
+            // Two spans, to exercise gathering.
+            let (a, b) = self.mem[at..at + len].split_at_mut(len / 2);
+            spans.push(IoSpanMut::from_slice(a));
+            spans.push(IoSpanMut::from_slice(b));
+            Ok(())
+        }
+
+        fn placed(&mut self, first: PageIdx, n: u32, _kind: PageKind, ok: bool) -> Result<(), crate::PlaceError> {
+            self.placed.push((first.0, n, ok));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn placed_pages_land_in_place_and_messages_pass_through() {
+        let (mut a, mut b) = pair();
+        a.set_page_size(PageSize::Size4K);
+        b.set_page_size(PageSize::Size4K);
+        let pages: Vec<u8> = (0..64 * 4096).map(|i| u8::try_from(i / 4096).unwrap()).collect();
+        let t = std::thread::spawn(move || {
+            for (first, n) in [(0u64, 16u32), (16, 48)] {
+                let at = usize::try_from(first).unwrap() * 4096;
+                let data = &pages[at..at + n as usize * 4096];
+                a.send_pages(PageIdx(first), n, PageKind::Push, &[IoSpan::from_slice(data)]).unwrap();
+                a.send(&Msg::KeepAlive).unwrap();
+            }
+            a.send(&Msg::PushDone { n_pushed: 64 }).unwrap();
+            a
+        });
+        let mut flat = Flat { mem: vec![0xee; 64 * 4096], placed: vec![] };
+        let mut msgs = 0;
+        loop {
+            match b.recv_placed(Wait::for_(Duration::from_secs(5)), &mut flat).unwrap() {
+                Some(Placed::Pages { .. }) => {}
+                Some(Placed::Msg(Msg::KeepAlive)) => msgs += 1,
+                Some(Placed::Msg(Msg::PushDone { .. })) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(msgs, 2);
+        assert_eq!(flat.placed, vec![(0, 16, true), (16, 48, true)]);
+        for (p, chunk) in flat.mem.chunks(4096).enumerate() {
+            assert!(chunk.iter().all(|&x| usize::from(x) == p), "page {p}");
+        }
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn placer_refusal_and_cut_frames_are_errors() {
+        let (mut a, mut b) = pair();
+        a.set_page_size(PageSize::Size4K);
+        b.set_page_size(PageSize::Size4K);
+        let data = vec![1u8; 8 * 4096];
+        a.send_pages(PageIdx(100), 8, PageKind::Push, &[IoSpan::from_slice(&data)]).unwrap();
+        let mut flat = Flat { mem: vec![0; 16 * 4096], placed: vec![] };
+        assert!(matches!(
+            b.recv_placed(Wait::for_(Duration::from_secs(5)), &mut flat),
+            Err(TransportError::Refused { .. })
+        ));
+        // A frame cut short by the peer's close: the placer hears `ok = false`.
+        let (a, mut b) = pair();
+        b.set_page_size(PageSize::Size4K);
+        let prefix = wire::pages_prefix(PageIdx(0), 8, PageKind::Push, PageSize::Size4K);
+        use std::io::Write;
+        (&a.stream).write_all(&prefix).unwrap();
+        (&a.stream).write_all(&data[..5000]).unwrap();
+        drop(a);
+        let mut flat = Flat { mem: vec![0; 16 * 4096], placed: vec![] };
+        assert!(matches!(
+            b.recv_placed(Wait::for_(Duration::from_secs(5)), &mut flat),
+            Err(TransportError::Closed { .. })
+        ));
+        assert_eq!(flat.placed, vec![(0, 8, false)]);
     }
 
     #[test]
@@ -502,28 +674,19 @@ mod tests {
         assert_eq!(b.recv(Wait::for_(Duration::from_millis(50))).unwrap(), None);
         assert!(t0.elapsed() >= Duration::from_millis(50));
         drop(a);
-        assert!(matches!(
-            b.recv(Wait::for_(Duration::from_secs(5))),
-            Err(TransportError::Closed { .. })
-        ));
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(5))), Err(TransportError::Closed { .. })));
 
         let (a, mut b) = pair();
         use std::io::Write;
         (&a.stream).write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-        assert!(matches!(
-            b.recv(Wait::for_(Duration::from_secs(5))),
-            Err(TransportError::Decode { .. })
-        ));
+        assert!(matches!(b.recv(Wait::for_(Duration::from_secs(5))), Err(TransportError::Decode { .. })));
 
         // A peer that never reads: the sender gives up after its timeout.
         let (a, mut b) = pair();
         b.send_timeout = Duration::from_millis(200);
         let blob = vec![0u8; 1 << 20];
         let r = (0..200).try_for_each(|_| b.send(&Msg::GuestState(&blob)));
-        assert!(
-            matches!(r, Err(TransportError::SendTimeout { .. })),
-            "{r:?}"
-        );
+        assert!(matches!(r, Err(TransportError::SendTimeout { .. })), "{r:?}");
         drop(a);
     }
 
@@ -532,8 +695,7 @@ mod tests {
         let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
         let addr = l.local_addr().to_string();
         drop(l);
-        let e =
-            TcpConn::connect(&addr, Duration::from_secs(2), &TcpOptions::default()).unwrap_err();
+        let e = TcpConn::connect(&addr, Duration::from_secs(2), &TcpOptions::default()).unwrap_err();
         assert!(e.to_string().contains("connect"), "{e}");
     }
 }
