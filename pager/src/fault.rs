@@ -160,7 +160,11 @@ impl FaultLoop<'_> {
     /// Process every whole message the connection holds. Returns the source's
     /// stats once the completion is acknowledged.
     fn drain_conn(&mut self, st: &mut LoopState) -> Result<Option<SourceStats>, PagerError> {
-        while let Some(msg) = self.conn.recv(Wait::No)? {
+        // One read (poll said readable), then only what it already buffered:
+        // anything arriving later is the next poll's news, so no read is
+        // spent just to hear EAGAIN.
+        loop {
+            let Some(msg) = self.conn.recv(Wait::No)? else { break };
             st.last_rx = Instant::now();
             match self.session.on_recv(&msg)? {
                 DestEvent::Data => {
@@ -176,6 +180,9 @@ impl FaultLoop<'_> {
                 DestEvent::Accepted(_) | DestEvent::SwitchoverReady { .. } => {
                     unreachable!("the session rejects these after switchover")
                 }
+            }
+            if !self.conn.has_buffered() {
+                break;
             }
         }
         self.account_rx(st);

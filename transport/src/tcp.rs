@@ -47,6 +47,10 @@ pub struct TcpConn {
     sent: u64,
     received: u64,
     send_timeout: Duration,
+    /// The last read returned less than it could take: the socket was empty
+    /// then, so a waiting receive polls before reading (saving a read that
+    /// would only say EAGAIN).
+    drained: bool,
 }
 
 impl std::fmt::Debug for TcpConn {
@@ -90,6 +94,7 @@ impl TcpConn {
             sent: 0,
             received: 0,
             send_timeout: opts.send_timeout,
+            drained: false,
         })
     }
 
@@ -360,13 +365,23 @@ impl Conn for TcpConn {
                     return Err(TransportError::Decode { peer: self.peer.clone(), source });
                 }
             }
+            if let (true, Wait::Until(deadline)) = (self.drained, wait) {
+                self.drained = false;
+                if !poll_fd(self.stream.as_fd(), false, deadline)
+                    .map_err(|source| io_err("poll", &self.peer, source))?
+                {
+                    return Ok(None);
+                }
+            }
             let space = self.rb.space();
+            let offered = space.len();
             match (&self.stream).read(space) {
                 Ok(0) => {
                     return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: self.rb.pending() > 0 });
                 }
                 Ok(n) => {
                     self.received += n as u64;
+                    self.drained = n < offered;
                     self.rb.commit(n);
                 }
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
