@@ -15,12 +15,13 @@ pub struct WorkloadSource {
     mem: Arc<GuestMemory>,
     workload: Option<Workload>,
     pause_timeout: Duration,
+    tracker: Option<guest::dirty::DirtyTracker>,
 }
 
 impl WorkloadSource {
     /// Wrap a running workload.
     pub fn new(workload: Workload, pause_timeout: Duration) -> Self {
-        WorkloadSource { mem: Arc::clone(workload.memory()), workload: Some(workload), pause_timeout }
+        WorkloadSource { mem: Arc::clone(workload.memory()), workload: Some(workload), pause_timeout, tracker: None }
     }
 
     /// The workload.
@@ -64,11 +65,18 @@ unsafe impl SourceGuest for WorkloadSource {
     }
 
     fn start_dirty_tracking(&mut self) -> Result<(), sender::GuestError> {
-        Err("dirty tracking is not available for this guest yet".into())
+        self.tracker = Some(guest::dirty::DirtyTracker::start(&self.mem)?);
+        Ok(())
     }
 
-    fn collect_dirty(&mut self, _into: &mut PageBitmap) -> Result<(), sender::GuestError> {
-        Err("dirty tracking is not available for this guest yet".into())
+    fn collect_dirty(&mut self, into: &mut PageBitmap) -> Result<(), sender::GuestError> {
+        let t = self.tracker.as_mut().ok_or("dirty tracking was not started")?;
+        t.collect(into)?;
+        Ok(())
+    }
+
+    fn stop_dirty_tracking(&mut self) {
+        self.tracker = None;
     }
 }
 

@@ -19,19 +19,29 @@ use transport::Conn;
 use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 
 use crate::adapters::{WorkloadDest, WorkloadSource};
-use crate::report::{DowntimeParts, GuestReport, PostcopyReport, PrefetchReport, Report, latency_of, ms, ns_ms};
+use crate::report::{
+    DowntimeParts, GuestReport, PostcopyReport, PrecopyReport, PrefetchReport, Report, latency_of, ms, ns_ms,
+};
 
 /// Migration mode on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
     /// No precopy: the guest moves first, every page follows.
     Postcopy,
+    /// Precopy rounds while the guest runs, then switch to postcopy with the
+    /// pages still dirty outstanding.
+    Hybrid,
+    /// Classic precopy: rounds until the dirty set fits the downtime budget
+    /// (or the round limit), then stop-and-copy.
+    Precopy,
 }
 
 impl ModeArg {
     fn mode(self) -> Mode {
         match self {
             ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid,
+            ModeArg::Precopy => Mode::Precopy,
         }
     }
 }
@@ -115,6 +125,38 @@ pub struct MigrationOpts {
     /// A peer silent for this many milliseconds is presumed dead.
     #[arg(long, default_value_t = 5000)]
     pub peer_timeout_ms: u64,
+    /// Hybrid: switch to postcopy after this many precopy rounds (default:
+    /// when the dirty set stops shrinking or the time budget runs out).
+    #[arg(long)]
+    pub postcopy_after: Option<u32>,
+    /// Most precopy rounds (precopy: then stop-and-copy anyway).
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Stop precopy when the dirty set could be sent within this many
+    /// milliseconds with the guest paused.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_budget_ms: u64,
+    /// Hybrid: switch rather than let precopy run longer than this.
+    #[arg(long, default_value_t = 60_000)]
+    pub precopy_budget_ms: u64,
+}
+
+impl MigrationOpts {
+    fn policy(&self) -> Result<sender::Policy> {
+        if self.postcopy_after.is_some() && self.mode != ModeArg::Hybrid {
+            bail!("--postcopy-after needs --mode hybrid");
+        }
+        if self.postcopy_after == Some(0) || self.max_rounds == 0 {
+            bail!("--postcopy-after and --max-rounds count rounds from 1");
+        }
+        Ok(sender::Policy {
+            postcopy_after: self.postcopy_after,
+            max_rounds: self.max_rounds,
+            downtime_budget: Duration::from_millis(self.downtime_budget_ms),
+            time_budget: Duration::from_millis(self.precopy_budget_ms),
+            ..sender::Policy::default()
+        })
+    }
 }
 
 /// `postcopy dest`.
@@ -421,9 +463,14 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             dest_restore_ms: ns_ms(pr.resume.restore_ns),
         },
         bytes_transferred: pr.source.bytes_sent,
+        outstanding_pages: pr.outstanding_pages,
+        precopy: PrecopyReport {
+            pages_sent: PagerMetrics::get(&metrics.pages_precopy),
+            pages_evicted: PagerMetrics::get(&metrics.pages_evicted),
+            ..PrecopyReport::default()
+        },
         postcopy: PostcopyReport {
             pages_total: layout.n_pages(),
-            outstanding_pages: pr.outstanding_pages,
             pages_pushed: PagerMetrics::get(&metrics.pages_push),
             pages_requested: PagerMetrics::get(&metrics.pages_requested),
             pages_demand: PagerMetrics::get(&metrics.pages_demand),
@@ -487,6 +534,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         prefetch_around: prefetch.is_some_and(|p| p.mode == PrefetchMode::Around),
         push_run_pages: args.migration.push_run.clamp(1, 2048),
         peer_timeout,
+        policy: args.migration.policy()?,
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
@@ -536,9 +584,20 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     dest_restore_ms: ns_ms(r.resume.restore_ns),
                 },
                 bytes_transferred: SenderMetrics::get(&metrics.bytes_sent),
+                outstanding_pages: r.outstanding_pages,
+                precopy: PrecopyReport {
+                    rounds: r.precopy.rounds,
+                    pages_sent: r.precopy.pages_sent,
+                    bytes: r.precopy.bytes,
+                    time_ms: ms(r.precopy.time),
+                    round_pages: r.precopy.round_pages.clone(),
+                    dirty_pages: r.precopy.dirty_pages.clone(),
+                    stop_reason: r.precopy.stop.map(|s| s.name().to_string()).unwrap_or_default(),
+                    stop_and_copy_pages: r.precopy.stop_and_copy_pages,
+                    pages_evicted: 0,
+                },
                 postcopy: PostcopyReport {
                     pages_total: layout.n_pages(),
-                    outstanding_pages: r.outstanding_pages,
                     pages_pushed: SenderMetrics::get(&metrics.pages_pushed),
                     pages_demand: SenderMetrics::get(&metrics.pages_demand),
                     requests: SenderMetrics::get(&metrics.requests),
@@ -604,9 +663,25 @@ pub fn summary(r: &Report) -> String {
     );
     s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
     s += &format!(
-        "  time         total {:.1} ms, postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, restore {:.2} ms)\n",
-        r.total_time_ms, r.postcopy.time_ms, r.downtime_ms, r.downtime.pause_to_sent_ms, r.downtime.dest_restore_ms
+        "  time         total {:.1} ms, postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, evict {:.2} ms, restore {:.2} ms)\n",
+        r.total_time_ms,
+        r.postcopy.time_ms,
+        r.downtime_ms,
+        r.downtime.pause_to_sent_ms,
+        r.downtime.dest_evict_ms,
+        r.downtime.dest_restore_ms
     );
+    if r.precopy.rounds > 0 {
+        s += &format!(
+            "  precopy      {} rounds, {} pages, {:.1} ms, dirty per round {:?}, stopped: {}; {} pages outstanding\n",
+            r.precopy.rounds,
+            r.precopy.pages_sent,
+            r.precopy.time_ms,
+            r.precopy.dirty_pages,
+            r.precopy.stop_reason,
+            r.outstanding_pages
+        );
+    }
     s += &format!(
         "  transferred  {:.3} GB; pushed {} pages ({:.2} GB/s), demand {} pages in {} requests, duplicates {}\n",
         r.bytes_transferred as f64 / 1e9,
@@ -661,7 +736,16 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
         m.peer_timeout_ms.to_string(),
         "--prefetch-mode".into(),
         m.prefetch_mode.to_possible_value().expect("no skipped values").get_name().into(),
+        "--max-rounds".into(),
+        m.max_rounds.to_string(),
+        "--downtime-budget-ms".into(),
+        m.downtime_budget_ms.to_string(),
+        "--precopy-budget-ms".into(),
+        m.precopy_budget_ms.to_string(),
     ];
+    if let Some(n) = m.postcopy_after {
+        a.extend(["--postcopy-after".into(), n.to_string()]);
+    }
     if let Some(p) = m.prefetch {
         a.extend(["--prefetch".into(), p.to_string()]);
     }
@@ -701,6 +785,7 @@ impl Drop for Reaper {
 /// processes over loopback TCP. Returns the exit code.
 pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     // Validate here, so a bad option fails before any process starts.
+    args.migration.policy()?;
     args.guest.layout()?;
     args.guest.workload()?;
     prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
@@ -778,6 +863,12 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         }
     }
     merged.side = "migration".into();
+    if let Some(src) = &src {
+        // The source ran precopy; the destination saw its pages and evicted.
+        let evicted = merged.precopy.pages_evicted;
+        merged.precopy = src.precopy.clone();
+        merged.precopy.pages_evicted = evicted;
+    }
     merged.source = src.map(Box::new);
     if !dest_status.success() || !src_status.success() {
         merged.status = "failed".into();

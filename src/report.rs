@@ -57,14 +57,36 @@ pub struct DowntimeParts {
     pub dest_restore_ms: f64,
 }
 
+/// Precopy figures (hybrid and precopy modes).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrecopyReport {
+    /// Rounds sent, round 0 and any stop-and-copy included.
+    pub rounds: u32,
+    /// Pages sent in all rounds.
+    pub pages_sent: u64,
+    /// Bytes sent in all rounds.
+    pub bytes: u64,
+    /// Start of round 0 to the decision to stop.
+    pub time_ms: f64,
+    /// Pages sent in each round.
+    pub round_pages: Vec<u64>,
+    /// Dirty pages found by each scan after a round.
+    pub dirty_pages: Vec<u64>,
+    /// Why precopy ended.
+    pub stop_reason: String,
+    /// Precopy mode: pages sent with the guest paused.
+    pub stop_and_copy_pages: u64,
+    /// Destination: outstanding pages it held from precopy and dropped.
+    pub pages_evicted: u64,
+}
+
 /// Postcopy figures.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PostcopyReport {
     /// Pages in the guest.
     pub pages_total: u64,
-    /// Pages outstanding at switchover.
-    pub outstanding_pages: u64,
     /// Pages installed from the background push.
     pub pages_pushed: u64,
     /// Pages named in range requests.
@@ -163,6 +185,11 @@ pub struct Report {
     pub downtime: DowntimeParts,
     /// Bytes sent by the source over both connections.
     pub bytes_transferred: u64,
+    /// Pages outstanding at switchover (every page in pure postcopy, none
+    /// in precopy mode).
+    pub outstanding_pages: u64,
+    /// Precopy figures.
+    pub precopy: PrecopyReport,
     /// Postcopy figures.
     pub postcopy: PostcopyReport,
     /// Guest figures.

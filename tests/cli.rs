@@ -58,7 +58,8 @@ fn assert_clean(out: &Output, r: &Report) {
     assert_eq!(r.guest.violations, 0, "{:?}", r.guest.problems);
     assert!(r.guest.verify_ok, "{:?}", r.guest.problems);
     assert_eq!(r.guest.verified_pages, r.postcopy.pages_total);
-    assert_eq!(r.postcopy.pages_pushed + r.postcopy.pages_demand, r.postcopy.pages_total, "each page installed once");
+    // After switchover each outstanding page is installed exactly once.
+    assert_eq!(r.postcopy.pages_pushed + r.postcopy.pages_demand, r.outstanding_pages, "each page installed once");
     assert!(r.guest.accesses > 0, "the guest ran on the destination");
     assert!(r.downtime_ms > 0.0 && r.total_time_ms > 0.0);
     let src = r.source.as_ref().expect("merged source report");
@@ -333,4 +334,74 @@ fn bad_command_lines_are_clear_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn hybrid_with_a_hot_working_set() {
+    let _g = SERIAL.lock();
+    let d = scratch("hybrid");
+    let (out, r) = migrate(
+        &[
+            "--mem",
+            "512M",
+            "--pattern",
+            "hotset:64M",
+            "--store-ratio",
+            "0.9",
+            "--mode",
+            "hybrid",
+            "--postcopy-after",
+            "2",
+        ],
+        &d.join("hybrid.json"),
+    );
+    assert_clean(&out, &r);
+    assert_eq!(r.mode, "hybrid");
+    assert_eq!(r.precopy.rounds, 2);
+    assert_eq!(r.precopy.dirty_pages.len(), 2, "a scan after each round");
+    assert!(r.outstanding_pages > 0 && r.outstanding_pages < r.postcopy.pages_total, "{}", r.outstanding_pages);
+    // The hot set is 64 MiB: what stayed outstanding is about it, not all memory.
+    assert!(r.outstanding_pages <= (64 << 20) / 4096 + 1024, "{}", r.outstanding_pages);
+    assert!(r.precopy.pages_sent >= r.postcopy.pages_total);
+    assert!(r.precopy.pages_evicted > 0);
+    // After switchover only outstanding pages travel.
+    assert_eq!(r.postcopy.pages_pushed + r.postcopy.pages_demand, r.outstanding_pages);
+}
+
+#[test]
+fn precopy_converges_on_a_quiet_guest() {
+    let _g = SERIAL.lock();
+    let d = scratch("precopy");
+    let (out, r) = migrate(&["--mem", "256M", "--mode", "precopy", "--access-rate", "2000"], &d.join("precopy.json"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(r.clean(), "{:?}", r.error);
+    assert_eq!(r.precopy.stop_reason, "converged");
+    assert_eq!(r.outstanding_pages, 0);
+    assert_eq!(r.postcopy.faults, 0, "nothing left to fault on");
+    assert_eq!(r.guest.verified_pages, r.postcopy.pages_total);
+}
+
+#[test]
+fn three_modes_on_the_same_guest() {
+    let _g = SERIAL.lock();
+    let d = scratch("modes");
+    let guest = ["--mem", "256M", "--pattern", "hotset:32M", "--store-ratio", "0.9", "--seed", "7"];
+    let mut outstanding = Vec::new();
+    for (mode, extra) in
+        [("postcopy", vec![]), ("hybrid", vec!["--postcopy-after", "1"]), ("precopy", vec!["--max-rounds", "3"])]
+    {
+        let args: Vec<&str> = guest.iter().copied().chain(["--mode", mode]).chain(extra).collect();
+        let (out, r) = migrate(&args, &d.join(format!("{mode}.json")));
+        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(r.clean(), "{mode}: {:?} {:?}", r.error, r.guest.problems);
+        assert_eq!(r.mode, mode);
+        assert_eq!(r.guest.verified_pages, r.postcopy.pages_total, "{mode}");
+        outstanding.push((mode, r.outstanding_pages, r.postcopy.pages_total, r.precopy.rounds));
+    }
+    let [(_, post, total, post_rounds), (_, hyb, _, hyb_rounds), (_, pre, _, pre_rounds)] = outstanding[..] else {
+        unreachable!()
+    };
+    assert_eq!((post, post_rounds), (total, 0), "pure postcopy: everything outstanding, no rounds");
+    assert!(hyb > 0 && hyb < total && hyb_rounds == 1, "hybrid: the dirty set outstanding ({hyb})");
+    assert!(pre == 0 && pre_rounds >= 2, "precopy: nothing outstanding, a stop-and-copy round ({pre_rounds})");
 }

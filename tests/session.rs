@@ -400,3 +400,145 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
     assert!(ok);
     drop(g.into_workload().stop());
 }
+
+/// A control connection that hides the outstanding set from the destination:
+/// it drops Outstanding frames and rewrites Switchover to name no page. A
+/// destination fooled this way keeps its stale precopy copies, and the guest
+/// must notice.
+struct HideOutstanding(transport::mem::MemConn);
+
+impl Conn for HideOutstanding {
+    fn send(&mut self, msg: &proto::wire::Msg<'_>) -> Result<(), transport::TransportError> {
+        match msg {
+            proto::wire::Msg::Outstanding { .. } => Ok(()),
+            proto::wire::Msg::Switchover { precopy_rounds, .. } => {
+                self.0.send(&proto::wire::Msg::Switchover { n_outstanding: 0, precopy_rounds: *precopy_rounds })
+            }
+            m => self.0.send(m),
+        }
+    }
+    fn send_pages(
+        &mut self,
+        first: proto::PageIdx,
+        n: u32,
+        kind: proto::wire::PageKind,
+        data: &[transport::IoSpan<'_>],
+    ) -> Result<(), transport::TransportError> {
+        self.0.send_pages(first, n, kind, data)
+    }
+    fn recv(&mut self, wait: transport::Wait) -> Result<Option<proto::wire::Msg<'_>>, transport::TransportError> {
+        self.0.recv(wait)
+    }
+    fn recv_placed(
+        &mut self,
+        wait: transport::Wait,
+        placer: &mut dyn transport::PagePlacer,
+    ) -> Result<Option<transport::Placed<'_>>, transport::TransportError> {
+        self.0.recv_placed(wait, placer)
+    }
+    fn set_page_size(&mut self, ps: PageSize) {
+        self.0.set_page_size(ps);
+    }
+    fn readiness(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.readiness()
+    }
+    fn has_buffered(&self) -> bool {
+        self.0.has_buffered()
+    }
+    fn bytes_sent(&self) -> u64 {
+        self.0.bytes_sent()
+    }
+    fn bytes_received(&self) -> u64 {
+        self.0.bytes_received()
+    }
+    fn peer(&self) -> &str {
+        self.0.peer()
+    }
+}
+
+/// Hybrid migration of a store-only hot-set guest; returns the destination's
+/// guest report, its metrics and the source's report.
+fn hybrid(
+    backing: guest::Backing,
+    hide: bool,
+) -> (guest::WorkloadReport, Arc<PagerMetrics>, sender::SenderReport, u64) {
+    let layout = MemLayout::single(PageSize::Size4K, 32 << 20).unwrap();
+    let mem = Arc::new(GuestMemory::new(layout).unwrap());
+    let cfg =
+        WorkloadConfig { vcpus: 1, pattern: "hotset:1M".parse().unwrap(), store_ratio: 1.0, ..Default::default() };
+    let w = Workload::boot(mem, cfg).unwrap();
+    // The guest must be running (on a loaded machine a new thread may wait):
+    // it has to dirty its hot set while round 0 sends all 8192 pages.
+    let t0 = Instant::now();
+    while w.stats().stores < 100_000 {
+        assert!(t0.elapsed() < Duration::from_secs(20), "guest never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut src_guest = WorkloadSource::new(w, Duration::from_secs(5));
+    let (src_ctl, dest_ctl) = pair(MemLink::default(), MemLink::default());
+    let (src_bulk, dest_bulk) = pair(MemLink::default(), MemLink::default());
+    let pm = Arc::new(PagerMetrics::default());
+    let (tx, rx) = mpsc::channel();
+    {
+        let pm = Arc::clone(&pm);
+        std::thread::spawn(move || {
+            let mut bulk = Some(dest_bulk);
+            let r = pager::run(
+                Box::new(dest_ctl),
+                move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
+                |acc| WorkloadDest::new(acc.layout.clone(), backing).map_err(|e| Box::new(e) as pager::GuestError),
+                &PagerConfig::default(),
+                pm,
+            );
+            let _ = tx.send(r.map_err(|e| e.to_string()));
+        });
+    }
+    let control: Box<dyn Conn> = if hide { Box::new(HideOutstanding(src_ctl)) } else { Box::new(src_ctl) };
+    let mut bulk = Some(src_bulk);
+    let scfg = SenderConfig {
+        mode: proto::wire::Mode::Hybrid,
+        policy: sender::Policy { postcopy_after: Some(1), ..Default::default() },
+        ..Default::default()
+    };
+    let s = sender::run(
+        control,
+        move || Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
+        &mut src_guest,
+        &scfg,
+        Arc::new(SenderMetrics::default()),
+    )
+    .expect("source");
+    let mut d = rx.recv_timeout(LIMIT).expect("destination hung").expect("destination");
+    // Let the guest run on with all memory local, then stop and verify it.
+    std::thread::sleep(Duration::from_millis(100));
+    let r = d.guest.take_workload().unwrap().stop();
+    let v = guest::workload::verify(d.guest.memory(), r.state.as_ref().unwrap());
+    drop(src_guest.into_workload().stop());
+    (r, pm, s, if v.ok() { v.verified_pages } else { 0 })
+}
+
+#[test]
+fn pages_dirtied_after_precopy_are_evicted_and_fetched_again() {
+    for backing in [guest::Backing::Shmem, guest::Backing::Anonymous] {
+        let (r, pm, s, verified) = hybrid(backing, false);
+        assert_eq!(r.total.violations, 0, "{backing:?}: {:?}", r.violation_log);
+        assert_eq!(verified, 8192, "{backing:?}: every page verified");
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(s.precopy.rounds, 1);
+        assert!(s.outstanding_pages > 0 && s.outstanding_pages < 8192, "{} {:?}", s.outstanding_pages, s.precopy);
+        assert!(g(&pm.pages_precopy) >= 8192, "round 0 sent every page");
+        assert!(g(&pm.pages_evicted) > 0, "{backing:?}: outstanding pages held from precopy were dropped");
+        // The evicted pages came back with their new contents.
+        assert_eq!(g(&pm.pages_demand) + g(&pm.pages_push), s.outstanding_pages);
+    }
+}
+
+#[test]
+fn a_stale_precopy_copy_is_caught_by_the_guest() {
+    // The same migration with the outstanding set hidden from the
+    // destination: it keeps pages the source dirtied after sending them.
+    let (r, pm, s, verified) = hybrid(guest::Backing::Shmem, true);
+    assert!(s.outstanding_pages > 0);
+    assert_eq!(pm.pages_evicted.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert!(r.total.violations > 0 || verified == 0, "stale pages went unnoticed");
+}

@@ -6,11 +6,14 @@
 //!   [`pattern`], pausable, migratable through its [`state`].
 //! * [`stamp`]: the self-checking page format and full verification.
 //! * [`rng`]: the generator whose state migrates with the guest.
+//! * [`dirty`]: dirty-page tracking for precopy (write-protect async mode
+//!   and PAGEMAP_SCAN).
 //!
 //! The pager and sender never see these types; the CLI adapts them to the
 //! pager's and sender's guest traits.
 #![deny(unsafe_code)]
 
+pub mod dirty;
 pub mod memory;
 pub mod pattern;
 pub mod rng;

@@ -204,9 +204,10 @@ impl Installer {
     /// Forget pages about to be evicted (before switchover). The bits go
     /// before the pages do: an install racing in between then either finds
     /// the old page (skipped) or the hole (installed, bit set).
-    pub fn unmark_present(&self, r: PageRange) {
+    pub fn unmark_present(&self, r: PageRange) -> u64 {
         let cleared = self.present.clear_range(r);
         self.metrics.pages_present.fetch_sub(cleared, Ordering::Relaxed);
+        cleared
     }
 
     /// Record a fault; completes it at once if its page is already present.

@@ -35,6 +35,9 @@ pub struct PagerMetrics {
     pub pages_duplicate: AtomicU64,
     /// Pages the source said it pushed that never arrived by push.
     pub pages_push_lost: AtomicU64,
+    /// Outstanding pages dropped at switchover because precopy had sent an
+    /// older copy.
+    pub pages_evicted: AtomicU64,
     /// Pages present in guest memory.
     pub pages_present: AtomicU64,
     /// Install calls the kernel asked to retry.

@@ -39,4 +39,7 @@ pub unsafe trait SourceGuest {
     /// started) to `into`, and re-arm tracking for them. Called before the
     /// pages are copied, so a write during the copy shows up next time.
     fn collect_dirty(&mut self, into: &mut PageBitmap) -> Result<(), GuestError>;
+
+    /// Stop tracking (the guest runs untracked again).
+    fn stop_dirty_tracking(&mut self);
 }

@@ -8,6 +8,7 @@
 //! page. The guest is reached only through [`SourceGuest`].
 //!
 //! * [`sender`]: the run, its failure phases and report.
+//! * [`precopy`]: precopy rounds and the switchover policy.
 //! * `push`: the background pusher; `map`: guest memory spans.
 //! * [`guest`]: the guest trait; [`metrics`]: counters.
 #![deny(unsafe_code)]
@@ -15,9 +16,11 @@
 pub mod guest;
 mod map;
 pub mod metrics;
+pub mod precopy;
 mod push;
 pub mod sender;
 
 pub use guest::{GuestError, SourceGuest};
 pub use metrics::SenderMetrics;
+pub use precopy::{Policy, PrecopyReport, StopReason};
 pub use sender::{FailPhase, SendFailure, SenderConfig, SenderError, SenderReport, run};

@@ -23,6 +23,7 @@ use transport::{Conn, IoSpan, TransportError, Wait};
 use crate::guest::{GuestError, SourceGuest};
 use crate::map::SourceMap;
 use crate::metrics::SenderMetrics;
+use crate::precopy::{self, Policy, PrecopyReport};
 use crate::push::{NO_HINT, Pusher};
 
 /// Why the source's run failed.
@@ -100,6 +101,8 @@ pub struct SenderConfig {
     pub keepalive: Duration,
     /// How long the vCPUs may take to pause.
     pub pause_timeout: Duration,
+    /// When to leave precopy (hybrid and precopy modes).
+    pub policy: Policy,
 }
 
 impl Default for SenderConfig {
@@ -114,6 +117,7 @@ impl Default for SenderConfig {
             peer_timeout: Duration::from_secs(5),
             keepalive: Duration::from_millis(250),
             pause_timeout: Duration::from_secs(5),
+            policy: Policy::default(),
         }
     }
 }
@@ -133,6 +137,8 @@ pub struct SenderReport {
     pub outstanding_pages: u64,
     /// What was sent.
     pub stats: SourceStats,
+    /// Precopy rounds (empty in pure postcopy).
+    pub precopy: PrecopyReport,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -176,17 +182,50 @@ pub fn run<G: SourceGuest>(
     bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session_id })
         .map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
 
-    // Pure postcopy: every page is outstanding. (Precopy rounds would send
-    // pages here and leave only the dirty set outstanding.)
-    let outstanding = PageBitmap::full(layout.n_pages());
-    let rounds = 0;
+    // Precopy rounds while the guest runs (hybrid, precopy); in pure
+    // postcopy every page is outstanding.
+    let mut pre = PrecopyReport::default();
+    let run_pages = u64::from(cfg.push_run_pages.max(1));
+    let mut outstanding = match cfg.mode {
+        Mode::Postcopy => PageBitmap::full(layout.n_pages()),
+        Mode::Hybrid | Mode::Precopy => {
+            let r = precopy::rounds(guest, &mut *control, &mut *bulk, &map, cfg, &metrics, &mut pre);
+            match r {
+                Ok(scanned) => scanned,
+                Err(e) => {
+                    guest.stop_dirty_tracking();
+                    report_error(&mut *control, &e);
+                    return Err(fail(FailPhase::BeforeSwitchover)(e));
+                }
+            }
+        }
+    };
 
     // Switchover. Until the Switchover frame is written, failure unpauses.
     let t_pause = Instant::now();
     let state = guest.pause().map_err(|e| fail(FailPhase::BeforeSwitchover)(SenderError::Guest(e)))?;
-    let sent = send_switchover(&mut *control, &state, &outstanding, rounds);
+    let sent = (|| -> Result<(), SenderError> {
+        if cfg.mode != Mode::Postcopy {
+            // The final scan: what was written since the last one. Tracking
+            // stops after the acknowledgement: unregistering walks every page
+            // table entry, which must not count as downtime.
+            guest.collect_dirty(&mut outstanding).map_err(SenderError::Guest)?;
+            if cfg.mode == Mode::Precopy {
+                // Stop-and-copy: everything left goes now, nothing stays outstanding.
+                let n = precopy::send_set(&mut *bulk, &map, &outstanding, run_pages, &metrics)?;
+                bulk.send(&Msg::PrecopyRound { round: pre.rounds, n_pages: n })?;
+                pre.stop_and_copy_pages = n;
+                pre.pages_sent += n;
+                pre.round_pages.push(n);
+                pre.rounds += 1;
+                outstanding.clear_all();
+            }
+        }
+        send_switchover(&mut *control, &state, &outstanding, pre.rounds)
+    })();
     if let Err(e) = sent {
         report_error(&mut *control, &e);
+        guest.stop_dirty_tracking();
         return Err(match guest.unpause() {
             Ok(()) => fail(FailPhase::BeforeSwitchover)(e),
             // The guest could not be resumed: it stays paused, memory kept.
@@ -204,6 +243,7 @@ pub fn run<G: SourceGuest>(
     })?;
     let t_ack = Instant::now();
     let downtime = t_ack.duration_since(t_pause);
+    guest.stop_dirty_tracking();
 
     // Postcopy: demand on this thread, push on its own.
     let served = Arc::new(AtomicPageBitmap::new(layout.n_pages()));
@@ -274,6 +314,7 @@ pub fn run<G: SourceGuest>(
         resume,
         outstanding_pages: outstanding.count_ones(),
         stats,
+        precopy: pre,
     })
 }
 
