@@ -139,6 +139,11 @@ pub struct MigrationOpts {
     /// Hybrid: switch rather than let precopy run longer than this.
     #[arg(long, default_value_t = 60_000)]
     pub precopy_budget_ms: u64,
+    /// Nice value of the threads moving bulk data (push, its receiver, the
+    /// destination's page mapper), so demand serving preempts them (default:
+    /// 0 in pure postcopy, 10 in hybrid and precopy).
+    #[arg(long)]
+    pub background_nice: Option<i32>,
 }
 
 impl MigrationOpts {
@@ -180,6 +185,10 @@ pub struct DestArgs {
     /// What the destination's guest memory is made of.
     #[arg(long, value_enum, default_value = "shmem")]
     pub memory: MemoryArg,
+    /// Nice value of the bulk receiver and the page mapper (default: 0 in
+    /// pure postcopy, 10 in hybrid and precopy).
+    #[arg(long)]
+    pub background_nice: Option<i32>,
     /// Keep the guest running this long after the migration, then verify it.
     #[arg(long, default_value_t = 500)]
     pub run_after_ms: u64,
@@ -376,6 +385,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         prefetch,
         expect: DestExpect { key, guest_kind: Some(GuestKind::Workload), ..Default::default() },
         peer_timeout,
+        background_nice: args.background_nice,
         ..PagerConfig::default()
     };
     let progress = {
@@ -535,6 +545,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         push_run_pages: args.migration.push_run.clamp(1, 2048),
         peer_timeout,
         policy: args.migration.policy()?,
+        background_nice: args.migration.background_nice,
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
@@ -743,6 +754,9 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
         "--precopy-budget-ms".into(),
         m.precopy_budget_ms.to_string(),
     ];
+    if let Some(n) = m.background_nice {
+        a.extend(["--background-nice".into(), n.to_string()]);
+    }
     if let Some(n) = m.postcopy_after {
         a.extend(["--postcopy-after".into(), n.to_string()]);
     }
@@ -806,6 +820,9 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             args.memory.to_possible_value().expect("no skipped values").get_name(),
         ])
         .stdout(Stdio::piped());
+    if let Some(n) = args.migration.background_nice {
+        dest_cmd.args(["--background-nice", &n.to_string()]);
+    }
     if args.quiet {
         dest_cmd.arg("--quiet");
     }

@@ -530,6 +530,10 @@ fn pages_dirtied_after_precopy_are_evicted_and_fetched_again() {
         assert!(g(&pm.pages_evicted) > 0, "{backing:?}: outstanding pages held from precopy were dropped");
         // The evicted pages came back with their new contents.
         assert_eq!(g(&pm.pages_demand) + g(&pm.pages_push), s.outstanding_pages);
+        if backing == guest::Backing::Shmem {
+            // The clean precopy pages were held and mapped here after resume.
+            assert_eq!(g(&pm.pages_mapped_local), 8192 - s.outstanding_pages);
+        }
     }
 }
 

@@ -129,10 +129,19 @@ impl FaultLoop<'_> {
                 return Err(PagerError::StrayFault(f.addr.0));
             };
             self.inst.add_pending(PendingFault { page, t_read, tid: f.tid });
-            st.pages.push(page);
+            if self.inst.is_held(page) {
+                // Its content is here already (precopy): map it now.
+                PagerMetrics::add(&self.metrics.faults_local, 1);
+                self.inst.map_held(proto::PageRange::new(page, 1))?;
+            } else {
+                st.pages.push(page);
+            }
         }
         st.ranges.clear();
-        let added = planner::plan(&st.pages, self.prefetch, self.inst.present(), &mut st.requested, &mut st.ranges);
+        let inst = self.inst;
+        // Held first (see `rerequest`).
+        let here = |p: PageIdx| inst.is_held(p) || inst.present().get(p);
+        let added = planner::plan(&st.pages, self.prefetch, here, &mut st.requested, &mut st.ranges);
         if added > 0 {
             self.send_ranges(st, t_read)?;
         }
@@ -242,7 +251,8 @@ impl FaultLoop<'_> {
         let sweep = self.shared.push_done() && !st.swept;
         let retry_due = st.inflight.front().is_none_or(|&(t, _)| now.duration_since(t) >= self.cfg.retry_after);
         if sweep || (st.swept && retry_due) {
-            // Everything neither present nor requested: lost in flight, or never pushed.
+            // Everything neither here (mapped or held) nor requested: lost in
+            // flight, or never pushed.
             st.swept = true;
             let mut at = 0;
             let present = self.inst.present();
@@ -251,6 +261,11 @@ impl FaultLoop<'_> {
                 let end = present.next_with_below(p.0, n, true).map_or(n, |q| q.0);
                 for q in p.0..end {
                     let q = PageIdx(q);
+                    // Held first: the mapper sets present before clearing
+                    // held, so this order cannot miss a page in between.
+                    if self.inst.is_held(q) || self.inst.present().get(q) {
+                        continue;
+                    }
                     if !st.requested.set(q) {
                         match st.ranges.last_mut() {
                             Some(last) if last.end() == q.0 => last.n_pages += 1,

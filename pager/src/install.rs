@@ -19,6 +19,13 @@
 //!   and each page is counted once (bits count, not installs);
 //! * before switchover (precopy) the guest does not run here, so pages may be
 //!   overwritten freely; after it, only missing, unclaimed pages are written;
+//! * shared memory, precopy: pages are written through the alias but not
+//!   mapped into the guest's view: they are *held*. At switchover an
+//!   outstanding held page is simply forgotten (its stale page-cache content
+//!   is overwritten when the new one arrives): nothing to unmap inside the
+//!   downtime. After resume, held pages are mapped in large runs by a
+//!   background mapper, and a fault on one is mapped on the spot, without a
+//!   network round trip;
 //! * a fault registered in `pending` is completed exactly once, by whichever
 //!   thread sees both its `waiting` bit and the page present: the fault thread
 //!   sets `waiting` then checks `present`, installers set `present` then check
@@ -117,6 +124,9 @@ pub struct Installer {
     /// Set at switchover: from then on the guest runs here.
     postcopy: AtomicBool,
     present: AtomicPageBitmap,
+    /// Shared memory: pages whose content is in the page cache (precopy)
+    /// but not yet mapped into the guest's view.
+    held: AtomicPageBitmap,
     waiting: AtomicPageBitmap,
     pending: Mutex<Vec<PendingFault>>,
     metrics: std::sync::Arc<PagerMetrics>,
@@ -157,6 +167,7 @@ impl Installer {
             backend,
             postcopy: AtomicBool::new(false),
             present: AtomicPageBitmap::new(n),
+            held: AtomicPageBitmap::new(n),
             waiting: AtomicPageBitmap::new(n),
             pending: Mutex::new(Vec::new()),
             metrics,
@@ -192,22 +203,52 @@ impl Installer {
     /// written again, and (shared memory) pages are claimed before writing.
     pub fn begin_postcopy(&self) {
         if let Backend::Continue { claimed, .. } = &self.backend {
-            // Present pages are taken; everything else is up for claiming.
-            let snap = self.present.snapshot();
-            for r in snap.runs() {
-                claimed.set_range(r);
+            // Present and held pages are taken; the rest is up for claiming.
+            for bm in [&self.present, &self.held] {
+                for r in bm.snapshot().runs() {
+                    claimed.set_range(r);
+                }
             }
         }
         self.postcopy.store(true, Ordering::Release);
     }
 
-    /// Forget pages about to be evicted (before switchover). The bits go
-    /// before the pages do: an install racing in between then either finds
-    /// the old page (skipped) or the hole (installed, bit set).
-    pub fn unmark_present(&self, r: PageRange) -> u64 {
-        let cleared = self.present.clear_range(r);
-        self.metrics.pages_present.fetch_sub(cleared, Ordering::Relaxed);
-        cleared
+    /// Forget outstanding pages before switchover: their precopy copies are
+    /// stale. Returns (pages that were held or present, whether any was
+    /// mapped: only then must the caller unmap `r` from the guest's view).
+    /// Bits go before pages do: an install racing in between then finds
+    /// either the old page (skipped) or the hole (installed, bit set).
+    pub fn forget(&self, r: PageRange) -> (u64, bool) {
+        let held = self.held.clear_range(r);
+        let mapped = self.present.clear_range(r);
+        self.metrics.pages_present.fetch_sub(mapped, Ordering::Relaxed);
+        (held + mapped, mapped > 0)
+    }
+
+    /// Whether `page` is held (content in place, not mapped).
+    #[inline]
+    pub fn is_held(&self, page: PageIdx) -> bool {
+        self.held.get(page)
+    }
+
+    /// The held set (for the background mapper).
+    pub fn held(&self) -> &AtomicPageBitmap {
+        &self.held
+    }
+
+    /// Map the held, unmapped pages of `r` into the guest's view (after
+    /// switchover). Returns pages newly present.
+    pub fn map_held(&self, r: PageRange) -> Result<u64, UffdError> {
+        let mut newly = 0;
+        let mut at = r.first.0;
+        while let Some(p) = self.held.next_with_below(at, r.end(), true) {
+            let end = self.held.next_with_below(p.0, r.end(), false).map_or(r.end(), |q| q.0);
+            newly += self.map_written(PageRange::new(p, end - p.0))?;
+            at = end;
+        }
+        PagerMetrics::add(&self.metrics.pages_mapped_local, newly);
+        self.finish(r, newly, None);
+        Ok(newly)
     }
 
     /// Record a fault; completes it at once if its page is already present.
@@ -232,10 +273,13 @@ impl Installer {
         }
     }
 
-    /// Account pages that became present, and complete faults waiting on `run`.
-    fn finish(&self, run: PageRange, newly: u64, kind: PageKind) {
+    /// Account pages that became present (received as `kind`, or mapped
+    /// from held pages for `None`), and complete faults waiting on `run`.
+    fn finish(&self, run: PageRange, newly: u64, kind: Option<PageKind>) {
         PagerMetrics::add(&self.metrics.pages_present, newly);
-        PagerMetrics::add(self.kind_counter(kind), newly);
+        if let Some(kind) = kind {
+            PagerMetrics::add(self.kind_counter(kind), newly);
+        }
         fence(Ordering::SeqCst);
         if self.waiting.any_in(run) {
             self.complete_waiting(run);
@@ -247,11 +291,12 @@ impl Installer {
     pub fn install(&self, first: PageIdx, data: &[u8], kind: PageKind) -> Result<u64, UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let run = PageRange::new(first, (data.len() / ps) as u64);
-        let newly = match &self.backend {
-            Backend::Copy => self.install_copy(run, data)?,
+        let (newly, held) = match &self.backend {
+            Backend::Copy => (self.install_copy(run, data)?, 0),
             Backend::Continue { alias, claimed } => self.install_continue(run, data, alias, claimed)?,
         };
-        self.finish(run, newly, kind);
+        self.finish(run, newly, Some(kind));
+        PagerMetrics::add(self.kind_counter(kind), held);
         Ok(newly)
     }
 
@@ -322,18 +367,21 @@ impl Installer {
     /// Claim the pages of `run` this thread may write: after switchover, the
     /// missing ones no one else claimed; before, all of them. Calls `f` with
     /// each claimed stretch (within one 64-page word).
-    fn claim(&self, run: PageRange, claimed: &AtomicPageBitmap, mut f: impl FnMut(PageRange)) {
+    /// With `cede`, pages a fault waits on are left to their demand reply
+    /// (which is on its way): a bulk run must never make a fault wait for it.
+    fn claim(&self, run: PageRange, claimed: &AtomicPageBitmap, cede: bool, mut f: impl FnMut(PageRange)) {
         let precopy = !self.postcopy.load(Ordering::Acquire);
         let mut at = run.first.0;
         while at < run.end() {
             let word_end = ((at / 64) + 1) * 64;
             let hi = word_end.min(run.end());
             let mask = if hi - at == 64 { u64::MAX } else { ((1u64 << (hi - at)) - 1) << (at % 64) };
-            let piece = PageRange::new(PageIdx(at), hi - at);
+            let w = usize::try_from(at / 64).expect("bitmap word fits usize");
             let mine = if precopy {
                 mask
             } else {
-                let newly = claimed.set_range_mask(piece);
+                let want = if cede { mask & !self.waiting.load_word(w) } else { mask };
+                let newly = claimed.set_word_mask(w, want);
                 let dups = u64::from((mask & !newly).count_ones());
                 PagerMetrics::add(&self.metrics.pages_duplicate, dups);
                 newly
@@ -343,7 +391,8 @@ impl Installer {
         }
     }
 
-    /// Map written pages of `r` into the guest's view; returns pages newly present.
+    /// Map written pages of `r` into the guest's view; returns pages newly
+    /// present. Their held bits, if any, are cleared.
     fn map_written(&self, r: PageRange) -> Result<u64, UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let mut newly = 0;
@@ -382,23 +431,26 @@ impl Installer {
                 };
                 let n = (done / ps) as u64 + skip;
                 newly += self.present.set_range(PageRange::new(PageIdx(at), n));
+                self.held.clear_range(PageRange::new(PageIdx(at), n));
                 at += n;
             }
         }
         Ok(newly)
     }
 
+    /// Returns (pages newly mapped, pages newly held).
     fn install_continue(
         &self,
         run: PageRange,
         data: &[u8],
         alias: &GuestMap,
         claimed: &AtomicPageBitmap,
-    ) -> Result<u64, UffdError> {
+    ) -> Result<(u64, u64), UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let mut newly = 0;
+        let mut held = 0;
         let mut result = Ok(());
-        self.claim(run, claimed, |mine| {
+        self.claim(run, claimed, false, |mine| {
             for (_, piece) in self.map.layout().split_by_region(mine) {
                 let off = usize::try_from(piece.first.0 - run.first.0).expect("within run") * ps;
                 let len = usize::try_from(piece.n_pages).expect("bounded") * ps;
@@ -410,13 +462,27 @@ impl Installer {
                 unsafe { std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), dst.0 as *mut u8, len) };
             }
             if result.is_ok() {
-                match self.map_written(mine) {
-                    Ok(n) => newly += n,
+                match self.written(mine) {
+                    Ok((n, h)) => {
+                        newly += n;
+                        held += h;
+                    }
                     Err(e) => result = Err(e),
                 }
             }
         });
-        result.map(|()| newly)
+        result.map(|()| (newly, held))
+    }
+
+    /// Pages of `r` now hold their content in the alias: before switchover
+    /// they are held (mapped later), after it mapped at once. Returns
+    /// (pages newly mapped, pages newly held).
+    fn written(&self, r: PageRange) -> Result<(u64, u64), UffdError> {
+        if self.postcopy.load(Ordering::Acquire) {
+            Ok((self.map_written(r)?, 0))
+        } else {
+            Ok((0, self.held.set_range(r)))
+        }
     }
 
     /// Complete every pending fault on a present page of `r`.
@@ -484,7 +550,16 @@ impl<'a> BulkPlacer<'a> {
     }
 }
 
+/// Pages placed (and claimed) at once: a claim holds only while its run's
+/// bytes arrive, so a fault on a later page of a push frame is answered by
+/// its demand reply instead of waiting for the whole frame (64 KiB).
+const PLACE_PAGES: u32 = 16;
+
 impl PagePlacer for BulkPlacer<'_> {
+    fn max_pages(&self) -> u32 {
+        PLACE_PAGES
+    }
+
     fn place<'b>(
         &'b mut self,
         first: PageIdx,
@@ -503,7 +578,7 @@ impl PagePlacer for BulkPlacer<'_> {
             return Ok(());
         };
         let mine = &mut self.mine;
-        self.inst.claim(run, claimed, |r| mine.push(r));
+        self.inst.claim(run, claimed, true, |r| mine.push(r));
         // Claimed stretches go to the alias, the rest to scratch (discarded),
         // in frame order.
         let scratch = self.scratch.as_mut_ptr();
@@ -551,14 +626,17 @@ impl PagePlacer for BulkPlacer<'_> {
                     }
                     return Ok(());
                 }
-                let mut newly = 0;
+                let (mut newly, mut held) = (0, 0);
                 for r in &self.mine {
-                    newly += self.inst.map_written(*r)?;
+                    let (n, h) = self.inst.written(*r)?;
+                    newly += n;
+                    held += h;
                 }
+                PagerMetrics::add(self.inst.kind_counter(kind), held);
                 newly
             }
         };
-        self.inst.finish(run, newly, kind);
+        self.inst.finish(run, newly, Some(kind));
         Ok(())
     }
 }
@@ -620,6 +698,14 @@ mod tests {
         }
     }
 
+    /// A page's first byte wherever it is: through the alias for shared
+    /// memory (held pages are not mapped in the guest's view yet).
+    fn read_here(f: &Fixture, page: u64) -> u8 {
+        let base = f._alias.as_ref().map_or(f.guest.as_ptr() as usize, |a| a.as_ptr() as usize);
+        // SAFETY: one byte of a populated alias page or a present guest page.
+        unsafe { std::ptr::read_volatile((base + usize::try_from(page).unwrap() * PG) as *const u8) }
+    }
+
     fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
     }
@@ -649,15 +735,28 @@ mod tests {
             let f = fixture(shmem);
             f.inst.install(PageIdx(0), &page_data(0, 8, 1), PageKind::Precopy).unwrap();
             f.inst.install(PageIdx(4), &page_data(4, 8, 3), PageKind::Precopy).unwrap();
-            assert_eq!(read(&f, 5), 3 ^ 5, "shmem={shmem}: a later round wins");
+            // (Shared memory: the pages are held, unmapped; look through the alias.)
+            assert_eq!(read_here(&f, 5), 3 ^ 5, "shmem={shmem}: a later round wins");
             assert_eq!(get(&f.metrics.pages_precopy), 12);
             // Evict 6..12, as a switchover with those pages outstanding would.
             let r = PageRange::new(PageIdx(6), 6);
-            f.inst.unmark_present(r);
-            let ptr = std::ptr::NonNull::new((f.guest.as_ptr() as usize + 6 * PG) as *mut std::ffi::c_void).unwrap();
-            // SAFETY: dropping pages of the fixture's own mapping.
-            unsafe { nix::sys::mman::madvise(ptr, 6 * PG, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.unwrap();
+            let (dropped, mapped) = f.inst.forget(r);
+            assert_eq!(dropped, 6);
+            // Shared memory holds precopy pages unmapped: nothing to unmap.
+            assert_eq!(mapped, !shmem);
+            if mapped {
+                let ptr =
+                    std::ptr::NonNull::new((f.guest.as_ptr() as usize + 6 * PG) as *mut std::ffi::c_void).unwrap();
+                // SAFETY: dropping pages of the fixture's own mapping.
+                unsafe { nix::sys::mman::madvise(ptr, 6 * PG, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.unwrap();
+            }
             f.inst.begin_postcopy();
+            if shmem {
+                // Held pages 0..6 are mapped after switchover.
+                assert_eq!(get(&f.metrics.pages_present), 0);
+                assert_eq!(f.inst.map_held(PageRange::new(PageIdx(0), N)).unwrap(), 6);
+                assert_eq!(get(&f.metrics.pages_mapped_local), 6);
+            }
             assert_eq!(get(&f.metrics.pages_present), 6);
             // The new content of an evicted page goes in; present pages stay.
             f.inst.install(PageIdx(4), &page_data(4, 4, 7), PageKind::Demand).unwrap();

@@ -38,6 +38,11 @@ pub struct PagerMetrics {
     /// Outstanding pages dropped at switchover because precopy had sent an
     /// older copy.
     pub pages_evicted: AtomicU64,
+    /// Pages held from precopy (shared memory) mapped after switchover,
+    /// without a network round trip.
+    pub pages_mapped_local: AtomicU64,
+    /// Faults on held pages, served by mapping them on the spot.
+    pub faults_local: AtomicU64,
     /// Pages present in guest memory.
     pub pages_present: AtomicU64,
     /// Install calls the kernel asked to retry.

@@ -8,9 +8,10 @@
 //! * then the prefetch window of each fault (after it, or around it), minus
 //!   everything present, requested, or already in this batch;
 //! * every page named is marked requested, so a page is asked for once until
-//!   a re-request decides otherwise.
+//!   a re-request decides otherwise;
+//! * "present" is the caller's judgement: pages already here, mapped or held.
 
-use proto::{AtomicPageBitmap, PageBitmap, PageIdx, PageRange};
+use proto::{PageBitmap, PageIdx, PageRange};
 
 /// Where the prefetch window lies relative to the faulting page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +54,7 @@ fn push_page(out: &mut Vec<PageRange>, page: PageIdx, from: usize) {
 pub fn plan(
     faults: &[PageIdx],
     prefetch: Prefetch,
-    present: &AtomicPageBitmap,
+    present: impl Fn(PageIdx) -> bool,
     requested: &mut PageBitmap,
     out: &mut Vec<PageRange>,
 ) -> u64 {
@@ -61,7 +62,7 @@ pub fn plan(
     let start = out.len();
     let mut added = 0;
     for &p in faults {
-        if !present.get(p) && !requested.set(p) {
+        if !present(p) && !requested.set(p) {
             push_page(out, p, start);
             added += 1;
         }
@@ -82,7 +83,7 @@ pub fn plan(
         };
         for q in lo..hi.min(n_pages) {
             let q = PageIdx(q);
-            if !present.get(q) && !requested.set(q) {
+            if !present(q) && !requested.set(q) {
                 push_page(out, q, from);
                 added += 1;
             }
@@ -94,6 +95,7 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::AtomicPageBitmap;
 
     fn run(faults: &[u64], pf: Prefetch, present: &[u64], requested: &[u64], n: u64) -> Vec<(u64, u64)> {
         let p = AtomicPageBitmap::new(n);
@@ -106,7 +108,7 @@ mod tests {
         }
         let mut out = vec![];
         let f: Vec<_> = faults.iter().map(|&x| PageIdx(x)).collect();
-        let added = plan(&f, pf, &p, &mut r, &mut out);
+        let added = plan(&f, pf, |q| p.get(q), &mut r, &mut out);
         assert_eq!(added, out.iter().map(|r| r.n_pages).sum::<u64>());
         // Everything planned is now requested, and nothing present was planned.
         for rg in &out {

@@ -276,6 +276,12 @@ impl AtomicPageBitmap {
         m & !prev
     }
 
+    /// Set the bits `mask` of word `w` (pages 64w..64w+64); returns the mask
+    /// of the bits this call set.
+    pub fn set_word_mask(&self, w: usize, mask: u64) -> u64 {
+        mask & !self.words[w].fetch_or(mask, Ordering::AcqRel)
+    }
+
     /// Clear every page of `r`; returns how many were set before.
     pub fn clear_range(&self, r: PageRange) -> u64 {
         debug_assert!(r.end() <= self.len);
@@ -392,6 +398,9 @@ mod tests {
         b.set(PageIdx(66));
         assert_eq!(b.set_range_mask(PageRange::new(PageIdx(65), 3)), 0b1010);
         assert_eq!(b.set_range_mask(PageRange::new(PageIdx(64), 64)), !0b1110);
+        let c = AtomicPageBitmap::new(64);
+        c.set(PageIdx(1));
+        assert_eq!(c.set_word_mask(0, 0b111), 0b101);
         assert_eq!(a.count_ones(), 119);
     }
 

@@ -103,6 +103,10 @@ pub struct SenderConfig {
     pub pause_timeout: Duration,
     /// When to leave precopy (hybrid and precopy modes).
     pub policy: Policy,
+    /// Nice value of the pusher (see `transport::sched`); `None` picks by
+    /// mode: 10 in hybrid and precopy, 0 in pure postcopy (the destination's
+    /// `pager::default_nice` says why).
+    pub background_nice: Option<i32>,
 }
 
 impl Default for SenderConfig {
@@ -118,6 +122,7 @@ impl Default for SenderConfig {
             keepalive: Duration::from_millis(250),
             pause_timeout: Duration::from_secs(5),
             policy: Policy::default(),
+            background_nice: None,
         }
     }
 }
@@ -207,8 +212,10 @@ pub fn run<G: SourceGuest>(
     let sent = (|| -> Result<(), SenderError> {
         if cfg.mode != Mode::Postcopy {
             // The final scan: what was written since the last one. Tracking
-            // stops after the acknowledgement: unregistering walks every page
-            // table entry, which must not count as downtime.
+            // is left armed on the paused guest: unregistering walks every
+            // page table entry (tens of ms per GiB), which must neither count
+            // as downtime nor hold up demand serving; the guest object drops
+            // it at the end (or a failure unpauses the guest untracked).
             guest.collect_dirty(&mut outstanding).map_err(SenderError::Guest)?;
             if cfg.mode == Mode::Precopy {
                 // Stop-and-copy: everything left goes now, nothing stays outstanding.
@@ -243,7 +250,6 @@ pub fn run<G: SourceGuest>(
     })?;
     let t_ack = Instant::now();
     let downtime = t_ack.duration_since(t_pause);
-    guest.stop_dirty_tracking();
 
     // Postcopy: demand on this thread, push on its own.
     let served = Arc::new(AtomicPageBitmap::new(layout.n_pages()));
@@ -266,9 +272,11 @@ pub fn run<G: SourceGuest>(
     let push_failed = Arc::new(AtomicBool::new(false));
     let push_thread = {
         let failed = Arc::clone(&push_failed);
+        let nice = cfg.background_nice.unwrap_or(if cfg.mode == Mode::Postcopy { 0 } else { 10 });
         std::thread::Builder::new()
             .name("sender-push".into())
             .spawn(move || {
+                transport::sched::set_thread_nice(nice);
                 let r = pusher.run();
                 if r.is_err() {
                     failed.store(true, Ordering::Release);

@@ -178,8 +178,18 @@ pub type PlaceError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Decides where the data of each received Pages frame goes, so it can be
 /// read from the socket straight into guest memory.
+///
+/// A frame may be placed in pieces: the transport calls `place` and
+/// `placed` for consecutive runs of at most `max_pages()` pages, reading
+/// each run's bytes in between, so whatever the placer holds for a run (a
+/// claim on the pages) is held only while that run's bytes arrive.
 pub trait PagePlacer {
-    /// Check the frame and append spans totalling `n_pages * page_size` bytes
+    /// Largest run placed at once.
+    fn max_pages(&self) -> u32 {
+        u32::MAX
+    }
+
+    /// Check the run and append spans totalling `n_pages * page_size` bytes
     /// for its data.
     fn place<'a>(
         &'a mut self,

@@ -8,6 +8,7 @@
 //! * [`tcp`]: TCP, for every host.
 //! * [`mem`]: an in-memory pair that can delay, drop, reorder and disconnect,
 //!   for deterministic tests of the session logic.
+//! * [`sched`]: the priority of the threads that move bulk data.
 //!
 //! RDMA (one-sided writes for the push, reads or requests for faults) will be a
 //! third implementation behind a cargo feature; see DESIGN.md for how it maps
@@ -16,6 +17,7 @@
 mod conn;
 mod frames;
 pub mod mem;
+pub mod sched;
 pub mod tcp;
 
 pub use conn::{Conn, IoSpan, IoSpanMut, PagePlacer, PlaceError, Placed, TransportError, Wait};

@@ -304,29 +304,40 @@ impl Conn for MemConn {
         let peer = self.name.clone();
         let Some(msg) = self.recv(wait)? else { return Ok(None) };
         let Msg::Pages { first, n_pages, kind, data } = msg else { return Ok(Some(Placed::Msg(msg))) };
-        let mut spans: Vec<IoSpanMut<'_>> = Vec::with_capacity(8);
-        placer
-            .place(first, n_pages, kind, &mut spans)
-            .map_err(|source| TransportError::Refused { peer: peer.clone(), source })?;
-        let given: usize = spans.iter().map(IoSpanMut::len).sum();
-        if given != data.len() {
-            drop(spans);
-            let _ = placer.placed(first, n_pages, kind, false);
-            let source = format!("placer gave {given} bytes for {}", data.len()).into();
-            return Err(TransportError::Refused { peer, source });
-        }
-        let mut at = 0;
-        for s in &spans {
-            // SAFETY: the span is writable for its length by the placer's
-            // contract; the source lies in this connection's frame buffer.
-            #[allow(unsafe_code)]
-            unsafe {
-                std::ptr::copy_nonoverlapping(data[at..].as_ptr(), s.ptr(), s.len());
+        let ps = data.len() / n_pages as usize;
+        let step = placer.max_pages().max(1);
+        let mut done = 0;
+        while done < n_pages {
+            let n = step.min(n_pages - done);
+            let at = PageIdx(first.0 + u64::from(done));
+            let chunk = &data[done as usize * ps..(done + n) as usize * ps];
+            let mut spans: Vec<IoSpanMut<'_>> = Vec::with_capacity(8);
+            placer
+                .place(at, n, kind, &mut spans)
+                .map_err(|source| TransportError::Refused { peer: peer.clone(), source })?;
+            let given: usize = spans.iter().map(IoSpanMut::len).sum();
+            if given != chunk.len() {
+                drop(spans);
+                let _ = placer.placed(at, n, kind, false);
+                let source = format!("placer gave {given} bytes for {}", chunk.len()).into();
+                return Err(TransportError::Refused { peer, source });
             }
-            at += s.len();
+            let mut off = 0;
+            for s in &spans {
+                // SAFETY: the span is writable for its length by the placer's
+                // contract; the source lies in this connection's frame buffer.
+                #[allow(unsafe_code)]
+                unsafe {
+                    std::ptr::copy_nonoverlapping(chunk[off..].as_ptr(), s.ptr(), s.len());
+                }
+                off += s.len();
+            }
+            drop(spans);
+            placer
+                .placed(at, n, kind, true)
+                .map_err(|source| TransportError::Refused { peer: peer.clone(), source })?;
+            done += n;
         }
-        drop(spans);
-        placer.placed(first, n_pages, kind, true).map_err(|source| TransportError::Refused { peer, source })?;
         Ok(Some(Placed::Pages { first, n_pages, kind }))
     }
 

@@ -271,7 +271,7 @@ impl TcpConn {
     }
 
     /// Deliver the data of the Pages frame whose header and prefix are at the
-    /// front of the buffer into the placer's spans.
+    /// front of the buffer into the placer's spans, run by run.
     fn place_frame(
         &mut self,
         h: FrameHeader,
@@ -282,7 +282,29 @@ impl TcpConn {
         let (first, n_pages, kind) = wire::decode_pages_prefix(h, prefix, self.page_size)
             .map_err(|source| TransportError::Decode { peer: peer.clone(), source })?;
         self.rb.consume(HEADER_LEN + PAGES_PREFIX_LEN);
-        let data_len = h.body_len as usize - PAGES_PREFIX_LEN;
+        let ps = self.page_size.expect("checked by decode_pages_prefix").bytes_usize();
+        let step = placer.max_pages().max(1);
+        let mut done = 0;
+        while done < n_pages {
+            let n = step.min(n_pages - done);
+            let at = PageIdx(first.0 + u64::from(done));
+            self.place_run(at, n, kind, n as usize * ps, placer)?;
+            done += n;
+        }
+        Ok((first, n_pages, kind))
+    }
+
+    /// Place one run of a frame: ask the placer, fill its spans from the
+    /// buffer and then the socket, tell it how that went.
+    fn place_run(
+        &mut self,
+        first: PageIdx,
+        n_pages: u32,
+        kind: PageKind,
+        data_len: usize,
+        placer: &mut dyn PagePlacer,
+    ) -> Result<(), TransportError> {
+        let peer = self.peer.clone();
         let mut spans = Vec::with_capacity(8);
         placer
             .place(first, n_pages, kind, &mut spans)
@@ -321,7 +343,7 @@ impl TcpConn {
         };
         let ok = result.is_ok();
         placer.placed(first, n_pages, kind, ok).map_err(|source| TransportError::Refused { peer, source })?;
-        result.map(|()| (first, n_pages, kind))
+        result
     }
 }
 
@@ -571,6 +593,7 @@ mod tests {
     struct Flat {
         mem: Vec<u8>,
         placed: Vec<(u64, u32, bool)>,
+        max: u32,
     }
 
     impl PagePlacer for Flat {
@@ -597,6 +620,10 @@ mod tests {
             self.placed.push((first.0, n, ok));
             Ok(())
         }
+
+        fn max_pages(&self) -> u32 {
+            self.max
+        }
     }
 
     #[test]
@@ -615,7 +642,7 @@ mod tests {
             a.send(&Msg::PushDone { n_pushed: 64 }).unwrap();
             a
         });
-        let mut flat = Flat { mem: vec![0xee; 64 * 4096], placed: vec![] };
+        let mut flat = Flat { mem: vec![0xee; 64 * 4096], placed: vec![], max: 20 };
         let mut msgs = 0;
         loop {
             match b.recv_placed(Wait::for_(Duration::from_secs(5)), &mut flat).unwrap() {
@@ -626,7 +653,8 @@ mod tests {
             }
         }
         assert_eq!(msgs, 2);
-        assert_eq!(flat.placed, vec![(0, 16, true), (16, 48, true)]);
+        // Frames placed in runs of at most 20 pages.
+        assert_eq!(flat.placed, vec![(0, 16, true), (16, 20, true), (36, 20, true), (56, 8, true)]);
         for (p, chunk) in flat.mem.chunks(4096).enumerate() {
             assert!(chunk.iter().all(|&x| usize::from(x) == p), "page {p}");
         }
@@ -640,7 +668,7 @@ mod tests {
         b.set_page_size(PageSize::Size4K);
         let data = vec![1u8; 8 * 4096];
         a.send_pages(PageIdx(100), 8, PageKind::Push, &[IoSpan::from_slice(&data)]).unwrap();
-        let mut flat = Flat { mem: vec![0; 16 * 4096], placed: vec![] };
+        let mut flat = Flat { mem: vec![0; 16 * 4096], placed: vec![], max: 3 };
         assert!(matches!(
             b.recv_placed(Wait::for_(Duration::from_secs(5)), &mut flat),
             Err(TransportError::Refused { .. })
@@ -651,14 +679,15 @@ mod tests {
         let prefix = wire::pages_prefix(PageIdx(0), 8, PageKind::Push, PageSize::Size4K);
         use std::io::Write;
         (&a.stream).write_all(&prefix).unwrap();
-        (&a.stream).write_all(&data[..5000]).unwrap();
+        (&a.stream).write_all(&data[..14000]).unwrap();
         drop(a);
-        let mut flat = Flat { mem: vec![0; 16 * 4096], placed: vec![] };
+        let mut flat = Flat { mem: vec![0; 16 * 4096], placed: vec![], max: 3 };
         assert!(matches!(
             b.recv_placed(Wait::for_(Duration::from_secs(5)), &mut flat),
             Err(TransportError::Closed { .. })
         ));
-        assert_eq!(flat.placed, vec![(0, 8, false)]);
+        // Placed in runs of 3 pages: the first arrived whole, the second was cut.
+        assert_eq!(flat.placed, vec![(0, 3, true), (3, 3, false)]);
     }
 
     #[test]
