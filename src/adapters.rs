@@ -2,6 +2,7 @@
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use guest::{Backing, GuestMemory, Workload, WorkloadState};
@@ -85,15 +86,46 @@ pub struct WorkloadDest {
     mem: Arc<GuestMemory>,
     workload: Option<Workload>,
     state: Option<WorkloadState>,
+    populate: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+}
+
+/// When the destination allocates shared guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Populate {
+    /// Before acknowledging the hello (the guest runs on the source
+    /// meanwhile): the push then writes into ready pages.
+    Before,
+    /// In a background thread at the lowest priority: the migration starts
+    /// at once, but pages written before it gets there are allocated by that
+    /// write, which slows the push (measured: 0.5-0.8 GB/s against 2.3 GB/s,
+    /// ten times the faults, for 2 GiB).
+    Background,
 }
 
 impl WorkloadDest {
-    /// Fresh memory for `layout`: anonymous and unpopulated, or shared memory
-    /// populated through its alias (so the pager's writes never allocate).
-    pub fn new(layout: MemLayout, backing: Backing) -> Result<Self, guest::MemoryError> {
-        let mem = GuestMemory::with_backing(layout, backing)?;
-        mem.populate_alias(2)?;
-        Ok(WorkloadDest { mem: Arc::new(mem), workload: None, state: None })
+    /// Fresh memory for `layout`: anonymous and unpopulated, or shared
+    /// memory whose alias is populated as `populate` says (populating costs
+    /// about 1.4 s per GiB here: the pages are new to the host).
+    pub fn new(layout: MemLayout, backing: Backing, populate: Populate) -> Result<Self, guest::MemoryError> {
+        let mem = Arc::new(GuestMemory::with_backing(layout, backing)?);
+        if populate == Populate::Before {
+            mem.populate_alias(2, &AtomicBool::new(false))?;
+        }
+        let populate = (backing == Backing::Shmem && populate == Populate::Background).then(|| {
+            let cancel = Arc::new(AtomicBool::new(false));
+            let (m, c) = (Arc::clone(&mem), Arc::clone(&cancel));
+            let t = std::thread::Builder::new()
+                .name("populate".into())
+                .spawn(move || {
+                    transport::sched::set_thread_nice(19);
+                    if let Err(e) = m.populate_alias(1, &c) {
+                        tracing::warn!("populating guest memory in the background: {e}");
+                    }
+                })
+                .expect("spawning a thread");
+            (cancel, t)
+        });
+        Ok(WorkloadDest { mem, workload: None, state: None, populate })
     }
 
     /// The running workload, once resumed.
@@ -117,10 +149,19 @@ impl WorkloadDest {
     }
 }
 
+impl Drop for WorkloadDest {
+    fn drop(&mut self) {
+        if let Some((cancel, t)) = self.populate.take() {
+            cancel.store(true, Ordering::Relaxed);
+            let _ = t.join();
+        }
+    }
+}
+
 // SAFETY: the regions are `GuestMemory`'s mappings (private anonymous, or
-// shared with a populated alias: `new` populates it), held by the Arc in this
-// object for its whole life; only the workload's vCPUs touch the guest view,
-// and only after `resume`; nothing here writes the alias.
+// shared with an alias), held by the Arc in this object for its whole life;
+// only the workload's vCPUs touch the guest view, and only after `resume`;
+// nothing here writes the alias (populating maps pages, it changes none).
 unsafe impl DestGuest for WorkloadDest {
     fn regions(&self) -> Vec<HostAddr> {
         self.mem.host_regions().iter().map(|r| r.host).collect()

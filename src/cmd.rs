@@ -18,7 +18,7 @@ use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
 use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 
-use crate::adapters::{WorkloadDest, WorkloadSource};
+use crate::adapters::{Populate, WorkloadDest, WorkloadSource};
 use crate::report::{
     DowntimeParts, GuestReport, PostcopyReport, PrecopyReport, PrefetchReport, Report, latency_of, ms, ns_ms,
 };
@@ -63,6 +63,15 @@ impl MemoryArg {
             MemoryArg::Anon => Backing::Anonymous,
         }
     }
+}
+
+/// When shared destination memory is allocated, on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PopulateArg {
+    /// Before acknowledging the source (the guest runs on there meanwhile).
+    Before,
+    /// In the background: start at once, push slower.
+    Background,
 }
 
 /// Prefetch placement on the command line.
@@ -189,6 +198,9 @@ pub struct DestArgs {
     /// pure postcopy, 10 in hybrid and precopy).
     #[arg(long)]
     pub background_nice: Option<i32>,
+    /// When to allocate shared guest memory.
+    #[arg(long, value_enum, default_value = "before")]
+    pub populate: PopulateArg,
     /// Keep the guest running this long after the migration, then verify it.
     #[arg(long, default_value_t = 500)]
     pub run_after_ms: u64,
@@ -409,7 +421,12 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         Box::new(control),
         move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
         |acc| {
-            WorkloadDest::new(acc.layout.clone(), args.memory.backing()).map_err(|e| Box::new(e) as pager::GuestError)
+            let populate = match args.populate {
+                PopulateArg::Before => Populate::Before,
+                PopulateArg::Background => Populate::Background,
+            };
+            WorkloadDest::new(acc.layout.clone(), args.memory.backing(), populate)
+                .map_err(|e| Box::new(e) as pager::GuestError)
         },
         &cfg,
         Arc::clone(&metrics),
@@ -466,6 +483,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             },
         },
         total_time_ms: ms(pr.total_time),
+        setup_ms: ms(pr.setup_time),
         downtime_ms: ns_ms(pr.source.downtime_ns),
         downtime: DowntimeParts {
             pause_to_sent_ms: ns_ms(pr.source.pause_to_sent_ns),
@@ -674,8 +692,9 @@ pub fn summary(r: &Report) -> String {
     );
     s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
     s += &format!(
-        "  time         total {:.1} ms, postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, evict {:.2} ms, restore {:.2} ms)\n",
+        "  time         total {:.1} ms (setup {:.1} ms), postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, evict {:.2} ms, restore {:.2} ms)\n",
         r.total_time_ms,
+        r.setup_ms,
         r.postcopy.time_ms,
         r.downtime_ms,
         r.downtime.pause_to_sent_ms,

@@ -179,6 +179,9 @@ pub struct Report {
     pub prefetch: PrefetchReport,
     /// First handshake byte to completion.
     pub total_time_ms: f64,
+    /// Destination: creating, populating and registering guest memory,
+    /// before the source pauses the guest.
+    pub setup_ms: f64,
     /// Source pause to destination resume (as the source saw the ack).
     pub downtime_ms: f64,
     /// Where the downtime went.

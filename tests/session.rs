@@ -69,7 +69,10 @@ fn migrate(
             let r = pager::run(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().expect("one bulk connection")) as Box<dyn Conn>),
-                |acc| WorkloadDest::new(acc.layout.clone(), backing).map_err(|e| Box::new(e) as pager::GuestError),
+                |acc| {
+                    WorkloadDest::new(acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
+                        .map_err(|e| Box::new(e) as pager::GuestError)
+                },
                 &pcfg,
                 pm,
             );
@@ -174,7 +177,7 @@ fn demand_does_not_wait_for_the_push() {
             Box::new(dest_ctl),
             move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
             |acc| {
-                WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem)
+                WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem, postcopy::adapters::Populate::Background)
                     .map_err(|e| Box::new(e) as pager::GuestError)
             },
             &pcfg,
@@ -387,7 +390,8 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
         Box::new(dest_ctl),
         move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
         |acc| {
-            WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem).map_err(|e| Box::new(e) as pager::GuestError)
+            WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem, postcopy::adapters::Populate::Background)
+                .map_err(|e| Box::new(e) as pager::GuestError)
         },
         &pcfg,
         pm,
@@ -486,7 +490,10 @@ fn hybrid(
             let r = pager::run(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-                |acc| WorkloadDest::new(acc.layout.clone(), backing).map_err(|e| Box::new(e) as pager::GuestError),
+                |acc| {
+                    WorkloadDest::new(acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
+                        .map_err(|e| Box::new(e) as pager::GuestError)
+                },
                 &PagerConfig::default(),
                 pm,
             );

@@ -171,8 +171,10 @@ impl GuestMemory {
     /// Allocate every page of a shmem backing and map it in the alias view
     /// (MADV_POPULATE_WRITE), so that later writes through the alias neither
     /// fault nor allocate; the guest's own view stays unmapped. Spread over
-    /// `threads` threads. No-op for anonymous memory.
-    pub fn populate_alias(&self, threads: usize) -> Result<(), MemoryError> {
+    /// `threads` threads, stopping early when `cancel` is set. Content is
+    /// never changed (pages already there are only mapped), so it may run
+    /// while the pager writes. No-op for anonymous memory.
+    pub fn populate_alias(&self, threads: usize, cancel: &std::sync::atomic::AtomicBool) -> Result<(), MemoryError> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         if self.backing != Backing::Shmem {
             return Ok(());
@@ -195,6 +197,9 @@ impl GuestMemory {
             for _ in 0..threads {
                 s.spawn(|| {
                     while let Some(&(region, addr, len)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) {
+                        if cancel.load(Ordering::Relaxed) {
+                            return;
+                        }
                         let ptr = std::ptr::NonNull::new(addr.0 as *mut std::ffi::c_void)
                             .expect("mapped address is non-null");
                         let advice = nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE;
@@ -320,7 +325,7 @@ mod tests {
             Backing::Shmem => assert!(zeros.iter().all(|z| !z)),
         }
         if let Some(alias) = m.alias_regions() {
-            m.populate_alias(2).unwrap();
+            m.populate_alias(2, &std::sync::atomic::AtomicBool::new(false)).unwrap();
             // SAFETY: the first word of region 0's alias, a live mapping.
             let v = unsafe { std::ptr::read_volatile(alias[0].0 as *const u64) };
             assert_eq!(v, 100, "the alias maps the same pages as the guest");

@@ -14,10 +14,11 @@ pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
 /// reads or writes meanwhile: the pager registers these ranges with
 /// userfaultfd and the kernel writes pages into them. Without an alias they
 /// must be private anonymous mappings (installed with UFFDIO_COPY). With
-/// `alias_regions()`, they must be shared mappings of memory whose every page
-/// exists (populated), and each alias a second writable shared mapping of the
-/// same pages, populated too, that only the pager writes: the pager writes
-/// arriving pages through the alias and maps them into the guest's view.
+/// `alias_regions()`, they must be shared mappings (of a memfd, say), and
+/// each alias a second writable shared mapping of the same pages that only
+/// the pager writes (populating it, from another thread or not at all, is
+/// allowed: it changes no content): the pager writes arriving pages through
+/// the alias and maps them into the guest's view.
 #[allow(unsafe_code)]
 pub unsafe trait DestGuest {
     /// Where each region's memory starts.

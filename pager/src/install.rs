@@ -670,7 +670,8 @@ mod tests {
             let file = std::fs::File::from(fd);
             file.set_len(len as u64).unwrap();
             let g = MmapOptions::new().len(len).map_raw(&file).unwrap();
-            let a = MmapOptions::new().len(len).populate().map_raw(&file).unwrap();
+            // Not populated: pages are allocated as they are written.
+            let a = MmapOptions::new().len(len).map_raw(&file).unwrap();
             (g, Some(a), Some(file))
         } else {
             (MmapOptions::new().len(len).map_anon().unwrap().into(), None, None)
@@ -678,7 +679,7 @@ mod tests {
         let base = HostAddr(guest.as_mut_ptr() as usize);
         let uffd = Userfault::new(shmem).unwrap();
         if shmem {
-            uffd.register_minor(base, len).unwrap();
+            uffd.register_shared(base, len).unwrap();
         } else {
             uffd.register(base, len).unwrap();
         }

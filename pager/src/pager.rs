@@ -195,6 +195,9 @@ pub struct PagerReport {
     pub outstanding_pages: u64,
     /// First byte of the handshake to the completion acknowledgement.
     pub total_time: Duration,
+    /// Creating (and populating) guest memory and registering it, before
+    /// the hello is acknowledged (the guest still runs on the source).
+    pub setup_time: Duration,
     /// Switchover received to guest resumed.
     pub resume_time: Duration,
     /// Guest resumed to every page present.
@@ -311,6 +314,7 @@ impl Run<'_> {
         let accepted = self.await_hello()?;
         let layout = accepted.layout.clone();
         self.control.set_page_size(layout.page_size());
+        let t_setup = Instant::now();
         let mut guest = make_guest(&accepted).map_err(PagerError::Guest)?;
 
         // Register all of guest memory before the guest can run: every page is
@@ -320,12 +324,13 @@ impl Run<'_> {
         let map = GuestMap::new(layout.clone(), guest.regions());
         for (base, len) in map.spans() {
             if alias.is_some() {
-                uffd.register_minor(base, len)?;
+                uffd.register_shared(base, len)?;
             } else {
                 uffd.register(base, len)?;
             }
         }
         let inst = Arc::new(Installer::new(uffd, map, alias, Arc::clone(&self.metrics)));
+        let setup_time = t_setup.elapsed();
         self.control.send(&Msg::HelloAck { session: self.session.session(), features: accepted.features })?;
 
         let deadline = Instant::now() + self.cfg.handshake_timeout;
@@ -394,6 +399,7 @@ impl Run<'_> {
             prefetch,
             outstanding_pages: outstanding.count_ones(),
             total_time: self.started.elapsed(),
+            setup_time,
             resume_time: t_resumed.duration_since(t_switch),
             postcopy_time,
             resume,

@@ -1,9 +1,11 @@
 //! A typed userfaultfd for the pager.
 //!
 //! The `userfaultfd` crate creates the descriptor (via /dev/userfaultfd),
-//! negotiates the API and registers ranges (MISSING for anonymous memory,
-//! MINOR for shared memory, whose pages exist in the page cache and only
-//! lack a mapping in the guest's view). Fault messages are read here as
+//! negotiates the API and registers ranges: MISSING for anonymous memory;
+//! MISSING and MINOR for shared memory, where a page may already be in the
+//! page cache (minor fault) or not yet (missing fault). Both are resolved the
+//! same way: write the page through the alias, then UFFDIO_CONTINUE, which
+//! maps it and wakes the waiters of either kind (checked on 6.18). Fault messages are read here as
 //! raw 32-byte `uffd_msg`s (parsed with explicit offsets, no unsafe). Page
 //! installation wraps UFFDIO_COPY and UFFDIO_ZEROPAGE directly through `nix`,
 //! because the crate loses the partial-copy count: on this kernel (checked on
@@ -60,6 +62,8 @@ nix::ioctl_readwrite!(ioctl_continue, UFFDIO, 0x07, UffdioContinue);
 
 /// UFFD_FEATURE_MINOR_SHMEM (not in the crate's flags).
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
+/// UFFD_FEATURE_MISSING_SHMEM.
+const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 
 /// Size of one `struct uffd_msg`.
 pub const MSG_LEN: usize = 32;
@@ -168,13 +172,14 @@ fn classify(copied: i64, errno: Errno, op: &'static str, dst: HostAddr, len: usi
 }
 
 impl Userfault {
-    /// A nonblocking userfaultfd reporting faulting thread ids; with `minor`,
-    /// also able to report minor faults on shared memory. Not user-mode-only:
-    /// a KVM vCPU's faults on guest memory are taken in kernel mode.
-    pub fn new(minor: bool) -> Result<Userfault, UffdError> {
+    /// A nonblocking userfaultfd reporting faulting thread ids; with
+    /// `shared`, also able to report missing and minor faults on shared
+    /// memory. Not user-mode-only: a KVM vCPU's faults on guest memory are
+    /// taken in kernel mode.
+    pub fn new(shared: bool) -> Result<Userfault, UffdError> {
         let mut features = FeatureFlags::THREAD_ID;
-        if minor {
-            features |= FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM);
+        if shared {
+            features |= FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM | FEATURE_MISSING_SHMEM);
         }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
@@ -186,10 +191,11 @@ impl Userfault {
         Ok(Userfault { uffd })
     }
 
-    /// Register `[addr, addr + len)` of shared memory for minor faults.
-    pub fn register_minor(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
+    /// Register `[addr, addr + len)` of shared memory for missing and minor
+    /// faults.
+    pub fn register_shared(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
         self.uffd
-            .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MINOR)
+            .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MISSING | RegisterMode::MINOR)
             .map(drop)
             .map_err(|source| UffdError::Register { addr: addr.0, len_bytes, source })
     }
@@ -347,6 +353,36 @@ mod tests {
     }
 
     #[test]
+    fn missing_faults_on_shared_memory_are_served_by_continue() {
+        // Nothing populated: the guest's access to page 2 is a missing fault;
+        // writing the page through the alias then CONTINUE resolves it.
+        let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(4 * PG as u64).unwrap();
+        let guest = MmapOptions::new().len(4 * PG).map_raw(&file).unwrap();
+        let alias = MmapOptions::new().len(4 * PG).map_raw(&file).unwrap();
+        let base = HostAddr(guest.as_mut_ptr() as usize);
+        let u = Userfault::new(true).unwrap();
+        u.register_shared(base, 4 * PG).unwrap();
+        let addr = base.offset_by(2 * PG).0;
+        // SAFETY: the mapping outlives the thread (joined below).
+        let t = std::thread::spawn(move || unsafe { std::ptr::read_volatile(addr as *const u8) });
+        let mut buf = [0u8; 64 * MSG_LEN];
+        let mut faults = Vec::new();
+        let t0 = std::time::Instant::now();
+        while faults.is_empty() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no missing fault event");
+            u.read_faults(&mut buf, &mut faults).unwrap();
+            std::thread::yield_now();
+        }
+        // SAFETY: writing one byte of the alias, a live shared mapping.
+        unsafe { std::ptr::write_volatile((alias.as_mut_ptr() as usize + 2 * PG) as *mut u8, 77) };
+        // SAFETY: page-aligned, inside the registered guest view.
+        assert_eq!(unsafe { u.cont(base.offset_by(2 * PG), PG) }.unwrap(), CopyOutcome::Done);
+        assert_eq!(t.join().unwrap(), 77);
+    }
+
+    #[test]
     fn minor_faults_on_shared_memory_are_served_by_continue() {
         let fd = nix::sys::memfd::memfd_create(c"t", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
         let file = std::fs::File::from(fd);
@@ -356,7 +392,7 @@ mod tests {
         alias.fill(0);
         let base = HostAddr(guest.as_mut_ptr() as usize);
         let u = Userfault::new(true).unwrap();
-        u.register_minor(base, 4 * PG).unwrap();
+        u.register_shared(base, 4 * PG).unwrap();
         let addr = base.offset_by(PG).0;
         let t = std::thread::spawn(move || {
             // SAFETY: the mapping outlives the thread (joined below).
