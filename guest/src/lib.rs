@@ -8,6 +8,8 @@
 //! * [`rng`]: the generator whose state migrates with the guest.
 //! * [`dirty`]: dirty-page tracking for precopy (write-protect async mode
 //!   and PAGEMAP_SCAN).
+//! * [`vm`]: the VM guest, a KVM virtual machine running the same stress in
+//!   machine code, with its own dirty tracking (KVM's dirty log).
 //!
 //! The pager and sender never see these types; the CLI adapts them to the
 //! pager's and sender's guest traits.
@@ -19,6 +21,7 @@ pub mod pattern;
 pub mod rng;
 pub mod stamp;
 pub mod state;
+pub mod vm;
 pub mod workload;
 
 pub use memory::{Backing, GuestMemory, HostRegion, MemoryError};

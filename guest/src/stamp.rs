@@ -1,7 +1,9 @@
 //! The self-checking memory format of the workload guest.
 //!
-//! The first `table_pages` pages hold the *version table*: one u64 per page,
-//! entry `p` the last version written to data page `p`. Every data page holds:
+//! A [`StampLayout`] places the *version table* (one u64 per guest page,
+//! entry `p` the last version written to data page `p`) and the data pages
+//! after it: at the start of memory for the workload guest, after the boot
+//! area for the VM guest. Every data page holds:
 //!
 //! ```text
 //! word 0        version (equal to table[p] whenever no store is in flight)
@@ -27,6 +29,34 @@ use crate::memory::GuestMemory;
 /// Mixed into word 1 so a zero page never looks tagged.
 pub const TAG: u64 = 0x5043_5059_7461_6721;
 
+/// Where the version table and the data pages are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StampLayout {
+    /// First page of the version table.
+    pub table_first: u64,
+    /// First data page (right after the table).
+    pub data_first: u64,
+    /// Pages in the guest.
+    pub n_pages: u64,
+}
+
+impl StampLayout {
+    /// A table at `table_first` covering `n_pages` pages of `page_bytes`, data after it.
+    pub fn new(table_first: u64, n_pages: u64, page_bytes: u64) -> StampLayout {
+        StampLayout { table_first, data_first: table_first + table_pages(n_pages, page_bytes), n_pages }
+    }
+
+    /// Data pages.
+    pub fn n_data(&self) -> u64 {
+        self.n_pages - self.data_first
+    }
+
+    /// Pages of the table.
+    pub fn table_pages(&self) -> u64 {
+        self.data_first - self.table_first
+    }
+}
+
 /// The constant fill of word `w` of page `p`.
 #[inline]
 pub fn fill(p: u64, w: u64) -> u64 {
@@ -46,19 +76,18 @@ pub fn table_pages(n_pages: u64, page_bytes: u64) -> u64 {
     (n_pages * 8).div_ceil(page_bytes)
 }
 
-/// The table entry of data page `p`.
+/// The table entry of data page `p` (the table starts at page `table_first`).
 #[inline]
-pub fn table_word(mem: &GuestMemory, p: u64) -> &std::sync::atomic::AtomicU64 {
+pub fn table_word(mem: &GuestMemory, table_first: u64, p: u64) -> &std::sync::atomic::AtomicU64 {
     let per_page = words_per_page(mem) as u64;
     let w = usize::try_from(p % per_page).expect("word index below words per page");
-    mem.word(PageIdx(p / per_page), w)
+    mem.word(PageIdx(table_first + p / per_page), w)
 }
 
 /// Write the initial content of every data page (version 1) and its table entry.
-pub fn initialize(mem: &GuestMemory, table_pages: u64) {
-    let n = mem.layout().n_pages();
+pub fn initialize(mem: &GuestMemory, l: StampLayout) {
     let wpp = words_per_page(mem);
-    for p in table_pages..n {
+    for p in l.data_first..l.n_pages {
         let page = PageIdx(p);
         mem.word(page, 0).store(1, Ordering::Relaxed);
         mem.word(page, 1).store(p ^ TAG, Ordering::Relaxed);
@@ -66,7 +95,7 @@ pub fn initialize(mem: &GuestMemory, table_pages: u64) {
             mem.word(page, w).store(fill(p, w as u64), Ordering::Relaxed);
         }
         mem.word(page, wpp - 1).store(1, Ordering::Relaxed);
-        table_word(mem, p).store(1, Ordering::Release);
+        table_word(mem, l.table_first, p).store(1, Ordering::Release);
     }
 }
 
@@ -93,16 +122,16 @@ impl VerifyReport {
 
 const MAX_PROBLEMS: usize = 8;
 
-/// Check every page of a stopped guest. `total_stores` is the number of stores
-/// the guest made over its whole life (both hosts).
-pub fn verify(mem: &GuestMemory, table_pages: u64, total_stores: u64) -> VerifyReport {
-    let n = mem.layout().n_pages();
+/// Check every data page of a stopped guest, and the table by its sum.
+/// `total_stores` is the number of stores the guest made over its whole life
+/// (both hosts).
+pub fn verify(mem: &GuestMemory, l: StampLayout, total_stores: u64) -> VerifyReport {
     let wpp = words_per_page(mem);
     let mut r = VerifyReport::default();
     let mut sum: u64 = 0;
-    for p in table_pages..n {
+    for p in l.data_first..l.n_pages {
         let page = PageIdx(p);
-        let t = table_word(mem, p).load(Ordering::Acquire);
+        let t = table_word(mem, l.table_first, p).load(Ordering::Acquire);
         sum = sum.wrapping_add(t);
         let w0 = mem.word(page, 0).load(Ordering::Acquire);
         let wl = mem.word(page, wpp - 1).load(Ordering::Acquire);
@@ -125,10 +154,10 @@ pub fn verify(mem: &GuestMemory, table_pages: u64, total_stores: u64) -> VerifyR
             None => r.verified_pages += 1,
         }
     }
-    let expected = (n - table_pages).wrapping_add(total_stores);
+    let expected = l.n_data().wrapping_add(total_stores);
     r.table_sum_ok = sum == expected;
     if r.table_sum_ok {
-        r.verified_pages += table_pages;
+        r.verified_pages += l.table_pages();
     } else if r.problems.len() < MAX_PROBLEMS {
         r.problems.push(format!("version table sums to {sum}, stores say {expected}: a table page is stale"));
     }

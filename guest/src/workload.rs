@@ -22,7 +22,7 @@ use proto::{LatencyHist, PageIdx};
 use crate::memory::GuestMemory;
 use crate::pattern::{Pattern, Sampler};
 use crate::rng::Rng;
-use crate::stamp::{self, VerifyReport, table_word, words_per_page};
+use crate::stamp::{self, StampLayout, VerifyReport, table_word, words_per_page};
 use crate::state::{MAX_VCPUS, VcpuState, WorkloadConfig, WorkloadState};
 
 const RUN: u32 = 0;
@@ -144,7 +144,7 @@ impl Workload {
     /// Initialise guest memory and start the vCPUs (a fresh guest, on the source).
     pub fn boot(mem: Arc<GuestMemory>, cfg: WorkloadConfig) -> Result<Workload, WorkloadError> {
         let table_pages = validate(&cfg, &mem)?;
-        stamp::initialize(&mem, table_pages);
+        stamp::initialize(&mem, StampLayout::new(0, mem.layout().n_pages(), mem.page_size().bytes()));
         let vcpus = (0..cfg.vcpus)
             .map(|i| VcpuState {
                 rng: Rng::new(cfg.seed ^ (u64::from(i) << 32) ^ 0x5eed).state(),
@@ -364,7 +364,8 @@ fn sum_states(vcpus: &[VcpuState]) -> GuestStats {
 
 /// Verify every page of a stopped guest whose final state is `state`.
 pub fn verify(mem: &GuestMemory, state: &WorkloadState) -> VerifyReport {
-    stamp::verify(mem, state.table_pages, state.total_stores())
+    let l = StampLayout { table_first: 0, data_first: state.table_pages, n_pages: mem.layout().n_pages() };
+    stamp::verify(mem, l, state.total_stores())
 }
 
 const MAX_LOGGED_VIOLATIONS: usize = 16;
@@ -431,7 +432,7 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
         let owner = n_vcpus == 1 || (p - t_pages) % n_vcpus == me;
         let page = PageIdx(p);
         let t0 = Instant::now();
-        let t = table_word(mem, p).load(Ordering::Acquire);
+        let t = table_word(mem, 0, p).load(Ordering::Acquire);
         let w0 = mem.word(page, 0).load(Ordering::Acquire);
         let wl = mem.word(page, wpp - 1).load(Ordering::Acquire);
         let tag = mem.word(page, 1).load(Ordering::Relaxed);
@@ -440,7 +441,7 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
             let v = t + 1;
             mem.word(page, 0).store(v, Ordering::Release);
             mem.word(page, wpp - 1).store(v, Ordering::Release);
-            table_word(mem, p).store(v, Ordering::Release);
+            table_word(mem, 0, p).store(v, Ordering::Release);
             st.stores += 1;
             c.stores.store(st.stores, Ordering::Relaxed);
         } else {
@@ -516,7 +517,7 @@ mod tests {
         let st = w.pause(Duration::from_secs(5)).unwrap();
         // Roll one hot page back to an older version, as a stale precopy copy would be.
         let p = st.table_pages + 3;
-        let cur = table_word(&m, p).load(Ordering::Relaxed);
+        let cur = table_word(&m, 0, p).load(Ordering::Relaxed);
         assert!(cur > 1, "hot page was written");
         m.word(PageIdx(p), 0).store(cur - 1, Ordering::Relaxed);
         w.unpause();
@@ -535,8 +536,8 @@ mod tests {
         let r = w.stop();
         let st = r.state.unwrap();
         let p = st.table_pages + 1;
-        let cur = table_word(&m, p).load(Ordering::Relaxed);
-        table_word(&m, p).store(cur - 1, Ordering::Relaxed);
+        let cur = table_word(&m, 0, p).load(Ordering::Relaxed);
+        table_word(&m, 0, p).store(cur - 1, Ordering::Relaxed);
         m.word(PageIdx(p), 0).store(cur - 1, Ordering::Relaxed);
         m.word(PageIdx(p), 511).store(cur - 1, Ordering::Relaxed);
         let v = verify(&m, &st);
