@@ -1,15 +1,114 @@
-//! The workload guest seen through the pager's and the sender's guest traits.
+//! The guests seen through the pager's and the sender's guest traits, and
+//! what each reports when it is stopped and verified.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use guest::vm::{Vm, VmConfig, VmState};
 use guest::{Backing, GuestMemory, Workload, WorkloadState};
 use pager::DestGuest;
 use proto::wire::GuestKind;
-use proto::{HostAddr, MemLayout, PageBitmap, PageRange};
+use proto::{HostAddr, LatencyHist, MemLayout, PageBitmap, PageRange};
 use sender::SourceGuest;
+
+/// What a stopped guest reports, whichever kind it was.
+#[derive(Debug, Default)]
+pub struct GuestSummary {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Access pattern.
+    pub pattern: String,
+    /// Share of accesses that are stores.
+    pub store_ratio: f64,
+    /// Accesses over the guest's life.
+    pub accesses_total: u64,
+    /// Accesses on this host.
+    pub accesses_here: u64,
+    /// Loads on this host.
+    pub loads_here: u64,
+    /// Stores on this host.
+    pub stores_here: u64,
+    /// Violations over the guest's life.
+    pub violations: u64,
+    /// Accesses on this host slower than the stall threshold (workload only).
+    pub stalls: LatencyHist,
+    /// Heartbeats per vCPU on this host (VM: console lines; workload: 1 if
+    /// the vCPU made progress).
+    pub heartbeats: Vec<u64>,
+    /// Pages that passed verification.
+    pub verified_pages: u64,
+    /// Whether verification passed.
+    pub verify_ok: bool,
+    /// The first problems found.
+    pub problems: Vec<String>,
+    /// Thread id of each vCPU.
+    pub vcpu_tids: Vec<u32>,
+}
+
+/// Allocates shared guest memory in the background at the lowest priority.
+struct Populator {
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Populator {
+    fn start(mem: &Arc<GuestMemory>) -> Populator {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (m, c) = (Arc::clone(mem), Arc::clone(&cancel));
+        let thread = std::thread::Builder::new()
+            .name("populate".into())
+            .spawn(move || {
+                transport::sched::set_thread_nice(19);
+                if let Err(e) = m.populate_alias(1, &c) {
+                    tracing::warn!("populating guest memory in the background: {e}");
+                }
+            })
+            .expect("spawning a thread");
+        Populator { cancel, thread: Some(thread) }
+    }
+}
+
+impl Drop for Populator {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// When the destination allocates shared guest memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Populate {
+    /// Before acknowledging the hello (the guest runs on the source
+    /// meanwhile): the push then writes into ready pages.
+    Before,
+    /// In a background thread at the lowest priority: the migration starts
+    /// at once, but pages written before it gets there are allocated by that
+    /// write, which slows the push (measured: 0.5-0.8 GB/s against 2.3 GB/s,
+    /// ten times the faults, for 2 GiB).
+    Background,
+}
+
+/// Fresh destination memory for `layout` (see [`Populate`]).
+fn dest_memory(
+    layout: MemLayout,
+    backing: Backing,
+    populate: Populate,
+) -> Result<(Arc<GuestMemory>, Option<Populator>), guest::MemoryError> {
+    let mem = Arc::new(GuestMemory::with_backing(layout, backing)?);
+    if populate == Populate::Before {
+        mem.populate_alias(2, &AtomicBool::new(false))?;
+    }
+    let populator = (backing == Backing::Shmem && populate == Populate::Background).then(|| Populator::start(&mem));
+    Ok((mem, populator))
+}
+
+fn regions_of(mem: &GuestMemory) -> Vec<HostAddr> {
+    mem.host_regions().iter().map(|r| r.host).collect()
+}
 
 /// The source's workload guest: running until paused for switchover.
 pub struct WorkloadSource {
@@ -53,7 +152,7 @@ unsafe impl SourceGuest for WorkloadSource {
     }
 
     fn regions(&self) -> Vec<HostAddr> {
-        self.mem.host_regions().iter().map(|r| r.host).collect()
+        regions_of(&self.mem)
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, sender::GuestError> {
@@ -81,90 +180,246 @@ unsafe impl SourceGuest for WorkloadSource {
     }
 }
 
-/// The destination's workload guest: memory first, vCPUs once the state arrives.
-pub struct WorkloadDest {
+/// The source's VM guest.
+pub struct VmSource {
     mem: Arc<GuestMemory>,
-    workload: Option<Workload>,
-    state: Option<WorkloadState>,
-    populate: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
+    vm: Option<Vm>,
+    pause_timeout: Duration,
 }
 
-/// When the destination allocates shared guest memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Populate {
-    /// Before acknowledging the hello (the guest runs on the source
-    /// meanwhile): the push then writes into ready pages.
-    Before,
-    /// In a background thread at the lowest priority: the migration starts
-    /// at once, but pages written before it gets there are allocated by that
-    /// write, which slows the push (measured: 0.5-0.8 GB/s against 2.3 GB/s,
-    /// ten times the faults, for 2 GiB).
-    Background,
+impl VmSource {
+    /// Boot a VM guest over fresh anonymous memory.
+    pub fn boot(
+        layout: MemLayout,
+        config: VmConfig,
+        pause_timeout: Duration,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let mem = Arc::new(GuestMemory::new(layout)?);
+        let vm = Vm::boot(Arc::clone(&mem), config)?;
+        Ok(VmSource { mem, vm: Some(vm), pause_timeout })
+    }
+
+    fn vm(&self) -> &Vm {
+        self.vm.as_ref().expect("present until taken")
+    }
 }
 
-impl WorkloadDest {
-    /// Fresh memory for `layout`: anonymous and unpopulated, or shared
-    /// memory whose alias is populated as `populate` says (populating costs
-    /// about 1.4 s per GiB here: the pages are new to the host).
-    pub fn new(layout: MemLayout, backing: Backing, populate: Populate) -> Result<Self, guest::MemoryError> {
-        let mem = Arc::new(GuestMemory::with_backing(layout, backing)?);
-        if populate == Populate::Before {
-            mem.populate_alias(2, &AtomicBool::new(false))?;
+// SAFETY: as for WorkloadSource: GuestMemory's mappings, held by the Arc.
+unsafe impl SourceGuest for VmSource {
+    fn kind(&self) -> GuestKind {
+        GuestKind::Vm
+    }
+
+    fn layout(&self) -> &MemLayout {
+        self.mem.layout()
+    }
+
+    fn regions(&self) -> Vec<HostAddr> {
+        regions_of(&self.mem)
+    }
+
+    fn pause(&mut self) -> Result<Vec<u8>, sender::GuestError> {
+        Ok(self.vm().pause(self.pause_timeout)?.encode())
+    }
+
+    fn unpause(&mut self) -> Result<(), sender::GuestError> {
+        self.vm().unpause();
+        Ok(())
+    }
+
+    fn start_dirty_tracking(&mut self) -> Result<(), sender::GuestError> {
+        Ok(self.vm().start_dirty_log()?)
+    }
+
+    fn collect_dirty(&mut self, into: &mut PageBitmap) -> Result<(), sender::GuestError> {
+        self.vm().collect_dirty(into)?;
+        Ok(())
+    }
+
+    fn stop_dirty_tracking(&mut self) {
+        if let Err(e) = self.vm().stop_dirty_log() {
+            tracing::warn!("stopping the dirty log: {e}");
         }
-        let populate = (backing == Backing::Shmem && populate == Populate::Background).then(|| {
-            let cancel = Arc::new(AtomicBool::new(false));
-            let (m, c) = (Arc::clone(&mem), Arc::clone(&cancel));
-            let t = std::thread::Builder::new()
-                .name("populate".into())
-                .spawn(move || {
-                    transport::sched::set_thread_nice(19);
-                    if let Err(e) = m.populate_alias(1, &c) {
-                        tracing::warn!("populating guest memory in the background: {e}");
-                    }
-                })
-                .expect("spawning a thread");
-            (cancel, t)
-        });
-        Ok(WorkloadDest { mem, workload: None, state: None, populate })
+    }
+}
+
+/// A source guest of either kind.
+pub enum SourceAny {
+    /// The workload guest.
+    Workload(WorkloadSource),
+    /// The VM guest.
+    Vm(VmSource),
+}
+
+impl SourceAny {
+    /// Counters over the guest's life so far (at the last heartbeat for a VM).
+    pub fn accesses(&self) -> u64 {
+        match self {
+            SourceAny::Workload(w) => w.workload().stats().accesses,
+            SourceAny::Vm(v) => v.vm().stats().accesses,
+        }
     }
 
-    /// The running workload, once resumed.
-    pub fn workload(&self) -> Option<&Workload> {
-        self.workload.as_ref()
+    /// Stop the guest here and verify it (after a migration that failed
+    /// before switchover, the guest must still check out on the source).
+    pub fn finish(self) -> GuestSummary {
+        match self {
+            SourceAny::Workload(w) => {
+                let mem = Arc::clone(&w.mem);
+                finish_workload(w.into_workload(), &mem)
+            }
+            SourceAny::Vm(mut v) => {
+                let vm = v.vm.take().expect("present until taken");
+                finish_vm(vm, &v.mem)
+            }
+        }
+    }
+}
+
+fn finish_workload(w: Workload, mem: &GuestMemory) -> GuestSummary {
+    let tids = w.vcpu_tids();
+    let vcpus = u32::try_from(tids.len()).expect("bounded");
+    let (pattern, store_ratio) = (w.config().pattern.to_string(), w.config().store_ratio);
+    let r = w.stop();
+    let verify = r.state.as_ref().map(|s| guest::workload::verify(mem, s));
+    let mut problems = r.violation_log.clone();
+    problems.extend(verify.iter().flat_map(|v| v.problems.iter().cloned()));
+    if r.state.is_none() {
+        problems.push("a vCPU thread panicked".into());
+    }
+    GuestSummary {
+        vcpus,
+        pattern,
+        store_ratio,
+        accesses_total: r.total.accesses,
+        accesses_here: r.here.accesses,
+        loads_here: r.here.loads,
+        stores_here: r.here.stores,
+        violations: r.total.violations,
+        stalls: r.stalls,
+        heartbeats: vec![u64::from(r.here.accesses > 0); tids.len()],
+        verified_pages: verify.as_ref().map_or(0, |v| v.verified_pages),
+        verify_ok: verify.as_ref().is_some_and(guest::stamp::VerifyReport::ok),
+        problems,
+        vcpu_tids: tids,
+    }
+}
+
+fn finish_vm(vm: Vm, mem: &GuestMemory) -> GuestSummary {
+    let tids = vm.vcpu_tids();
+    let c = vm.config();
+    let pattern = match c.active_pages {
+        0 => "uniform".to_string(),
+        n => guest::Pattern::Hotset { bytes: n * 4096, fraction: 1.0 }.to_string(),
+    };
+    let store_ratio = f64::from(c.store_threshold) / 65536.0;
+    let r = vm.stop();
+    let verify = r.state.as_ref().map(|s| guest::vm::verify(mem, s));
+    let mut problems: Vec<String> = r.error.iter().cloned().collect();
+    let (verified_pages, verify_ok) = match &verify {
+        Some(Ok(v)) => {
+            problems.extend(v.problems.iter().cloned());
+            (v.verified_pages, v.ok())
+        }
+        Some(Err(e)) => {
+            problems.push(e.to_string());
+            (0, false)
+        }
+        None => (0, false),
+    };
+    GuestSummary {
+        vcpus: u32::try_from(tids.len()).expect("bounded"),
+        pattern,
+        store_ratio,
+        accesses_total: r.total.accesses,
+        accesses_here: r.here.accesses,
+        loads_here: r.here.accesses - r.here.stores,
+        stores_here: r.here.stores,
+        violations: r.total.violations,
+        stalls: LatencyHist::new(),
+        heartbeats: r.heartbeats,
+        verified_pages,
+        verify_ok: verify_ok && r.error.is_none(),
+        problems,
+        vcpu_tids: tids,
+    }
+}
+
+/// The destination's guest of either kind: memory first, vCPUs once the
+/// state arrives.
+pub struct DestAny {
+    mem: Arc<GuestMemory>,
+    kind: GuestKind,
+    workload: Option<Workload>,
+    vm: Option<Vm>,
+    /// Declared last: dropped after the guest stops touching memory.
+    _populate: Option<Populator>,
+}
+
+impl DestAny {
+    /// Fresh memory for a guest of `kind` over `layout`.
+    pub fn new(
+        kind: GuestKind,
+        layout: MemLayout,
+        backing: Backing,
+        populate: Populate,
+    ) -> Result<Self, guest::MemoryError> {
+        let (mem, populator) = dest_memory(layout, backing, populate)?;
+        Ok(DestAny { mem, kind, workload: None, vm: None, _populate: populator })
     }
 
-    /// Take the running workload.
-    pub fn take_workload(&mut self) -> Option<Workload> {
-        self.workload.take()
-    }
-
-    /// The state it was resumed from.
-    pub fn resumed_state(&self) -> Option<&WorkloadState> {
-        self.state.as_ref()
+    /// The guest kind.
+    pub fn kind(&self) -> GuestKind {
+        self.kind
     }
 
     /// Guest memory.
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.mem
     }
-}
 
-impl Drop for WorkloadDest {
-    fn drop(&mut self) {
-        if let Some((cancel, t)) = self.populate.take() {
-            cancel.store(true, Ordering::Relaxed);
-            let _ = t.join();
+    /// vCPU thread ids (for naming block time).
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        match (&self.workload, &self.vm) {
+            (Some(w), _) => w.vcpu_tids(),
+            (_, Some(v)) => v.vcpu_tids(),
+            _ => Vec::new(),
         }
+    }
+
+    /// A vCPU failure so far, if any (the VM guest can fail on its own).
+    pub fn error(&self) -> Option<String> {
+        self.vm.as_ref().and_then(Vm::error)
+    }
+
+    /// Accesses so far (for progress lines).
+    pub fn accesses(&self) -> u64 {
+        match (&self.workload, &self.vm) {
+            (Some(w), _) => w.stats().accesses,
+            (_, Some(v)) => v.stats().accesses,
+            _ => 0,
+        }
+    }
+
+    /// Stop the guest and verify every page.
+    pub fn finish(mut self) -> GuestSummary {
+        if let Some(w) = self.workload.take() {
+            return finish_workload(w, &self.mem);
+        }
+        if let Some(v) = self.vm.take() {
+            return finish_vm(v, &self.mem);
+        }
+        GuestSummary { problems: vec!["the guest was never resumed".into()], ..GuestSummary::default() }
     }
 }
 
 // SAFETY: the regions are `GuestMemory`'s mappings (private anonymous, or
 // shared with an alias), held by the Arc in this object for its whole life;
-// only the workload's vCPUs touch the guest view, and only after `resume`;
+// only the guest's vCPUs touch the guest view, and only after `resume`;
 // nothing here writes the alias (populating maps pages, it changes none).
-unsafe impl DestGuest for WorkloadDest {
+unsafe impl DestGuest for DestAny {
     fn regions(&self) -> Vec<HostAddr> {
-        self.mem.host_regions().iter().map(|r| r.host).collect()
+        regions_of(&self.mem)
     }
 
     fn alias_regions(&self) -> Option<Vec<HostAddr>> {
@@ -172,9 +427,16 @@ unsafe impl DestGuest for WorkloadDest {
     }
 
     fn resume(&mut self, state: &[u8]) -> Result<(), pager::GuestError> {
-        let st = WorkloadState::decode(state)?;
-        self.workload = Some(Workload::resume(Arc::clone(&self.mem), &st)?);
-        self.state = Some(st);
+        match self.kind {
+            GuestKind::Workload => {
+                let st = WorkloadState::decode(state)?;
+                self.workload = Some(Workload::resume(Arc::clone(&self.mem), &st)?);
+            }
+            GuestKind::Vm => {
+                let st = VmState::decode(state)?;
+                self.vm = Some(Vm::restore(Arc::clone(&self.mem), &st)?);
+            }
+        }
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
 use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 
-use crate::adapters::{Populate, WorkloadDest, WorkloadSource};
+use crate::adapters::{DestAny, GuestSummary, Populate, SourceAny, VmSource, WorkloadSource};
 use crate::report::{
     DowntimeParts, GuestReport, PostcopyReport, PrecopyReport, PrefetchReport, Report, latency_of, ms, ns_ms,
 };
@@ -83,9 +83,21 @@ pub enum PrefetchModeArg {
     Around,
 }
 
+/// Which guest runs, on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuestArg {
+    /// Threads in this process touching guest memory.
+    Workload,
+    /// A KVM virtual machine running the same stress in machine code.
+    Vm,
+}
+
 /// What the guest is and does (source and migrate).
 #[derive(Args, Clone, Debug)]
 pub struct GuestOpts {
+    /// Which guest.
+    #[arg(long, value_enum, default_value = "workload")]
+    pub guest: GuestArg,
     /// Guest memory size (e.g. 256M, 1G, 1.5G).
     #[arg(long, default_value = "1G")]
     pub mem: String,
@@ -108,9 +120,12 @@ pub struct GuestOpts {
     #[arg(long, default_value_t = 5)]
     pub stall_threshold_us: u64,
     /// Accesses per second per vCPU (0: flat out). Lower rates model a guest
-    /// that is not always busy.
+    /// that is not always busy. Workload guest only.
     #[arg(long, default_value_t = 0)]
     pub access_rate: u64,
+    /// VM guest: milliseconds between heartbeats on each vCPU's console.
+    #[arg(long, default_value_t = 50)]
+    pub heartbeat_ms: u32,
 }
 
 /// How the migration runs (source and migrate).
@@ -316,6 +331,44 @@ impl GuestOpts {
         Ok(MemLayout::new(PageSize::Size4K, regions)?)
     }
 
+    /// The VM guest's configuration.
+    pub fn vm(&self) -> Result<guest::vm::VmConfig> {
+        let w = self.workload()?;
+        if self.regions != 1 {
+            bail!("the VM guest uses one memory region (--regions 1)");
+        }
+        if self.vcpus > guest::vm::boot::MAX_VCPUS {
+            bail!("the VM guest runs at most {} vCPUs", guest::vm::boot::MAX_VCPUS);
+        }
+        if self.access_rate != 0 {
+            bail!("--access-rate applies to the workload guest only");
+        }
+        let active_pages = match w.pattern {
+            Pattern::Uniform => 0,
+            Pattern::Hotset { bytes, fraction } if fraction >= 1.0 => bytes.div_ceil(4096),
+            p => bail!("the VM guest runs uniform and hotset:SIZE patterns, not {p}"),
+        };
+        // A store when the generator's low 16 bits fall below ratio x 2^16.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let store_threshold = (self.store_ratio * 65536.0).round() as u32;
+        Ok(guest::vm::VmConfig {
+            vcpus: self.vcpus,
+            active_pages,
+            store_threshold,
+            heartbeat_ms: self.heartbeat_ms.max(1),
+            seed: self.seed,
+        })
+    }
+
+    /// Validate the options for the chosen guest.
+    pub fn check(&self) -> Result<()> {
+        self.layout()?;
+        match self.guest {
+            GuestArg::Workload => self.workload().map(drop),
+            GuestArg::Vm => self.vm().map(drop),
+        }
+    }
+
     /// The workload configuration.
     pub fn workload(&self) -> Result<WorkloadConfig> {
         let pattern: Pattern = self.pattern.parse().map_err(|e| anyhow!("--pattern: {e}"))?;
@@ -378,6 +431,34 @@ fn mode_name(m: Mode) -> String {
     m.name().to_string()
 }
 
+/// The guest section of a report.
+fn guest_report(g: &GuestSummary, running_on_source: bool) -> GuestReport {
+    let (stall_lat, stall_hist) = latency_of(&g.stalls);
+    GuestReport {
+        accesses: g.accesses_here,
+        accesses_total: g.accesses_total,
+        loads: g.loads_here,
+        stores: g.stores_here,
+        violations: g.violations,
+        stalls: g.stalls.count(),
+        stall_latency_us: stall_lat,
+        stall_latency_hist: stall_hist,
+        heartbeats: g.heartbeats.clone(),
+        heartbeats_ok: !g.heartbeats.is_empty() && g.heartbeats.iter().all(|&h| h > 0),
+        verified_pages: g.verified_pages,
+        verify_ok: g.verify_ok,
+        problems: g.problems.clone(),
+        running_on_source,
+    }
+}
+
+fn guest_name(k: GuestKind) -> String {
+    match k {
+        GuestKind::Workload => "workload".into(),
+        GuestKind::Vm => "vm".into(),
+    }
+}
+
 /// Run the destination. Returns the process exit code.
 pub fn dest(args: &DestArgs) -> Result<i32> {
     let key = read_key(&args.key_file)?;
@@ -395,7 +476,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let metrics = Arc::new(PagerMetrics::default());
     let cfg = PagerConfig {
         prefetch,
-        expect: DestExpect { key, guest_kind: Some(GuestKind::Workload), ..Default::default() },
+        expect: DestExpect { key, ..Default::default() },
         peer_timeout,
         background_nice: args.background_nice,
         ..PagerConfig::default()
@@ -417,22 +498,22 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         })
     };
     let listener = &listener;
+    let populate = match args.populate {
+        PopulateArg::Before => Populate::Before,
+        PopulateArg::Background => Populate::Background,
+    };
     let outcome = pager::run(
         Box::new(control),
         move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
         |acc| {
-            let populate = match args.populate {
-                PopulateArg::Before => Populate::Before,
-                PopulateArg::Background => Populate::Background,
-            };
-            WorkloadDest::new(acc.layout.clone(), args.memory.backing(), populate)
+            DestAny::new(acc.guest_kind, acc.layout.clone(), args.memory.backing(), populate)
                 .map_err(|e| Box::new(e) as pager::GuestError)
         },
         &cfg,
         Arc::clone(&metrics),
     );
     drop(progress);
-    let mut outcome = match outcome {
+    let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
             let msg = format!("{:#}", anyhow::Error::new(e));
@@ -450,31 +531,29 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         }
     };
     let pr = &outcome.report;
+    let kind = outcome.guest.kind();
     // The guest runs on with all memory local; then stop it and check every page.
     std::thread::sleep(Duration::from_millis(args.run_after_ms));
-    let workload = outcome.guest.take_workload().context("guest was never resumed")?;
-    let state0 = outcome.guest.resumed_state().cloned().context("guest was never resumed")?;
-    let wr = workload.stop();
-    let final_state = wr.state.clone().context("a vCPU thread panicked")?;
-    let verify = guest::workload::verify(outcome.guest.memory(), &final_state);
+    let vcpu_failure = outcome.guest.error();
+    let g = outcome.guest.finish();
     let layout = &pr.accepted.layout;
     let (fault_lat, fault_hist) = latency_of(&pr.fault_latency);
-    let (stall_lat, stall_hist) = latency_of(&wr.stalls);
-    let mut problems = wr.violation_log.clone();
-    problems.extend(verify.problems.iter().cloned());
     let blocktime: u64 = pr.blocktime_ns.iter().map(|(_, ns)| ns).sum();
-    let report = Report {
+    let vcpu_name = |tid: u32| {
+        g.vcpu_tids.iter().position(|&t| t == tid).map_or_else(|| format!("tid-{tid}"), |i| format!("vcpu{i}"))
+    };
+    let mut report = Report {
         status: "ok".into(),
-        error: None,
+        error: vcpu_failure,
         side: "destination".into(),
         mode: mode_name(pr.accepted.mode),
-        guest_kind: "workload".into(),
+        guest_kind: guest_name(kind),
         mem_bytes: layout.len_bytes(),
         page_size: layout.page_size().bytes(),
         regions: layout.regions().len(),
-        vcpus: state0.config.vcpus,
-        pattern: state0.config.pattern.to_string(),
-        store_ratio: state0.config.store_ratio,
+        vcpus: g.vcpus,
+        pattern: g.pattern.clone(),
+        store_ratio: g.store_ratio,
         prefetch: PrefetchReport {
             pages: pr.prefetch.pages,
             mode: match pr.prefetch.mode {
@@ -506,6 +585,9 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             pages_rerequested: PagerMetrics::get(&metrics.pages_rerequested),
             requests: PagerMetrics::get(&metrics.requests),
             faults: PagerMetrics::get(&metrics.faults),
+            faults_local: PagerMetrics::get(&metrics.faults_local),
+            pages_mapped_local: PagerMetrics::get(&metrics.pages_mapped_local),
+            local_fault_latency_us: latency_of(&pr.fault_latency_local).0,
             faults_resolved_early: PagerMetrics::get(&metrics.faults_resolved_early),
             time_ms: ms(pr.postcopy_time),
             push_time_ms: ns_ms(pr.source.push_ns),
@@ -513,24 +595,14 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             fault_latency_us: fault_lat,
             fault_latency_hist: fault_hist,
             blocktime_ms: ns_ms(blocktime),
-            vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (format!("tid-{tid}"), ns_ms(*ns))).collect(),
+            vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (vcpu_name(*tid), ns_ms(*ns))).collect(),
         },
-        guest: GuestReport {
-            accesses: wr.here.accesses,
-            accesses_total: wr.total.accesses,
-            loads: wr.here.loads,
-            stores: wr.here.stores,
-            violations: wr.total.violations,
-            stalls: wr.here.stalls,
-            stall_latency_us: stall_lat,
-            stall_latency_hist: stall_hist,
-            verified_pages: verify.verified_pages,
-            verify_ok: verify.ok(),
-            problems,
-            running_on_source: false,
-        },
-        source: None,
+        guest: guest_report(&g, false),
+        ..Default::default()
     };
+    if report.error.is_some() {
+        report.status = "failed".into();
+    }
     if let Some(p) = &args.report {
         report.write(p)?;
     }
@@ -547,14 +619,23 @@ fn gbps(bytes: u64, ns: u64) -> f64 {
 /// Run the source. Returns the process exit code.
 pub fn source(args: &SourceArgs) -> Result<i32> {
     let layout = args.guest.layout()?;
-    let wcfg = args.guest.workload()?;
+    args.guest.check()?;
     let key = read_key(&args.migration.key_file)?;
     let prefetch = prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
     let peer_timeout = Duration::from_millis(args.migration.peer_timeout_ms.max(100));
-    let mem = Arc::new(GuestMemory::new(layout.clone())?);
-    let workload = Workload::boot(Arc::clone(&mem), wcfg)?;
+    let pause_timeout = Duration::from_secs(5);
+    let mut guest = match args.guest.guest {
+        GuestArg::Workload => {
+            let mem = Arc::new(GuestMemory::new(layout.clone())?);
+            let w = Workload::boot(mem, args.guest.workload()?)?;
+            SourceAny::Workload(WorkloadSource::new(w, pause_timeout))
+        }
+        GuestArg::Vm => SourceAny::Vm(
+            VmSource::boot(layout.clone(), args.guest.vm()?, pause_timeout)
+                .map_err(|e| anyhow!("booting the VM guest: {e}"))?,
+        ),
+    };
     std::thread::sleep(Duration::from_millis(args.run_before_ms));
-    let mut guest = WorkloadSource::new(workload, Duration::from_secs(5));
     let cfg = SenderConfig {
         mode: args.migration.mode.mode(),
         key,
@@ -568,17 +649,20 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     };
     let metrics = Arc::new(SenderMetrics::default());
     let opts = TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() };
-    let before_accesses = guest.workload().stats().accesses;
+    let before_accesses = guest.accesses();
     let base = Report {
         side: "source".into(),
         mode: mode_name(cfg.mode),
-        guest_kind: "workload".into(),
+        guest_kind: guest_name(match args.guest.guest {
+            GuestArg::Workload => GuestKind::Workload,
+            GuestArg::Vm => GuestKind::Vm,
+        }),
         mem_bytes: layout.len_bytes(),
         page_size: layout.page_size().bytes(),
         regions: layout.regions().len(),
-        vcpus: wcfg.vcpus,
-        pattern: wcfg.pattern.to_string(),
-        store_ratio: wcfg.store_ratio,
+        vcpus: args.guest.vcpus,
+        pattern: args.guest.pattern.clone(),
+        store_ratio: args.guest.store_ratio,
         ..Default::default()
     };
     let connected = TcpConn::connect(&args.connect, Duration::from_secs(10), &opts)
@@ -588,21 +672,18 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Ok(control) => {
             let addr = args.connect.clone();
             let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), ..opts.clone() };
-            sender::run(
-                Box::new(control),
-                move || {
-                    TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>)
-                },
-                &mut guest,
-                &cfg,
-                Arc::clone(&metrics),
-            )
-            .map_err(|f| (f.phase, anyhow::Error::new(f)))
+            let open_bulk = move || {
+                TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>)
+            };
+            let r = match &mut guest {
+                SourceAny::Workload(g) => sender::run(Box::new(control), open_bulk, g, &cfg, Arc::clone(&metrics)),
+                SourceAny::Vm(g) => sender::run(Box::new(control), open_bulk, g, &cfg, Arc::clone(&metrics)),
+            };
+            r.map_err(|f| (f.phase, anyhow::Error::new(f)))
         }
     };
     match result {
         Ok(r) => {
-            let wr = guest.into_workload().stop();
             let report = Report {
                 status: "ok".into(),
                 total_time_ms: ms(r.total_time),
@@ -634,15 +715,11 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     push_gbps: gbps(r.stats.pages_pushed * layout.page_size().bytes(), r.stats.push_ns),
                     ..Default::default()
                 },
-                guest: GuestReport {
-                    accesses: before_accesses,
-                    accesses_total: wr.total.accesses,
-                    violations: wr.total.violations,
-                    verify_ok: true,
-                    ..Default::default()
-                },
+                guest: GuestReport { accesses: before_accesses, verify_ok: true, ..Default::default() },
                 ..base
             };
+            // The guest now runs on the destination; the paused copy here is dropped.
+            drop(guest);
             if let Some(p) = &args.report {
                 report.write(p)?;
             }
@@ -655,23 +732,13 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
             if phase == FailPhase::BeforeSwitchover {
                 // Nothing was committed: the guest runs on here. Prove it.
                 std::thread::sleep(Duration::from_millis(args.run_after_ms));
-                let w = guest.into_workload();
-                let wr = w.stop();
-                let verify = wr.state.as_ref().map(|s| guest::workload::verify(&mem, s));
-                report.guest = GuestReport {
-                    accesses: wr.here.accesses,
-                    accesses_total: wr.total.accesses,
-                    violations: wr.total.violations,
-                    verified_pages: verify.as_ref().map_or(0, |v| v.verified_pages),
-                    verify_ok: verify.as_ref().is_some_and(guest::stamp::VerifyReport::ok),
-                    running_on_source: true,
-                    ..Default::default()
-                };
+                let g = guest.finish();
+                report.guest = guest_report(&g, true);
                 eprintln!(
                     "postcopy source: the guest kept running on the source: {} accesses since, {} violations, verification {}",
-                    wr.here.accesses - before_accesses.min(wr.here.accesses),
-                    wr.total.violations,
-                    if report.guest.verify_ok { "passed" } else { "FAILED" }
+                    g.accesses_total.saturating_sub(before_accesses),
+                    g.violations,
+                    if g.verify_ok { "passed" } else { "FAILED" }
                 );
             }
             if let Some(p) = &args.report {
@@ -723,25 +790,44 @@ pub fn summary(r: &Report) -> String {
     );
     let f = &r.postcopy.fault_latency_us;
     s += &format!(
-        "  faults       {} (latency p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us)\n",
-        r.postcopy.faults, f.p50, f.p90, f.p99, f.max
+        "  faults       {} over the network (latency p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us)",
+        r.postcopy.faults - r.postcopy.faults_local,
+        f.p50,
+        f.p90,
+        f.p99,
+        f.max
     );
-    let g = &r.guest.stall_latency_us;
+    if r.postcopy.faults_local > 0 {
+        let l = &r.postcopy.local_fault_latency_us;
+        s += &format!("; {} on held pages (p50 {:.1} us, p99 {:.1} us)", r.postcopy.faults_local, l.p50, l.p99);
+    }
+    s += "\n";
+    if !r.postcopy.vcpu_blocktime_ms.is_empty() {
+        let per: Vec<String> = r.postcopy.vcpu_blocktime_ms.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+        s += &format!("  blocked      {:.1} ms in all ({} ms)\n", r.postcopy.blocktime_ms, per.join(", "));
+    }
     s += &format!(
-        "  guest        {} accesses here, {} violations, {} pages verified ({}), stalls {} (p50 {:.1} us, p99 {:.1} us)",
+        "  guest        {} accesses here, {} violations, {} pages verified ({})",
         r.guest.accesses,
         r.guest.violations,
         r.guest.verified_pages,
         if r.guest.verify_ok { "ok" } else { "FAILED" },
-        r.guest.stalls,
-        g.p50,
-        g.p99
     );
+    if r.guest_kind == "vm" {
+        s += &format!(", heartbeats per vCPU {:?}", r.guest.heartbeats);
+    } else {
+        let g = &r.guest.stall_latency_us;
+        s += &format!(", stalls {} (p50 {:.1} us, p99 {:.1} us)", r.guest.stalls, g.p50, g.p99);
+    }
     s
 }
 
 fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
     let mut a = vec![
+        "--guest".into(),
+        g.guest.to_possible_value().expect("no skipped values").get_name().into(),
+        "--heartbeat-ms".into(),
+        g.heartbeat_ms.to_string(),
         "--mem".into(),
         g.mem.clone(),
         "--vcpus".into(),
@@ -819,8 +905,7 @@ impl Drop for Reaper {
 pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     // Validate here, so a bad option fails before any process starts.
     args.migration.policy()?;
-    args.guest.layout()?;
-    args.guest.workload()?;
+    args.guest.check()?;
     prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     let dir = tempdir()?;

@@ -101,6 +101,11 @@ pub struct PostcopyReport {
     pub requests: u64,
     /// Fault events.
     pub faults: u64,
+    /// Faults on pages held here from precopy, mapped without a round trip
+    /// (counted in `faults`, timed apart from the network faults).
+    pub faults_local: u64,
+    /// Held precopy pages mapped after switchover.
+    pub pages_mapped_local: u64,
     /// Fault events whose page was present by the time they were read.
     pub faults_resolved_early: u64,
     /// Guest resumed to all pages present.
@@ -113,6 +118,8 @@ pub struct PostcopyReport {
     pub fault_latency_us: Latency,
     /// The full latency distribution, (ns, count) pairs.
     pub fault_latency_hist: Vec<(u64, u64)>,
+    /// Latency of the local faults.
+    pub local_fault_latency_us: Latency,
     /// Total time faulting threads waited.
     pub blocktime_ms: f64,
     /// Waiting time per faulting thread (vCPU name or thread id).
@@ -139,6 +146,11 @@ pub struct GuestReport {
     pub stall_latency_us: Latency,
     /// The full stall distribution, (ns, count) pairs.
     pub stall_latency_hist: Vec<(u64, u64)>,
+    /// Heartbeats per vCPU on this host (VM guest: console lines; workload
+    /// guest: 1 if the vCPU made progress).
+    pub heartbeats: Vec<u64>,
+    /// Whether every vCPU showed signs of life on this host.
+    pub heartbeats_ok: bool,
     /// Pages that passed the final verification.
     pub verified_pages: u64,
     /// Whether the final verification passed.
@@ -229,9 +241,10 @@ impl Report {
         std::fs::write(path, text + "\n").map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
     }
 
-    /// Whether the run succeeded and the guest checked out.
+    /// Whether the run succeeded and the guest checked out: no violations,
+    /// every page verified, every vCPU alive after the migration.
     pub fn clean(&self) -> bool {
-        self.status == "ok" && self.guest.violations == 0 && self.guest.verify_ok
+        self.status == "ok" && self.guest.violations == 0 && self.guest.verify_ok && self.guest.heartbeats_ok
     }
 }
 

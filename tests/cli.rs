@@ -407,3 +407,64 @@ fn three_modes_on_the_same_guest() {
     assert!(hyb > 0 && hyb < total && hyb_rounds == 1, "hybrid: the dirty set outstanding ({hyb})");
     assert!(pre == 0 && pre_rounds >= 2, "precopy: nothing outstanding, a stop-and-copy round ({pre_rounds})");
 }
+
+#[test]
+fn vm_guest_in_every_mode() {
+    let _g = SERIAL.lock();
+    let d = scratch("vm");
+    let guest = ["--guest", "vm", "--mem", "256M", "--vcpus", "2", "--heartbeat-ms", "20"];
+    for (mode, extra) in [
+        ("postcopy", vec![]),
+        ("hybrid", vec!["--pattern", "hotset:32M", "--postcopy-after", "1"]),
+        ("precopy", vec!["--pattern", "hotset:8M", "--max-rounds", "4"]),
+    ] {
+        let args: Vec<&str> = guest.iter().copied().chain(["--mode", mode]).chain(extra).collect();
+        let (out, r) = migrate(&args, &d.join(format!("{mode}.json")));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{mode}: {err}");
+        assert!(r.clean(), "{mode}: {:?} {:?}", r.error, r.guest.problems);
+        assert_eq!((r.guest_kind.as_str(), r.vcpus, r.mode.as_str()), ("vm", 2, mode));
+        // Every page verified, including the boot image, and each vCPU's
+        // counters replay from its generator (checked by `vm::verify`).
+        assert_eq!(r.guest.verified_pages, r.postcopy.pages_total, "{mode}");
+        assert_eq!(r.guest.violations, 0);
+        // The console kept printing on the destination, on every vCPU.
+        assert_eq!(r.guest.heartbeats.len(), 2, "{mode}");
+        assert!(r.guest.heartbeats.iter().all(|&h| h >= 2), "{mode}: {:?}", r.guest.heartbeats);
+        assert_eq!(r.postcopy.pages_pushed + r.postcopy.pages_demand, r.outstanding_pages, "{mode}");
+        match mode {
+            "postcopy" => {
+                assert_eq!(r.outstanding_pages, r.postcopy.pages_total);
+                assert!(r.postcopy.faults > 0 && r.postcopy.pages_demand > 0);
+                // Both vCPUs faulted and their waits are reported by name.
+                let names: Vec<&str> = r.postcopy.vcpu_blocktime_ms.keys().map(String::as_str).collect();
+                assert_eq!(names, ["vcpu0", "vcpu1"], "{:?}", r.postcopy.vcpu_blocktime_ms);
+                assert!(r.postcopy.vcpu_blocktime_ms.values().all(|&ms| ms > 0.0));
+                let sum: f64 = r.postcopy.vcpu_blocktime_ms.values().sum();
+                assert!((sum - r.postcopy.blocktime_ms).abs() < 1e-6 * sum.max(1.0));
+            }
+            "hybrid" => {
+                // KVM's dirty log found the hot set: only it stayed outstanding.
+                assert_eq!(r.precopy.rounds, 1);
+                assert!(r.outstanding_pages > 0 && r.outstanding_pages < r.postcopy.pages_total / 2);
+                assert!(r.precopy.pages_evicted > 0);
+            }
+            _ => {
+                assert_eq!(r.outstanding_pages, 0);
+                assert_eq!(r.postcopy.requests, 0);
+            }
+        }
+    }
+    // A VM whose migration fails before switchover keeps running on the source.
+    let closed = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let report = d.join("refused.json");
+    let mut c = bin();
+    c.args(["source", "--connect", &closed, "--guest", "vm", "--mem", "64M", "--vcpus", "2"])
+        .args(["--run-before-ms", "100", "--run-after-ms", "300", "--report"])
+        .arg(&report);
+    let out = run_limited(c, Duration::from_secs(30));
+    assert_guest_kept_on_source(&out, &report, "connecting to the destination");
+    let r = Report::read(&report).unwrap();
+    assert!(r.guest.heartbeats.iter().all(|&h| h > 0), "{:?}", r.guest.heartbeats);
+    assert_eq!(r.guest.verified_pages, (64 << 20) / 4096);
+}

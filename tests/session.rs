@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use guest::{GuestMemory, Workload, WorkloadConfig};
 use pager::{PagerConfig, PagerMetrics, Prefetch, PrefetchMode};
-use postcopy::adapters::{WorkloadDest, WorkloadSource};
+use postcopy::adapters::{DestAny, GuestSummary, WorkloadSource};
 use proto::{MemLayout, PageSize};
 use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
@@ -34,7 +34,7 @@ impl Default for Links {
 }
 
 struct Outcome {
-    dest: Result<pager::Outcome<WorkloadDest>, pager::PagerError>,
+    dest: Result<pager::Outcome<DestAny>, pager::PagerError>,
     src: Result<sender::SenderReport, sender::SendFailure>,
     pm: Arc<PagerMetrics>,
     sm: Arc<SenderMetrics>,
@@ -70,7 +70,7 @@ fn migrate(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().expect("one bulk connection")) as Box<dyn Conn>),
                 |acc| {
-                    WorkloadDest::new(acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
+                    DestAny::new(acc.guest_kind, acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
                         .map_err(|e| Box::new(e) as pager::GuestError)
                 },
                 &pcfg,
@@ -106,13 +106,11 @@ fn wcfg(pattern: &str, vcpus: u32) -> WorkloadConfig {
 }
 
 /// Stop the destination guest and verify every page; returns pages verified.
-fn verify_dest(mut o: pager::Outcome<WorkloadDest>) -> u64 {
-    let w = o.guest.take_workload().expect("resumed");
-    let r = w.stop();
-    assert_eq!(r.total.violations, 0, "violations: {:?}", r.violation_log);
-    let v = guest::workload::verify(o.guest.memory(), r.state.as_ref().unwrap());
-    assert!(v.ok(), "verification failed: {:?}", v.problems);
-    v.verified_pages
+fn verify_dest(o: pager::Outcome<DestAny>) -> u64 {
+    let g = o.guest.finish();
+    assert_eq!(g.violations, 0, "violations: {:?}", g.problems);
+    assert!(g.verify_ok, "verification failed: {:?}", g.problems);
+    g.verified_pages
 }
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -177,8 +175,13 @@ fn demand_does_not_wait_for_the_push() {
             Box::new(dest_ctl),
             move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
             |acc| {
-                WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem, postcopy::adapters::Populate::Background)
-                    .map_err(|e| Box::new(e) as pager::GuestError)
+                DestAny::new(
+                    acc.guest_kind,
+                    acc.layout.clone(),
+                    guest::Backing::Shmem,
+                    postcopy::adapters::Populate::Background,
+                )
+                .map_err(|e| Box::new(e) as pager::GuestError)
             },
             &pcfg,
             pm2,
@@ -390,8 +393,13 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
         Box::new(dest_ctl),
         move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
         |acc| {
-            WorkloadDest::new(acc.layout.clone(), guest::Backing::Shmem, postcopy::adapters::Populate::Background)
-                .map_err(|e| Box::new(e) as pager::GuestError)
+            DestAny::new(
+                acc.guest_kind,
+                acc.layout.clone(),
+                guest::Backing::Shmem,
+                postcopy::adapters::Populate::Background,
+            )
+            .map_err(|e| Box::new(e) as pager::GuestError)
         },
         &pcfg,
         pm,
@@ -462,10 +470,7 @@ impl Conn for HideOutstanding {
 
 /// Hybrid migration of a store-only hot-set guest; returns the destination's
 /// guest report, its metrics and the source's report.
-fn hybrid(
-    backing: guest::Backing,
-    hide: bool,
-) -> (guest::WorkloadReport, Arc<PagerMetrics>, sender::SenderReport, u64) {
+fn hybrid(backing: guest::Backing, hide: bool) -> (GuestSummary, Arc<PagerMetrics>, sender::SenderReport) {
     let layout = MemLayout::single(PageSize::Size4K, 32 << 20).unwrap();
     let mem = Arc::new(GuestMemory::new(layout).unwrap());
     let cfg =
@@ -491,7 +496,7 @@ fn hybrid(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
                 |acc| {
-                    WorkloadDest::new(acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
+                    DestAny::new(acc.guest_kind, acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
                         .map_err(|e| Box::new(e) as pager::GuestError)
                 },
                 &PagerConfig::default(),
@@ -515,21 +520,21 @@ fn hybrid(
         Arc::new(SenderMetrics::default()),
     )
     .expect("source");
-    let mut d = rx.recv_timeout(LIMIT).expect("destination hung").expect("destination");
+    let d = rx.recv_timeout(LIMIT).expect("destination hung").expect("destination");
     // Let the guest run on with all memory local, then stop and verify it.
     std::thread::sleep(Duration::from_millis(100));
-    let r = d.guest.take_workload().unwrap().stop();
-    let v = guest::workload::verify(d.guest.memory(), r.state.as_ref().unwrap());
+    let r = d.guest.finish();
     drop(src_guest.into_workload().stop());
-    (r, pm, s, if v.ok() { v.verified_pages } else { 0 })
+    (r, pm, s)
 }
 
 #[test]
 fn pages_dirtied_after_precopy_are_evicted_and_fetched_again() {
     for backing in [guest::Backing::Shmem, guest::Backing::Anonymous] {
-        let (r, pm, s, verified) = hybrid(backing, false);
-        assert_eq!(r.total.violations, 0, "{backing:?}: {:?}", r.violation_log);
-        assert_eq!(verified, 8192, "{backing:?}: every page verified");
+        let (r, pm, s) = hybrid(backing, false);
+        assert_eq!(r.violations, 0, "{backing:?}: {:?}", r.problems);
+        assert!(r.verify_ok, "{backing:?}: {:?}", r.problems);
+        assert_eq!(r.verified_pages, 8192, "{backing:?}: every page verified");
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(s.precopy.rounds, 1);
         assert!(s.outstanding_pages > 0 && s.outstanding_pages < 8192, "{} {:?}", s.outstanding_pages, s.precopy);
@@ -548,8 +553,8 @@ fn pages_dirtied_after_precopy_are_evicted_and_fetched_again() {
 fn a_stale_precopy_copy_is_caught_by_the_guest() {
     // The same migration with the outstanding set hidden from the
     // destination: it keeps pages the source dirtied after sending them.
-    let (r, pm, s, verified) = hybrid(guest::Backing::Shmem, true);
+    let (r, pm, s) = hybrid(guest::Backing::Shmem, true);
     assert!(s.outstanding_pages > 0);
     assert_eq!(pm.pages_evicted.load(std::sync::atomic::Ordering::Relaxed), 0);
-    assert!(r.total.violations > 0 || verified == 0, "stale pages went unnoticed");
+    assert!(r.violations > 0 || !r.verify_ok, "stale pages went unnoticed");
 }

@@ -114,9 +114,9 @@ pub struct VerifyReport {
 }
 
 impl VerifyReport {
-    /// Whether every page checked out.
+    /// Whether every page checked out (and nothing else was found wrong).
     pub fn ok(&self) -> bool {
-        self.bad_pages == 0 && self.table_sum_ok
+        self.bad_pages == 0 && self.table_sum_ok && self.problems.is_empty()
     }
 }
 

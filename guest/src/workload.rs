@@ -90,6 +90,8 @@ struct Shared {
     park_cv: Condvar,
     counters: Vec<Counters>,
     violations_log: Mutex<Vec<String>>,
+    /// Thread id of each vCPU thread (0 until it starts).
+    tids: Vec<AtomicU32>,
 }
 
 /// What one vCPU hands back when it stops.
@@ -210,6 +212,7 @@ impl Workload {
             park_cv: Condvar::new(),
             counters,
             violations_log: Mutex::new(Vec::new()),
+            tids: (0..cfg.vcpus).map(|_| AtomicU32::new(0)).collect(),
         });
         let mut threads = Vec::with_capacity(vcpus.len());
         for (i, mut v) in vcpus.into_iter().enumerate() {
@@ -242,6 +245,11 @@ impl Workload {
         self.shared.table_pages
     }
 
+    /// The configuration it runs.
+    pub fn config(&self) -> &WorkloadConfig {
+        &self.shared.cfg
+    }
+
     /// Live counters over the guest's life.
     pub fn stats(&self) -> GuestStats {
         let mut s = GuestStats::default();
@@ -258,6 +266,11 @@ impl Workload {
     /// Counters when this host started or resumed the guest.
     pub fn start_stats(&self) -> GuestStats {
         self.start
+    }
+
+    /// Thread ids of the vCPU threads (0 until a thread has started).
+    pub fn vcpu_tids(&self) -> Vec<u32> {
+        self.shared.tids.iter().map(|t| t.load(Ordering::Relaxed)).collect()
     }
 
     /// Stop every vCPU after its current access and return the state. The
@@ -371,6 +384,7 @@ pub fn verify(mem: &GuestMemory, state: &WorkloadState) -> VerifyReport {
 const MAX_LOGGED_VIOLATIONS: usize = 16;
 
 fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
+    s.tids[i].store(u32::try_from(nix::unistd::gettid().as_raw()).unwrap_or(0), Ordering::Relaxed);
     let mem = &*s.mem;
     let wpp = words_per_page(mem);
     let n_vcpus = u64::from(s.cfg.vcpus);

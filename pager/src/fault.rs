@@ -128,8 +128,9 @@ impl FaultLoop<'_> {
             let Some(page) = self.inst.map().page_of(f.addr) else {
                 return Err(PagerError::StrayFault(f.addr.0));
             };
-            self.inst.add_pending(PendingFault { page, t_read, tid: f.tid });
-            if self.inst.is_held(page) {
+            let local = self.inst.is_held(page);
+            self.inst.add_pending(PendingFault { page, t_read, tid: f.tid, local });
+            if local {
                 // Its content is here already (precopy): map it now.
                 PagerMetrics::add(&self.metrics.faults_local, 1);
                 self.inst.map_held(proto::PageRange::new(page, 1))?;

@@ -59,6 +59,8 @@ pub struct PendingFault {
     pub t_read: Instant,
     /// Faulting thread.
     pub tid: u32,
+    /// Served from a page held here (precopy), not over the network.
+    pub local: bool,
 }
 
 /// Where guest memory lives in this process, by layout region.
@@ -508,10 +510,15 @@ impl Installer {
             return;
         }
         let mut hist = self.metrics.fault_latency.lock();
+        let mut local = self.metrics.fault_latency_local.lock();
         let mut block = self.metrics.blocktime_ns.lock();
         for f in done {
             let ns = u64::try_from(now.duration_since(f.t_read).as_nanos()).unwrap_or(u64::MAX);
-            hist.record_ns(ns);
+            if f.local {
+                local.record_ns(ns)
+            } else {
+                hist.record_ns(ns)
+            }
             *block.entry(f.tid).or_default() += ns;
         }
     }
@@ -773,15 +780,15 @@ mod tests {
             let f = fixture(shmem);
             f.inst.begin_postcopy();
             let t = Instant::now();
-            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 7 });
-            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 8 });
-            f.inst.add_pending(PendingFault { page: PageIdx(9), t_read: t, tid: 7 });
+            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 7, local: false });
+            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 8, local: false });
+            f.inst.add_pending(PendingFault { page: PageIdx(9), t_read: t, tid: 7, local: false });
             assert_eq!(f.inst.n_pending(), 3);
             f.inst.install(PageIdx(0), &page_data(0, 4, 0), PageKind::Demand).unwrap();
             assert_eq!(f.inst.n_pending(), 1, "both faults on page 3 done");
             assert_eq!(f.metrics.fault_latency.lock().count(), 2);
             // A fault read after its page arrived completes at once.
-            f.inst.add_pending(PendingFault { page: PageIdx(1), t_read: Instant::now(), tid: 9 });
+            f.inst.add_pending(PendingFault { page: PageIdx(1), t_read: Instant::now(), tid: 9, local: false });
             assert_eq!(f.inst.n_pending(), 1);
             assert_eq!(get(&f.metrics.faults_resolved_early), 1);
             let block = f.metrics.blocktime_ns.lock();

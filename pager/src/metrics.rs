@@ -49,8 +49,10 @@ pub struct PagerMetrics {
     pub install_retries: AtomicU64,
     /// Bytes received on both connections.
     pub bytes_received: AtomicU64,
-    /// Fault event read to page installed, per fault.
+    /// Fault event read to page installed, per fault served over the network.
     pub fault_latency: Mutex<LatencyHist>,
+    /// The same for faults on pages held here, mapped without a round trip.
+    pub fault_latency_local: Mutex<LatencyHist>,
     /// Total time each faulting thread (by tid) spent waiting, in ns.
     pub blocktime_ns: Mutex<BTreeMap<u32, u64>>,
 }

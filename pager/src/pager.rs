@@ -206,8 +206,10 @@ pub struct PagerReport {
     pub resume: ResumeTimes,
     /// The source's figures.
     pub source: SourceStats,
-    /// Fault latency (event read to page installed).
+    /// Fault latency (event read to page installed), faults served over the network.
     pub fault_latency: LatencyHist,
+    /// Fault latency of faults on held pages (mapped locally).
+    pub fault_latency_local: LatencyHist,
     /// Block time per faulting thread id, ns.
     pub blocktime_ns: Vec<(u32, u64)>,
 }
@@ -393,6 +395,7 @@ impl Run<'_> {
             inst.uffd().unregister(base, len)?;
         }
         let fault_latency = self.metrics.fault_latency.lock().clone();
+        let fault_latency_local = self.metrics.fault_latency_local.lock().clone();
         let blocktime_ns = self.metrics.blocktime_ns.lock().iter().map(|(k, v)| (*k, *v)).collect();
         let report = PagerReport {
             accepted,
@@ -405,6 +408,7 @@ impl Run<'_> {
             resume,
             source,
             fault_latency,
+            fault_latency_local,
             blocktime_ns,
         };
         Ok(Outcome { guest, report })

@@ -705,6 +705,40 @@ impl Drop for Vm {
     }
 }
 
+/// Check vCPU `i`'s registers against a replay of its generator. At an
+/// access boundary (`exact`) the generator is at step r14 and rbp counts
+/// the stores among them. A kick can also land inside an access: after
+/// part of the next xorshift step (rbx holds one of its two intermediate
+/// values) or after all of it, with that access's store written or not.
+/// A lost or repeated step fits none of these.
+fn check_position(i: u32, c: &VmConfig, s: &StampLayout, r: &kvm_regs, exact: bool) -> Result<(), String> {
+    let mut x = boot_regs(i, c, s).rbx;
+    let mut stores = 0;
+    let store = |x: u64| u64::from((x & 0xffff) < u64::from(c.store_threshold));
+    let step = |x: u64| {
+        let x1 = x ^ (x << 13);
+        let x2 = x1 ^ (x1 >> 7);
+        (x1, x2, x2 ^ (x2 << 17))
+    };
+    for _ in 0..r.r14 {
+        x = step(x).2;
+        stores += store(x);
+    }
+    if r.rbx == x && r.rbp == stores {
+        return Ok(());
+    }
+    let (x1, x2, x3) = step(x);
+    let inside = (r.rbx == x1 || r.rbx == x2) && r.rbp == stores
+        || r.rbx == x3 && (r.rbp == stores || r.rbp == stores + store(x3));
+    if !exact && inside {
+        return Ok(());
+    }
+    Err(format!(
+        "vCPU {i}: rbx {:#x} rbp {} after {} accesses (violations {}, rip {:#x}) do not follow the generator ({stores} stores)",
+        r.rbx, r.rbp, r.r14, r.r15, r.rip
+    ))
+}
+
 /// Verify every page of a stopped VM guest whose final state is `state`: the
 /// boot area against its image, the data pages and table by their stamps.
 pub fn verify(mem: &GuestMemory, state: &VmState) -> Result<VerifyReport, VmError> {
@@ -722,6 +756,14 @@ pub fn verify(mem: &GuestMemory, state: &VmState) -> Result<VerifyReport, VmErro
     r.verified_pages += ok;
     r.bad_pages += boot_pages - ok;
     r.problems.extend(problems);
+    // Each vCPU's counters follow its generator: no access was lost or
+    // repeated across pauses, saves and restores (the state may have been
+    // taken by a kick inside an access, hence not `exact`).
+    for (i, v) in (0u32..).zip(&state.vcpus) {
+        if let Err(e) = check_position(i, &state.config, &s, &v.regs, false) {
+            r.problems.push(e);
+        }
+    }
     Ok(r)
 }
 
@@ -783,40 +825,6 @@ mod tests {
         assert!(r.total.violations > 0);
     }
 
-    /// Check vCPU 0's registers against a replay of its generator. At an
-    /// access boundary (`exact`) the generator is at step r14 and rbp counts
-    /// the stores among them. A kick can also land inside an access: after
-    /// part of the next xorshift step (rbx holds one of its two intermediate
-    /// values) or after all of it, with that access's store written or not.
-    /// A lost or repeated step fits none of these.
-    fn check_position(c: &VmConfig, s: &StampLayout, r: &kvm_regs, exact: bool) -> Result<(), String> {
-        let mut x = boot_regs(0, c, s).rbx;
-        let mut stores = 0;
-        let store = |x: u64| u64::from((x & 0xffff) < u64::from(c.store_threshold));
-        let step = |x: u64| {
-            let x1 = x ^ (x << 13);
-            let x2 = x1 ^ (x1 >> 7);
-            (x1, x2, x2 ^ (x2 << 17))
-        };
-        for _ in 0..r.r14 {
-            x = step(x).2;
-            stores += store(x);
-        }
-        if r.rbx == x && r.rbp == stores {
-            return Ok(());
-        }
-        let (x1, x2, x3) = step(x);
-        let inside = (r.rbx == x1 || r.rbx == x2) && r.rbp == stores
-            || r.rbx == x3 && (r.rbp == stores || r.rbp == stores + store(x3));
-        if !exact && inside {
-            return Ok(());
-        }
-        Err(format!(
-            "rbx {:#x} rbp {} after {} accesses (violations {}, rip {:#x}) do not follow the generator ({stores} stores)",
-            r.rbx, r.rbp, r.r14, r.r15, r.rip
-        ))
-    }
-
     #[test]
     fn save_and_restore_continue_exactly() {
         let m = mem(16);
@@ -826,7 +834,7 @@ mod tests {
         let st = vm.pause(Duration::from_secs(5)).unwrap();
         let bytes = st.encode();
         let s = layout_of(&m).unwrap();
-        check_position(&c, &s, &st.vcpus[0].regs, false).unwrap();
+        check_position(0, &c, &s, &st.vcpus[0].regs, false).unwrap();
 
         // A fresh VM over a copy of the memory as it was at the pause (the
         // first VM is dropped without running on), from the encoded state.
@@ -847,7 +855,7 @@ mod tests {
         let fin = r2.state.unwrap();
         let regs = fin.vcpus[0].regs;
         assert!(regs.r14 > st.vcpus[0].regs.r14);
-        check_position(&c, &s, &regs, true).expect("continued exactly where it stopped");
+        check_position(0, &c, &s, &regs, true).expect("continued exactly where it stopped");
         assert_eq!(regs.r15, 0);
         assert!(r2.heartbeats[0] > 0, "the console kept printing");
         let v = verify(&m2, &fin).unwrap();
