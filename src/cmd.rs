@@ -19,8 +19,10 @@ use transport::Conn;
 use transport::tcp::{TcpConn, TcpListen, TcpOptions};
 
 use crate::adapters::{DestAny, GuestSummary, Populate, SourceAny, VmSource, WorkloadSource};
+use crate::netlab::{LinkSpec, NetLab};
 use crate::report::{
-    DowntimeParts, GuestReport, PostcopyReport, PrecopyReport, PrefetchReport, Report, latency_of, ms, ns_ms,
+    DowntimeParts, GuestReport, LinkReport, PostcopyReport, PrecopyReport, PrefetchReport, Report, latency_of, ms,
+    ns_ms,
 };
 
 /// Migration mode on the command line.
@@ -234,6 +236,15 @@ pub struct DestArgs {
     /// Run under `migrate`: no summary (the parent prints the merged one).
     #[arg(long, hide = true)]
     pub child: bool,
+    /// Print machine-readable progress lines on stdout (for `migrate`'s bar).
+    #[arg(long, hide = true)]
+    pub progress_lines: bool,
+    /// Also write the time series as CSV here.
+    #[arg(long)]
+    pub timeline_csv: Option<PathBuf>,
+    /// Sampling tick of the time series, milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub tick_ms: u64,
 }
 
 /// `postcopy source`.
@@ -257,6 +268,9 @@ pub struct SourceArgs {
     /// After a failed migration, keep the guest running this long, then verify it.
     #[arg(long, default_value_t = 500)]
     pub run_after_ms: u64,
+    /// Run under `migrate`: die with it.
+    #[arg(long, hide = true)]
+    pub child: bool,
 }
 
 /// `postcopy migrate`.
@@ -283,6 +297,17 @@ pub struct MigrateArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
+    /// Also write the destination's time series as CSV here.
+    #[arg(long)]
+    pub timeline_csv: Option<PathBuf>,
+    /// Sampling tick of the time series, milliseconds.
+    #[arg(long, default_value_t = 10)]
+    pub tick_ms: u64,
+    /// The link between the two sides: "loopback", or two network
+    /// namespaces joined by a veth pair, "veth[:RATE][:RTT]" (RATE like
+    /// 10gbit, shaped with tc tbf; RTT like 100us, added by a relay).
+    #[arg(long, default_value = "loopback")]
+    pub link: String,
 }
 
 fn read_key(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>> {
@@ -389,6 +414,128 @@ impl GuestOpts {
     }
 }
 
+/// Machine-readable progress on stdout every 100 ms until dropped:
+/// `PROGRESS <phase> <present> <total> <faults> <requests> <bytes received>`.
+fn progress_lines(m: Arc<PagerMetrics>) -> Progress {
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut out = std::io::stdout();
+            while !stop.load(Ordering::Acquire) {
+                let g = PagerMetrics::get;
+                let phase = match m.phase() {
+                    pager::Phase::Precopy if g(&m.pages_precopy) == 0 => "ready",
+                    p => p.name(),
+                };
+                let line = format!(
+                    "PROGRESS {} {} {} {} {} {}",
+                    phase,
+                    g(&m.pages_present),
+                    g(&m.pages_total),
+                    g(&m.faults),
+                    g(&m.requests),
+                    g(&m.bytes_received)
+                );
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    Progress { stop, thread: Some(thread) }
+}
+
+/// The destination's last progress line.
+#[derive(Clone, Debug)]
+struct DestProgress {
+    phase: String,
+    present: u64,
+    total: u64,
+    faults: u64,
+    requests: u64,
+    bytes: u64,
+}
+
+impl DestProgress {
+    fn parse(line: &str) -> Option<DestProgress> {
+        let mut f = line.strip_prefix("PROGRESS ")?.split_ascii_whitespace();
+        let phase = f.next()?.to_string();
+        let mut n = || f.next().and_then(|v| v.parse::<u64>().ok());
+        Some(DestProgress { phase, present: n()?, total: n()?, faults: n()?, requests: n()?, bytes: n()? })
+    }
+}
+
+/// `migrate`'s progress: a live bar on a terminal, a line a second
+/// otherwise, nothing when quiet.
+struct ProgressView {
+    bar: Option<indicatif::ProgressBar>,
+    lines: bool,
+    t0: Instant,
+    next_line: Instant,
+    last: Option<(Instant, u64)>,
+}
+
+impl ProgressView {
+    fn new(quiet: bool) -> ProgressView {
+        use std::io::IsTerminal;
+        let tty = !quiet && std::io::stderr().is_terminal();
+        let bar = tty.then(|| {
+            let b = indicatif::ProgressBar::new(1);
+            b.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {prefix:>10} [{wide_bar}] {pos}/{len} pages {msg}",
+                )
+                .expect("a valid template")
+                .progress_chars("=> "),
+            );
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        let now = Instant::now();
+        ProgressView { bar, lines: !quiet && !tty, t0: now, next_line: now + Duration::from_secs(1), last: None }
+    }
+
+    fn update(&mut self, p: Option<&DestProgress>) {
+        let Some(p) = p else { return };
+        let now = Instant::now();
+        let rate = match self.last {
+            Some((t, b)) if now > t => (p.bytes.saturating_sub(b)) as f64 / now.duration_since(t).as_secs_f64() / 1e9,
+            _ => 0.0,
+        };
+        if self.last.is_none_or(|(t, _)| now.duration_since(t) >= Duration::from_millis(250)) {
+            self.last = Some((now, p.bytes));
+        }
+        if let Some(b) = &self.bar {
+            b.set_length(p.total.max(1));
+            b.set_position(p.present.min(p.total));
+            b.set_prefix(p.phase.clone());
+            b.set_message(format!("{:.2} GB/s, {} faults, {} requests", rate, p.faults, p.requests));
+        } else if self.lines && now >= self.next_line {
+            self.next_line += Duration::from_secs(1);
+            eprintln!(
+                "[{:5.1}s] {}: {}/{} pages present, {:.2} GB received, {} faults, {} requests",
+                now.duration_since(self.t0).as_secs_f64(),
+                p.phase,
+                p.present,
+                p.total,
+                p.bytes as f64 / 1e9,
+                p.faults,
+                p.requests
+            );
+        }
+    }
+}
+
+impl Drop for ProgressView {
+    fn drop(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 /// A once-a-second progress line on stderr until dropped.
 struct Progress {
     stop: Arc<AtomicBool>,
@@ -461,6 +608,9 @@ fn guest_name(k: GuestKind) -> String {
 
 /// Run the destination. Returns the process exit code.
 pub fn dest(args: &DestArgs) -> Result<i32> {
+    if args.child {
+        die_with_parent();
+    }
     let key = read_key(&args.key_file)?;
     let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
@@ -481,9 +631,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         background_nice: args.background_nice,
         ..PagerConfig::default()
     };
+    let sampler = crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.tick_ms.max(1)));
+    let _lines = args.progress_lines.then(|| progress_lines(Arc::clone(&metrics)));
     let progress = {
         let m = Arc::clone(&metrics);
-        Progress::start(args.quiet, move |t| {
+        Progress::start(args.quiet || args.progress_lines, move |t| {
             let present = PagerMetrics::get(&m.pages_present);
             (present > 0).then(|| {
                 let bytes = PagerMetrics::get(&m.bytes_received);
@@ -513,6 +665,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         Arc::clone(&metrics),
     );
     drop(progress);
+    let (timeline, tick) = sampler.finish(outcome.as_ref().ok().map(|o| o.report.resumed));
+    let page_size = outcome.as_ref().map_or(4096, |o| o.report.accepted.layout.page_size().bytes());
+    if let Some(p) = &args.timeline_csv {
+        crate::timeline::write_csv(p, &timeline, page_size).with_context(|| format!("writing {}", p.display()))?;
+    }
     let outcome = match outcome {
         Ok(o) => o,
         Err(e) => {
@@ -523,6 +680,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
                     status: "failed".into(),
                     error: Some(msg),
                     side: "destination".into(),
+                    timeline_tick_ms: ms(tick),
+                    timeline,
                     ..Default::default()
                 };
                 r.write(p)?;
@@ -598,6 +757,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (vcpu_name(*tid), ns_ms(*ns))).collect(),
         },
         guest: guest_report(&g, false),
+        timeline_tick_ms: ms(tick),
+        timeline,
         ..Default::default()
     };
     if report.error.is_some() {
@@ -618,6 +779,9 @@ fn gbps(bytes: u64, ns: u64) -> f64 {
 
 /// Run the source. Returns the process exit code.
 pub fn source(args: &SourceArgs) -> Result<i32> {
+    if args.child {
+        die_with_parent();
+    }
     let layout = args.guest.layout()?;
     args.guest.check()?;
     let key = read_key(&args.migration.key_file)?;
@@ -900,21 +1064,67 @@ impl Drop for Reaper {
     }
 }
 
-/// Run a whole migration on this machine: destination and source as two
-/// processes over loopback TCP. Returns the exit code.
-pub fn migrate(args: &MigrateArgs) -> Result<i32> {
-    // Validate here, so a bad option fails before any process starts.
+/// Under `migrate`: if it dies without stopping us (SIGKILL), die too,
+/// rather than run a guest and hold a port for nobody.
+fn die_with_parent() {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    // The parent may have died before the call.
+    if nix::unistd::getppid() == nix::unistd::Pid::from_raw(1) {
+        std::process::exit(1);
+    }
+}
+
+/// Check `migrate`'s options without running anything.
+pub fn check_migrate(args: &MigrateArgs) -> Result<LinkSpec> {
     args.migration.policy()?;
     args.guest.check()?;
     prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
+    args.link.parse().context("--link")
+}
+
+/// Run a whole migration on this machine: destination and source as two
+/// processes, over loopback TCP or across the two-host lab (`--link`).
+/// Returns the exit code.
+pub fn migrate(args: &MigrateArgs) -> Result<i32> {
+    // Validate here, so a bad option fails before any process starts.
+    let link = check_migrate(args)?;
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
+    // Ctrl-C or a TERM stops both sides and removes the lab's namespaces.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("installing a signal handler")?;
+    }
+    let mut lab = if link.veth { Some(NetLab::create(&link).context("setting up the two-host lab")?) } else { None };
+    let mut link_report = LinkReport {
+        name: args.link.clone(),
+        #[allow(clippy::cast_precision_loss)]
+        rate_gbit: link.rate_bps.map_or(0.0, |b| b as f64 / 1e9),
+        added_rtt_us: link.rtt.map_or(0.0, |d| d.as_secs_f64() * 1e6),
+        ..LinkReport::default()
+    };
+    if let Some(lab) = &mut lab {
+        let (rtt, gbit) = lab.measure().context("measuring the lab's link")?;
+        link_report.measured_rtt_us = rtt.as_secs_f64() * 1e6;
+        link_report.measured_gbit = gbit;
+        if !args.quiet {
+            eprintln!(
+                "postcopy: link {}: round trip {:.1} us, one TCP stream {:.2} Gbit/s (measured)",
+                args.link, link_report.measured_rtt_us, gbit
+            );
+        }
+    }
     let dir = tempdir()?;
     let dest_report = dir.join("dest.json");
     let src_report = dir.join("source.json");
-    let mut dest_cmd = Command::new(&exe);
+    let mut dest_cmd = match &lab {
+        Some(l) => l.command(false, &exe),
+        None => Command::new(&exe),
+    };
+    let listen = if lab.is_some() { "0.0.0.0:0" } else { "127.0.0.1:0" };
     dest_cmd
-        .args(["dest", "--child", "--listen", "127.0.0.1:0", "--announce", "--report"])
+        .args(["dest", "--child", "--listen", listen, "--announce", "--progress-lines", "--report"])
         .arg(&dest_report)
+        .args(["--tick-ms", &args.tick_ms.to_string()])
         .args([
             "--run-after-ms",
             &args.run_after_ms.to_string(),
@@ -927,32 +1137,56 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     if let Some(n) = args.migration.background_nice {
         dest_cmd.args(["--background-nice", &n.to_string()]);
     }
-    if args.quiet {
-        dest_cmd.arg("--quiet");
-    }
+    dest_cmd.arg("--quiet");
     if let Some(k) = &args.migration.key_file {
         dest_cmd.arg("--key-file").arg(k);
     }
     let mut dest = Reaper(Some(dest_cmd.spawn().context("starting the destination process")?));
     let stdout = dest.0.as_mut().and_then(|c| c.stdout.take()).context("destination stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
+    let latest = Arc::new(parking_lot::Mutex::new(None::<DestProgress>));
+    {
+        let latest = Arc::clone(&latest);
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            let first = lines.next().and_then(std::result::Result::ok).unwrap_or_default();
+            let _ = tx.send(first);
+            for line in lines.map_while(std::result::Result::ok) {
+                if let Some(p) = DestProgress::parse(&line) {
+                    *latest.lock() = Some(p);
+                }
+            }
+        });
+    }
     let line = rx.recv_timeout(Duration::from_secs(10)).context("the destination did not start listening")?;
     let addr = line.strip_prefix("LISTENING ").map(str::trim).context("unexpected destination output")?.to_string();
-    let mut src_cmd = Command::new(&exe);
+    let addr = match &mut lab {
+        Some(l) => {
+            let port = addr.rsplit(':').next().and_then(|p| p.parse().ok()).context("destination address")?;
+            l.route_to(port)?.to_string()
+        }
+        None => addr,
+    };
+    let mut src_cmd = match &lab {
+        Some(l) => l.command(true, &exe),
+        None => Command::new(&exe),
+    };
     src_cmd
-        .args(["source", "--connect", &addr, "--report"])
+        .args(["source", "--child", "--connect", &addr, "--report"])
         .arg(&src_report)
         .args(["--run-before-ms", &args.run_before_ms.to_string()])
         .args(child_args(&args.guest, &args.migration));
     let mut source = Reaper(Some(src_cmd.spawn().context("starting the source process")?));
+    let mut bar = ProgressView::new(args.quiet);
     // Whichever ends first, the other gets a bounded time to finish.
     let grace = Duration::from_secs(30) + Duration::from_millis(args.run_after_ms);
     let (src_status, dest_status) = loop {
+        if interrupted.load(Ordering::Relaxed) {
+            drop(bar);
+            // The reapers kill both sides; the lab's drop removes its namespaces.
+            bail!("interrupted");
+        }
+        bar.update(latest.lock().as_ref());
         let s = source.0.as_mut().expect("spawned").try_wait()?;
         let d = dest.0.as_mut().expect("spawned").try_wait()?;
         match (s, d) {
@@ -966,8 +1200,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             (None, None) => std::thread::sleep(Duration::from_millis(20)),
         }
     };
+    drop(bar);
     source.0 = None;
     dest.0 = None;
+    drop(lab);
     let mut merged = Report::read(&dest_report).unwrap_or_else(|e| Report {
         status: "failed".into(),
         error: Some(format!("destination wrote no report ({e:#}); exit {dest_status}")),
@@ -991,6 +1227,11 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         merged.precopy.pages_evicted = evicted;
     }
     merged.source = src.map(Box::new);
+    merged.link = link_report;
+    if let Some(p) = &args.timeline_csv {
+        crate::timeline::write_csv(p, &merged.timeline, merged.page_size.max(1))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     if !dest_status.success() || !src_status.success() {
         merged.status = "failed".into();
         if merged.error.is_none() {

@@ -4,8 +4,18 @@
 //! * [`adapters`]: guests as the pager and sender see them.
 //! * [`report`]: the JSON report both sides write.
 //! * [`cmd`]: the `dest`, `source` and `migrate` commands.
+//! * [`timeline`]: the destination's counters over time.
+//! * [`compare`], [`plot`]: `postcopy report`, tables and pictures of runs.
+//! * [`netlab`]: the two-host lab (network namespaces, shaping, delay).
+//! * [`lab`]: `postcopy lab`, grids of migrations.
+
 #![deny(unsafe_code)]
 
 pub mod adapters;
 pub mod cmd;
+pub mod compare;
+pub mod lab;
+pub mod netlab;
+pub mod plot;
 pub mod report;
+pub mod timeline;

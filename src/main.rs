@@ -18,6 +18,10 @@ enum Cmd {
     Dest(postcopy::cmd::DestArgs),
     /// Run the source: start the guest, connect to the destination, migrate it.
     Source(postcopy::cmd::SourceArgs),
+    /// Compare runs: a table side by side, pictures with --plot.
+    Report(postcopy::compare::ReportArgs),
+    /// Run an experiment: a grid of migrations from a TOML spec, repeated, summarised and plotted.
+    Lab(postcopy::lab::LabArgs),
 }
 
 fn main() {
@@ -30,6 +34,8 @@ fn main() {
         Cmd::Migrate(a) => postcopy::cmd::migrate(a),
         Cmd::Dest(a) => postcopy::cmd::dest(a),
         Cmd::Source(a) => postcopy::cmd::source(a),
+        Cmd::Report(a) => postcopy::compare::report(a),
+        Cmd::Lab(a) => postcopy::lab::lab(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

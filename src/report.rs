@@ -161,6 +161,23 @@ pub struct GuestReport {
     pub running_on_source: bool,
 }
 
+/// The link a run crossed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LinkReport {
+    /// As given: "loopback", or "veth[:RATE][:RTT]".
+    pub name: String,
+    /// Rate limit, Gbit/s (0: none).
+    pub rate_gbit: f64,
+    /// Round-trip delay added by the relay, microseconds (0: none).
+    pub added_rtt_us: f64,
+    /// Measured before the run: median TCP round trip of a small message
+    /// between the two hosts, microseconds.
+    pub measured_rtt_us: f64,
+    /// Measured before the run: one TCP stream's rate, Gbit/s.
+    pub measured_gbit: f64,
+}
+
 /// A run's report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -209,6 +226,12 @@ pub struct Report {
     pub postcopy: PostcopyReport,
     /// Guest figures.
     pub guest: GuestReport,
+    /// The link between the two sides.
+    pub link: LinkReport,
+    /// Destination: the sampling tick of `timeline`.
+    pub timeline_tick_ms: f64,
+    /// Destination: its counters over time (see [`crate::timeline`]).
+    pub timeline: Vec<crate::timeline::Sample>,
     /// In a merged report: the source's own report.
     pub source: Option<Box<Report>>,
 }
@@ -265,6 +288,17 @@ mod tests {
             mem_bytes: 1 << 30,
             postcopy: PostcopyReport { fault_latency_us: lat, fault_latency_hist: hist, ..Default::default() },
             source: Some(Box::new(Report { side: "source".into(), ..Default::default() })),
+            link: LinkReport {
+                name: "veth:10gbit:100us".into(),
+                rate_gbit: 10.0,
+                measured_rtt_us: 131.5,
+                ..Default::default()
+            },
+            timeline_tick_ms: 10.0,
+            timeline: vec![
+                crate::timeline::Sample { t_ms: -3.5, pages_precopy: 7, ..Default::default() },
+                crate::timeline::Sample { t_ms: 6.5, pages_present: 9, faults: 2, ..Default::default() },
+            ],
             ..Default::default()
         };
         let text = serde_json::to_string(&r).unwrap();

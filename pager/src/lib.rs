@@ -25,6 +25,6 @@ pub mod planner;
 pub mod uffd;
 
 pub use guest::{DestGuest, GuestError};
-pub use metrics::PagerMetrics;
+pub use metrics::{PagerMetrics, Phase};
 pub use pager::{Outcome, PagerConfig, PagerError, PagerReport, run};
 pub use planner::{Prefetch, PrefetchMode};

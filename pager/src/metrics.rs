@@ -6,14 +6,47 @@
 //! when no fault waits on the installed pages.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use proto::LatencyHist;
 
+/// Where a destination run is, for progress displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Waiting for the source's hello.
+    Handshake = 0,
+    /// Memory ready; receiving precopy rounds or waiting for switchover.
+    Precopy = 1,
+    /// The guest is paused: evicting, restoring.
+    Switchover = 2,
+    /// The guest runs here; outstanding pages arrive.
+    Postcopy = 3,
+    /// Every page is present.
+    Done = 4,
+}
+
+impl Phase {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Handshake => "handshake",
+            Phase::Precopy => "precopy",
+            Phase::Switchover => "switchover",
+            Phase::Postcopy => "postcopy",
+            Phase::Done => "done",
+        }
+    }
+}
+
 /// Destination-side counters.
 #[derive(Debug, Default)]
 pub struct PagerMetrics {
+    /// The current [`Phase`].
+    pub phase: AtomicU8,
+    /// Pages in the guest (0 until the hello is accepted).
+    pub pages_total: AtomicU64,
     /// Missing-page fault events read from userfaultfd.
     pub faults: AtomicU64,
     /// Fault events whose page was already installed when read.
@@ -68,5 +101,21 @@ impl PagerMetrics {
     #[inline]
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// The current phase.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Handshake,
+            1 => Phase::Precopy,
+            2 => Phase::Switchover,
+            3 => Phase::Postcopy,
+            _ => Phase::Done,
+        }
+    }
+
+    /// Enter `p`.
+    pub fn set_phase(&self, p: Phase) {
+        self.phase.store(p as u8, Ordering::Relaxed);
     }
 }

@@ -21,7 +21,7 @@ use transport::{Conn, TransportError, Wait};
 use crate::fault::FaultLoop;
 use crate::guest::{DestGuest, GuestError};
 use crate::install::{GuestMap, Installer};
-use crate::metrics::PagerMetrics;
+use crate::metrics::{PagerMetrics, Phase};
 use crate::planner::{Prefetch, PrefetchMode};
 use crate::uffd::{UffdError, Userfault};
 
@@ -202,6 +202,10 @@ pub struct PagerReport {
     pub resume_time: Duration,
     /// Guest resumed to every page present.
     pub postcopy_time: Duration,
+    /// When the run started (the server hello).
+    pub started: Instant,
+    /// When the guest resumed here.
+    pub resumed: Instant,
     /// The parts of the destination's downtime.
     pub resume: ResumeTimes,
     /// The source's figures.
@@ -333,6 +337,8 @@ impl Run<'_> {
         }
         let inst = Arc::new(Installer::new(uffd, map, alias, Arc::clone(&self.metrics)));
         let setup_time = t_setup.elapsed();
+        self.metrics.pages_total.store(layout.n_pages(), std::sync::atomic::Ordering::Relaxed);
+        self.metrics.set_phase(Phase::Precopy);
         self.control.send(&Msg::HelloAck { session: self.session.session(), features: accepted.features })?;
 
         let deadline = Instant::now() + self.cfg.handshake_timeout;
@@ -364,10 +370,12 @@ impl Run<'_> {
 
         let (state, outstanding, rounds) = self.await_switchover(&shared)?;
         let t_switch = Instant::now();
+        self.metrics.set_phase(Phase::Switchover);
         self.wait_rounds(&shared, rounds)?;
         let resume = self.switch(&mut guest, &inst, &state, &outstanding)?;
         shared.switched.store(true, Ordering::Release);
         let t_resumed = Instant::now();
+        self.metrics.set_phase(Phase::Postcopy);
         self.control.send(&Msg::SwitchoverAck(resume))?;
         let _mapper = self.spawn_mapper(&inst, &shared, accepted.mode)?;
 
@@ -389,6 +397,7 @@ impl Run<'_> {
         }
         .run()?;
         let postcopy_time = t_resumed.elapsed();
+        self.metrics.set_phase(Phase::Done);
         drop(_bulk);
         // Every page is present: the guest runs on without userfaultfd.
         for (base, len) in inst.map().spans() {
@@ -402,6 +411,8 @@ impl Run<'_> {
             prefetch,
             outstanding_pages: outstanding.count_ones(),
             total_time: self.started.elapsed(),
+            started: self.started,
+            resumed: t_resumed,
             setup_time,
             resume_time: t_resumed.duration_since(t_switch),
             postcopy_time,
