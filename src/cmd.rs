@@ -170,9 +170,23 @@ pub struct MigrationOpts {
     /// 0 in pure postcopy, 10 in hybrid and precopy).
     #[arg(long)]
     pub background_nice: Option<i32>,
+    /// Pace the bulk connection (push and precopy) to this rate, e.g. 9gbit:
+    /// below the link's rate, its data never queues at the bottleneck ahead
+    /// of demand replies (default: unpaced).
+    #[arg(long)]
+    pub push_rate: Option<String>,
 }
 
 impl MigrationOpts {
+    /// `--push-rate` in bytes per second.
+    fn push_rate(&self) -> Result<Option<u64>> {
+        self.push_rate
+            .as_deref()
+            .map(|r| crate::netlab::parse_rate(r).map(|bps| bps / 8))
+            .transpose()
+            .context("--push-rate")
+    }
+
     fn policy(&self) -> Result<sender::Policy> {
         if self.postcopy_after.is_some() && self.mode != ModeArg::Hybrid {
             bail!("--postcopy-after needs --mode hybrid");
@@ -788,6 +802,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     let prefetch = prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
     let peer_timeout = Duration::from_millis(args.migration.peer_timeout_ms.max(100));
     let pause_timeout = Duration::from_secs(5);
+    let push_rate = args.migration.push_rate()?;
     let mut guest = match args.guest.guest {
         GuestArg::Workload => {
             let mem = Arc::new(GuestMemory::new(layout.clone())?);
@@ -827,6 +842,8 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         vcpus: args.guest.vcpus,
         pattern: args.guest.pattern.clone(),
         store_ratio: args.guest.store_ratio,
+        #[allow(clippy::cast_precision_loss)]
+        push_rate_gbit: push_rate.map_or(0.0, |b| b as f64 * 8.0 / 1e9),
         ..Default::default()
     };
     let connected = TcpConn::connect(&args.connect, Duration::from_secs(10), &opts)
@@ -835,7 +852,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Err(e) => Err((FailPhase::BeforeSwitchover, e)),
         Ok(control) => {
             let addr = args.connect.clone();
-            let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), ..opts.clone() };
+            let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), max_pacing_rate: push_rate, ..opts.clone() };
             let open_bulk = move || {
                 TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>)
             };
@@ -1026,6 +1043,9 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
     if let Some(n) = m.background_nice {
         a.extend(["--background-nice".into(), n.to_string()]);
     }
+    if let Some(r) = &m.push_rate {
+        a.extend(["--push-rate".into(), r.clone()]);
+    }
     if let Some(n) = m.postcopy_after {
         a.extend(["--postcopy-after".into(), n.to_string()]);
     }
@@ -1077,6 +1097,7 @@ fn die_with_parent() {
 /// Check `migrate`'s options without running anything.
 pub fn check_migrate(args: &MigrateArgs) -> Result<LinkSpec> {
     args.migration.policy()?;
+    args.migration.push_rate()?;
     args.guest.check()?;
     prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
     args.link.parse().context("--link")
@@ -1226,6 +1247,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         merged.precopy = src.precopy.clone();
         merged.precopy.pages_evicted = evicted;
     }
+    merged.push_rate_gbit = src.as_ref().map_or(0.0, |s| s.push_rate_gbit);
     merged.source = src.map(Box::new);
     merged.link = link_report;
     if let Some(p) = &args.timeline_csv {

@@ -59,6 +59,7 @@ const ROWS: &[Row] = &[
     ("pattern", |r| r.pattern.clone()),
     ("prefetch", |r| format!("{} {}", r.prefetch.pages, r.prefetch.mode)),
     ("link", |r| if r.link.name.is_empty() { "loopback".into() } else { r.link.name.clone() }),
+    ("push paced to Gbit/s", |r| if r.push_rate_gbit > 0.0 { f1(r.push_rate_gbit) } else { "-".into() }),
     ("link rtt us (measured)", |r| if r.link.measured_rtt_us > 0.0 { f1(r.link.measured_rtt_us) } else { "-".into() }),
     ("total ms", |r| f1(r.total_time_ms)),
     ("postcopy ms", |r| f1(r.postcopy.time_ms)),
@@ -150,7 +151,7 @@ pub fn report(args: &ReportArgs) -> Result<i32> {
         }
     }
     if let Some(dir) = &args.plot {
-        for f in crate::plot::write_all(dir, &runs)? {
+        for f in crate::plot::write_all(dir, None, &runs)? {
             println!("wrote {}", f.display());
         }
     }

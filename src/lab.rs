@@ -47,6 +47,10 @@ pub struct LabArgs {
     /// Print the runs and exit.
     #[arg(long)]
     pub dry_run: bool,
+    /// Run nothing: summarise and plot the reports already in the output
+    /// directory (after an interruption, or to redraw).
+    #[arg(long)]
+    pub resummarize: bool,
     /// Give up on a run after this many seconds.
     #[arg(long, default_value_t = 600)]
     pub run_timeout_s: u64,
@@ -88,7 +92,13 @@ impl Cell {
         if s.is_empty() { "all".into() } else { s }
     }
 
-    /// A short label naming only what varies.
+    /// The grid's values, e.g. `8 / uniform` (for legends titled with the keys).
+    pub fn values(&self) -> String {
+        let s: Vec<&str> = self.params.iter().map(|(_, v)| v.as_str()).collect();
+        if s.is_empty() { "all".into() } else { s.join(" / ") }
+    }
+
+    /// A label naming what varies.
     pub fn label(&self) -> String {
         let s: Vec<String> = self.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         if s.is_empty() { "all".into() } else { s.join(" ") }
@@ -444,8 +454,14 @@ pub fn lab(args: &LabArgs) -> Result<i32> {
     }
     let out = args.out.clone().unwrap_or_else(|| Path::new("lab-out").join(&spec.name));
     let runs_dir = out.join("runs");
-    std::fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
-    std::fs::copy(&args.spec, out.join("spec.toml")).context("copying the spec")?;
+    if args.resummarize {
+        if !runs_dir.is_dir() {
+            bail!("{} holds no runs to summarise", runs_dir.display());
+        }
+    } else {
+        std::fs::create_dir_all(&runs_dir).with_context(|| format!("creating {}", runs_dir.display()))?;
+        std::fs::copy(&args.spec, out.join("spec.toml")).context("copying the spec")?;
+    }
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -477,7 +493,14 @@ pub fn lab(args: &LabArgs) -> Result<i32> {
             n += 1;
             let base = runs_dir.join(format!("{}-r{rep}", r.cell.slug()));
             let (json, log) = (base.with_extension("json"), base.with_extension("log"));
-            let res = run_one(&exe, &spec.args(&r.cell), &json, &log, timeout, &stop);
+            let res = if args.resummarize {
+                if !json.exists() {
+                    continue;
+                }
+                Report::read(&json)
+            } else {
+                run_one(&exe, &spec.args(&r.cell), &json, &log, timeout, &stop)
+            };
             r.runs += 1;
             let line = match res {
                 Ok(rep) if rep.clean() => {
@@ -509,9 +532,10 @@ pub fn lab(args: &LabArgs) -> Result<i32> {
     std::fs::write(out.join("summary.csv"), &csv)?;
     std::fs::write(out.join("summary.md"), &md)?;
     let plots: Vec<(String, Report)> =
-        results.iter().filter_map(|r| representative(r).map(|rep| (r.cell.label(), rep))).collect();
+        results.iter().filter_map(|r| representative(r).map(|rep| (r.cell.values(), rep))).collect();
     if !plots.is_empty() {
-        crate::plot::write_all(&out.join("plots"), &plots)?;
+        let keys: Vec<&str> = spec.grid.iter().map(|(k, _)| k.as_str()).collect();
+        crate::plot::write_all(&out.join("plots"), Some(&keys.join(" / ")), &plots)?;
     }
     print!("{md}");
     println!("\nwrote {}/summary.md, summary.csv, plots/, runs/", out.display());

@@ -11,7 +11,9 @@ use plotters::prelude::*;
 use crate::report::Report;
 
 /// Picture size (SVG units; the PNG is twice as large).
-const SIZE: (u32, u32) = (960, 600);
+const SIZE: (u32, u32) = (1200, 600);
+/// Width of the legend panel on the right.
+const LEGEND_W: u32 = 330;
 
 /// Ten distinguishable colours (matplotlib's tab10).
 const COLOURS: [RGBColor; 10] = [
@@ -36,9 +38,61 @@ pub struct Series {
 }
 
 fn style(i: usize) -> ShapeStyle {
-    // Past ten curves the colours repeat, thicker.
-    let c = COLOURS[i % COLOURS.len()];
-    c.stroke_width(2 + u32::try_from(i / COLOURS.len()).unwrap_or(0))
+    COLOURS[i % COLOURS.len()].stroke_width(2)
+}
+
+/// Past ten curves the colours repeat, dashed.
+fn dashed(i: usize) -> bool {
+    i >= COLOURS.len()
+}
+
+/// Draw series `i` on a chart.
+fn draw_series<'a, X, Y>(
+    ch: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    i: usize,
+    s: &Series,
+) -> Result<()>
+where
+    X: plotters::coord::ranged1d::Ranged<ValueType = f64>,
+    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>,
+{
+    let st = style(i);
+    if dashed(i) {
+        ch.draw_series(DashedLineSeries::new(s.points.iter().copied(), 8, 5, st)).map_err(err)?;
+    } else {
+        ch.draw_series(LineSeries::new(s.points.iter().copied(), st)).map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The legend, in its own panel so it never hides a curve, under `title`.
+fn draw_legend(area: &Area<'_>, title: Option<&str>, series: &[Series]) -> Result<()> {
+    let font = ("sans-serif", 14).into_font();
+    let mut top = 60;
+    if let Some(t) = title {
+        area.draw(&Text::new(t.to_string(), (6, top - 10), ("sans-serif", 14).into_font().style(FontStyle::Bold)))
+            .map_err(err)?;
+        top += 24;
+    }
+    let step = if series.len() > 20 { 16 } else { 22 };
+    for (i, s) in series.iter().enumerate() {
+        let y = top + i32::try_from(i).unwrap_or(0) * step;
+        let st = style(i);
+        if dashed(i) {
+            for x in [6, 18, 30] {
+                area.draw(&PathElement::new(vec![(x, y), (x + 7, y)], st)).map_err(err)?;
+            }
+        } else {
+            area.draw(&PathElement::new(vec![(6, y), (38, y)], st)).map_err(err)?;
+        }
+        let label: String = if s.label.chars().count() > 44 {
+            s.label.chars().take(43).chain(std::iter::once('…')).collect()
+        } else {
+            s.label.clone()
+        };
+        area.draw(&Text::new(label, (46, y - 8), font.clone())).map_err(err)?;
+    }
+    Ok(())
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
@@ -68,13 +122,9 @@ fn draw_log_x(root: &Area<'_>, title: &str, x_desc: &str, y_desc: &str, series: 
         .draw()
         .map_err(err)?;
     for (i, s) in series.iter().enumerate() {
-        let st = style(i);
-        ch.draw_series(LineSeries::new(s.points.iter().copied(), st))
-            .map_err(err)?
-            .label(&s.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], st));
+        draw_series(&mut ch, i, s)?;
     }
-    legend(&mut ch, SeriesLabelPosition::LowerRight)
+    Ok(())
 }
 
 /// A chart of `series` on linear axes, y from 0 to `y_max` (or the data's
@@ -110,26 +160,9 @@ fn draw_linear(
         .draw()
         .map_err(err)?;
     for (i, s) in series.iter().enumerate() {
-        let st = style(i);
-        ch.draw_series(LineSeries::new(s.points.iter().copied(), st))
-            .map_err(err)?
-            .label(&s.label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], st));
+        draw_series(&mut ch, i, s)?;
     }
-    legend(&mut ch, SeriesLabelPosition::UpperRight)
-}
-
-fn legend<'a, DB: DrawingBackend + 'a, X: plotters::coord::ranged1d::Ranged, Y: plotters::coord::ranged1d::Ranged>(
-    ch: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
-    pos: SeriesLabelPosition,
-) -> Result<()> {
-    ch.configure_series_labels()
-        .position(pos)
-        .label_font(("sans-serif", 15))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow!("drawing the legend: {e:?}"))
+    Ok(())
 }
 
 /// 1234567 -> "1.2M".
@@ -168,13 +201,22 @@ fn svg_to_png(svg: &str, path: &Path) -> Result<()> {
     pm.save_png(path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Draw with `f` and write `<dir>/<name>.svg` and `.png`.
-fn picture(dir: &Path, name: &str, f: impl FnOnce(&Area<'_>) -> Result<()>) -> Result<Vec<PathBuf>> {
+/// Draw a chart with `f` beside the legend of `series` and write
+/// `<dir>/<name>.svg` and `.png`.
+fn picture(
+    dir: &Path,
+    name: &str,
+    legend_title: Option<&str>,
+    series: &[Series],
+    f: impl FnOnce(&Area<'_>) -> Result<()>,
+) -> Result<Vec<PathBuf>> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(err)?;
-        f(&root)?;
+        let (chart, legend) = root.split_horizontally(SIZE.0 - LEGEND_W);
+        f(&chart)?;
+        draw_legend(&legend, legend_title, series)?;
         root.present().map_err(err)?;
     }
     let (s, p) = (dir.join(format!("{name}.svg")), dir.join(format!("{name}.png")));
@@ -247,9 +289,9 @@ fn rate_window(r: &Report) -> f64 {
     (span / 40.0).max(2.0 * r.timeline_tick_ms).max(1.0)
 }
 
-/// Write the comparison pictures of `runs` (label, report) into `dir`;
-/// returns the files written.
-pub fn write_all(dir: &Path, runs: &[(String, Report)]) -> Result<Vec<PathBuf>> {
+/// Write the comparison pictures of `runs` (label, report) into `dir`, the
+/// legend under `legend_title`; returns the files written.
+pub fn write_all(dir: &Path, legend_title: Option<&str>, runs: &[(String, Report)]) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut files = Vec::new();
     let cdf: Vec<Series> = runs
@@ -257,7 +299,7 @@ pub fn write_all(dir: &Path, runs: &[(String, Report)]) -> Result<Vec<PathBuf>> 
         .map(|(l, r)| Series { label: l.clone(), points: cdf_us(&r.postcopy.fault_latency_hist) })
         .filter(|s| !s.points.is_empty())
         .collect();
-    files.extend(picture(dir, "fault_latency_cdf", |a| {
+    files.extend(picture(dir, "fault_latency_cdf", legend_title, &cdf, |a| {
         draw_log_x(a, "Fault latency (pager: fault read to page mapped)", "latency (us, log)", "share of faults", &cdf)
     })?);
     let stalls: Vec<Series> = runs
@@ -266,7 +308,7 @@ pub fn write_all(dir: &Path, runs: &[(String, Report)]) -> Result<Vec<PathBuf>> 
         .filter(|s| !s.points.is_empty())
         .collect();
     if !stalls.is_empty() {
-        files.extend(picture(dir, "guest_stall_cdf", |a| {
+        files.extend(picture(dir, "guest_stall_cdf", legend_title, &stalls, |a| {
             draw_log_x(
                 a,
                 "Guest-observed stalls (accesses past the threshold)",
@@ -277,7 +319,7 @@ pub fn write_all(dir: &Path, runs: &[(String, Report)]) -> Result<Vec<PathBuf>> 
         })?);
     }
     let pres: Vec<Series> = runs.iter().map(|(l, r)| Series { label: l.clone(), points: present(r) }).collect();
-    files.extend(picture(dir, "pages_present", |a| {
+    files.extend(picture(dir, "pages_present", legend_title, &pres, |a| {
         draw_linear(
             a,
             "Pages present after the guest resumed",
@@ -289,7 +331,7 @@ pub fn write_all(dir: &Path, runs: &[(String, Report)]) -> Result<Vec<PathBuf>> 
     })?);
     let rate: Vec<Series> =
         runs.iter().map(|(l, r)| Series { label: l.clone(), points: fault_rate(r, rate_window(r)) }).collect();
-    files.extend(picture(dir, "fault_rate", |a| {
+    files.extend(picture(dir, "fault_rate", legend_title, &rate, |a| {
         draw_linear(a, "Fault rate after the guest resumed", "time since resume (ms)", "faults per second", &rate, None)
     })?);
     Ok(files)

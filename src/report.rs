@@ -228,6 +228,8 @@ pub struct Report {
     pub guest: GuestReport,
     /// The link between the two sides.
     pub link: LinkReport,
+    /// Source: the bulk connection's pacing rate, Gbit/s (0: unpaced).
+    pub push_rate_gbit: f64,
     /// Destination: the sampling tick of `timeline`.
     pub timeline_tick_ms: f64,
     /// Destination: its counters over time (see [`crate::timeline`]).

@@ -184,7 +184,7 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
     let report = d.join("veth.json");
     let mut c = bin();
     c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "100", "--run-after-ms", "100"])
-        .args(["--link", "veth:1gbit:300us", "--report"])
+        .args(["--link", "veth:1gbit:300us", "--push-rate", "400mbit", "--report"])
         .arg(&report)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -201,6 +201,10 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
     // by much. Loose bounds that only a broken link would miss.
     assert!(r.link.measured_rtt_us >= 150.0, "the relay adds its delay: {:?}", r.link);
     assert!(r.link.measured_gbit > 0.0 && r.link.measured_gbit < 2.0, "tbf shapes the link: {:?}", r.link);
+    // The push was paced below the link (TCP's own pacing: a rate cap the
+    // kernel enforces, checked loosely).
+    assert_eq!(r.push_rate_gbit, 0.4);
+    assert!(r.postcopy.push_gbps > 0.0 && r.postcopy.push_gbps < 2.0 * 0.4 / 8.0, "{}", r.postcopy.push_gbps);
     // Every demand round trip crossed the relay.
     assert!(r.postcopy.faults > 0 && r.postcopy.fault_latency_us.p50 >= 150.0, "{:?}", r.postcopy.fault_latency_us);
     assert!(namespaces_of(pid).is_empty(), "namespaces left behind: {:?}", namespaces_of(pid));

@@ -29,11 +29,20 @@ pub struct TcpOptions {
     pub notsent_lowat: Option<u32>,
     /// Initial receive buffer in bytes (grows to fit a frame).
     pub recv_buf: usize,
+    /// SO_MAX_PACING_RATE in bytes per second, if set: TCP then paces this
+    /// connection itself (no fq needed), so it never fills the bottleneck's
+    /// queue ahead of another connection's packets.
+    pub max_pacing_rate: Option<u64>,
 }
 
 impl Default for TcpOptions {
     fn default() -> Self {
-        TcpOptions { send_timeout: Duration::from_secs(10), notsent_lowat: None, recv_buf: 4 << 20 }
+        TcpOptions {
+            send_timeout: Duration::from_secs(10),
+            notsent_lowat: None,
+            recv_buf: 4 << 20,
+            max_pacing_rate: None,
+        }
     }
 }
 
@@ -84,6 +93,22 @@ impl TcpConn {
         if let Some(lowat) = opts.notsent_lowat {
             let v = libc::c_int::try_from(lowat).unwrap_or(libc::c_int::MAX);
             set_int_opt(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
+        }
+        if let Some(rate) = opts.max_pacing_rate {
+            let len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("small");
+            // SAFETY: as in `set_int_opt`; the kernel reads a u64 when given 8 bytes.
+            let r = unsafe {
+                libc::setsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_MAX_PACING_RATE,
+                    (&raw const rate).cast(),
+                    len,
+                )
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
         Ok(TcpConn {
             stream,
