@@ -55,15 +55,21 @@ impl LinkSpec {
     }
 }
 
-/// Parse a rate: `10gbit`, `500mbit`, `1.5gbit`, `100kbit`.
-pub fn parse_rate(s: &str) -> Result<u64> {
+/// A number with a unit suffix, scaled by the unit's factor.
+fn with_unit(s: &str, what: &str, units: &[(&str, f64)], example: &str) -> Result<f64> {
     let l = s.to_ascii_lowercase();
-    let (num, mult) = [("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)]
-        .iter()
-        .find_map(|(suf, m)| l.strip_suffix(suf).map(|n| (n.to_string(), *m)))
-        .ok_or_else(|| anyhow!("rate {s:?}: expected a number and gbit, mbit or kbit (e.g. 10gbit)"))?;
-    let v: f64 = num.trim().parse().map_err(|_| anyhow!("rate {s:?}: {num:?} is not a number"))?;
-    let bps = v * mult;
+    let (num, factor) =
+        units.iter().find_map(|(suf, m)| l.strip_suffix(suf).map(|n| (n.to_string(), *m))).ok_or_else(|| {
+            let names: Vec<&str> = units.iter().map(|u| u.0).collect();
+            anyhow!("{what} {s:?}: expected a number and {} (e.g. {example})", names.join(", "))
+        })?;
+    let v: f64 = num.trim().parse().map_err(|_| anyhow!("{what} {s:?}: {num:?} is not a number"))?;
+    Ok(v * factor)
+}
+
+/// Parse a rate in bits per second: `10gbit`, `500mbit`, `1.5gbit`, `100kbit`.
+pub fn parse_rate(s: &str) -> Result<u64> {
+    let bps = with_unit(s, "rate", &[("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)], "10gbit")?;
     if !(1e5..=1e12).contains(&bps) {
         bail!("rate {s:?} out of range (100kbit..1000gbit)");
     }
@@ -73,13 +79,7 @@ pub fn parse_rate(s: &str) -> Result<u64> {
 
 /// Parse a duration: `100us`, `1ms`, `2.5ms`, `1s`.
 pub fn parse_duration(s: &str) -> Result<Duration> {
-    let l = s.to_ascii_lowercase();
-    let (num, unit) = [("us", 1e-6), ("ms", 1e-3), ("s", 1.0)]
-        .iter()
-        .find_map(|(suf, m)| l.strip_suffix(suf).map(|n| (n.to_string(), *m)))
-        .ok_or_else(|| anyhow!("duration {s:?}: expected a number and us, ms or s (e.g. 100us)"))?;
-    let v: f64 = num.trim().parse().map_err(|_| anyhow!("duration {s:?}: {num:?} is not a number"))?;
-    let secs = v * unit;
+    let secs = with_unit(s, "duration", &[("us", 1e-6), ("ms", 1e-3), ("s", 1.0)], "100us")?;
     if !(0.0..=10.0).contains(&secs) {
         bail!("duration {s:?} out of range (0..10s)");
     }

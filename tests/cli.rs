@@ -4,40 +4,22 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{bin, run_limited};
 use postcopy::report::Report;
 use proto::wire::{Msg, ServerHello};
 
 /// Migrations use both cores: run them one at a time.
 static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
 
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_postcopy"))
-}
-
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("postcopy-test-{}-{name}", std::process::id()));
     let _ = std::fs::create_dir_all(&d);
     d
-}
-
-/// Run a command with a hard time limit; returns its output.
-fn run_limited(mut cmd: Command, limit: Duration) -> Output {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-    let t0 = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!("command exceeded {limit:?}; stderr:\n{}", String::from_utf8_lossy(&out.stderr));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn migrate(extra: &[&str], report: &Path) -> (Output, Report) {
