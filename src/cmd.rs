@@ -489,6 +489,7 @@ struct ProgressView {
     t0: Instant,
     next_line: Instant,
     last: Option<(Instant, u64)>,
+    rate: f64,
 }
 
 impl ProgressView {
@@ -498,34 +499,46 @@ impl ProgressView {
         let bar = tty.then(|| {
             let b = indicatif::ProgressBar::new(1);
             b.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} [{elapsed_precise}] {prefix:>10} [{wide_bar}] {pos}/{len} pages {msg}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {prefix:>10} [{bar:30}] {msg}")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
             );
             b.enable_steady_tick(Duration::from_millis(100));
+            b.set_prefix("starting");
             b
         });
         let now = Instant::now();
-        ProgressView { bar, lines: !quiet && !tty, t0: now, next_line: now + Duration::from_secs(1), last: None }
+        ProgressView {
+            bar,
+            lines: !quiet && !tty,
+            t0: now,
+            next_line: now + Duration::from_secs(1),
+            last: None,
+            rate: 0.0,
+        }
     }
 
     fn update(&mut self, p: Option<&DestProgress>) {
         let Some(p) = p else { return };
         let now = Instant::now();
-        let rate = match self.last {
-            Some((t, b)) if now > t => (p.bytes.saturating_sub(b)) as f64 / now.duration_since(t).as_secs_f64() / 1e9,
-            _ => 0.0,
-        };
-        if self.last.is_none_or(|(t, _)| now.duration_since(t) >= Duration::from_millis(250)) {
-            self.last = Some((now, p.bytes));
+        // The receive rate over the last half second or so.
+        match self.last {
+            Some((t, b)) if now.duration_since(t) >= Duration::from_millis(500) => {
+                self.rate = p.bytes.saturating_sub(b) as f64 / now.duration_since(t).as_secs_f64() / 1e9;
+                self.last = Some((now, p.bytes));
+            }
+            Some(_) => {}
+            None => self.last = Some((now, p.bytes)),
         }
         if let Some(b) = &self.bar {
             b.set_length(p.total.max(1));
             b.set_position(p.present.min(p.total));
             b.set_prefix(p.phase.clone());
-            b.set_message(format!("{:.2} GB/s, {} faults, {} requests", rate, p.faults, p.requests));
+            if p.total == 0 {
+                b.set_message("waiting for the source");
+            } else {
+                b.set_message(format!("{}/{} pages, {:.2} GB/s, {} faults", p.present, p.total, self.rate, p.faults));
+            }
         } else if self.lines && now >= self.next_line {
             self.next_line += Duration::from_secs(1);
             eprintln!(
