@@ -1,7 +1,7 @@
 //! The `dest`, `source` and `migrate` commands.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1125,9 +1125,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     // Ctrl-C or a TERM stops both sides and removes the lab's namespaces.
     let interrupted = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&interrupted)).context("installing a signal handler")?;
-    }
+    stop_on_signals(&interrupted)?;
     let mut lab = if link.veth { Some(NetLab::create(&link).context("setting up the two-host lab")?) } else { None };
     let mut link_report = LinkReport {
         name: args.link.clone(),
@@ -1146,6 +1144,9 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
                 args.link, link_report.measured_rtt_us, gbit
             );
         }
+    }
+    if interrupted.load(Ordering::Relaxed) {
+        bail!("interrupted");
     }
     let dir = tempdir()?;
     let dest_report = dir.join("dest.json");
@@ -1273,7 +1274,6 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             merged.error = Some(format!("destination exit {dest_status}, source exit {src_status}"));
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     if let Some(p) = &args.report {
         merged.write(p)?;
     }
@@ -1281,13 +1281,39 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     Ok(if merged.clean() { 0 } else { 1 })
 }
 
-fn tempdir() -> Result<PathBuf> {
+/// A temporary directory, removed on drop (also when `migrate` bails out).
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> Result<TempDir> {
     let base = std::env::temp_dir();
     for i in 0..100u32 {
         let p = base.join(format!("postcopy-{}-{i}", std::process::id()));
         if std::fs::create_dir(&p).is_ok() {
-            return Ok(p);
+            return Ok(TempDir(p));
         }
     }
     bail!("could not create a temporary directory under {}", base.display())
+}
+
+/// Set `flag` on SIGINT and SIGTERM; a second one exits at once.
+pub fn stop_on_signals(flag: &Arc<AtomicBool>) -> Result<()> {
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 1, Arc::clone(flag))
+            .and_then(|_| signal_hook::flag::register(sig, Arc::clone(flag)))
+            .context("installing a signal handler")?;
+    }
+    Ok(())
 }

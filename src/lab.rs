@@ -464,9 +464,7 @@ pub fn lab(args: &LabArgs) -> Result<i32> {
     }
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop)).context("installing a signal handler")?;
-    }
+    crate::cmd::stop_on_signals(&stop)?;
     let bar = {
         use std::io::IsTerminal;
         std::io::stderr().is_terminal().then(|| {
