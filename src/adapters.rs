@@ -35,7 +35,7 @@ pub struct GuestSummary {
     /// Accesses on this host slower than the stall threshold (workload only).
     pub stalls: LatencyHist,
     /// Heartbeats per vCPU on this host (VM: console lines; workload: 1 if
-    /// the vCPU made progress).
+    /// that vCPU made progress here, else 0).
     pub heartbeats: Vec<u64>,
     /// Pages that passed verification.
     pub verified_pages: u64,
@@ -297,7 +297,7 @@ fn finish_workload(w: Workload, mem: &GuestMemory) -> GuestSummary {
         stores_here: r.here.stores,
         violations: r.total.violations,
         stalls: r.stalls,
-        heartbeats: vec![u64::from(r.here.accesses > 0); tids.len()],
+        heartbeats: r.here_per_vcpu.iter().map(|&a| u64::from(a > 0)).collect(),
         verified_pages: verify.as_ref().map_or(0, |v| v.verified_pages),
         verify_ok: verify.as_ref().is_some_and(guest::stamp::VerifyReport::ok),
         problems,
@@ -333,7 +333,7 @@ fn finish_vm(vm: Vm, mem: &GuestMemory) -> GuestSummary {
         store_ratio,
         accesses_total: r.total.accesses,
         accesses_here: r.here.accesses,
-        loads_here: r.here.accesses - r.here.stores,
+        loads_here: r.here.accesses.saturating_sub(r.here.stores),
         stores_here: r.here.stores,
         violations: r.total.violations,
         stalls: LatencyHist::new(),

@@ -658,7 +658,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         background_nice: args.background_nice,
         ..PagerConfig::default()
     };
-    let sampler = crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.tick_ms.max(1)));
+    let sampler =
+        crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.tick_ms.clamp(1, 1000)));
     let _lines = args.progress_lines.then(|| progress_lines(Arc::clone(&metrics)));
     let progress = {
         let m = Arc::clone(&metrics);
@@ -694,8 +695,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     drop(progress);
     let (timeline, tick) = sampler.finish(outcome.as_ref().ok().map(|o| o.report.resumed));
     let page_size = outcome.as_ref().map_or(4096, |o| o.report.accepted.layout.page_size().bytes());
-    if let Some(p) = &args.timeline_csv {
-        crate::timeline::write_csv(p, &timeline, page_size).with_context(|| format!("writing {}", p.display()))?;
+    if let Some(p) = &args.timeline_csv
+        && let Err(e) = crate::timeline::write_csv(p, &timeline, page_size)
+    {
+        // Not worth failing a migration over: the series is in the report too.
+        eprintln!("postcopy dest: warning: writing {}: {e}", p.display());
     }
     let outcome = match outcome {
         Ok(o) => o,
@@ -985,7 +989,7 @@ pub fn summary(r: &Report) -> String {
     let f = &r.postcopy.fault_latency_us;
     s += &format!(
         "  faults       {} over the network (latency p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us)",
-        r.postcopy.faults - r.postcopy.faults_local,
+        r.postcopy.faults.saturating_sub(r.postcopy.faults_local),
         f.p50,
         f.p90,
         f.p99,
@@ -1071,11 +1075,14 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
     a
 }
 
-/// Wait for `child` until `deadline`, killing it then.
-fn wait_until(child: &mut Child, deadline: Instant) -> Result<ExitStatus> {
+/// Wait for `child` until `deadline` (or until `interrupted`), killing it then.
+fn wait_until(child: &mut Child, deadline: Instant, interrupted: &AtomicBool) -> Result<ExitStatus> {
     loop {
         if let Some(s) = child.try_wait()? {
             return Ok(s);
+        }
+        if interrupted.load(Ordering::Relaxed) {
+            bail!("interrupted");
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
@@ -1109,6 +1116,9 @@ fn die_with_parent() {
 
 /// Check `migrate`'s options without running anything.
 pub fn check_migrate(args: &MigrateArgs) -> Result<LinkSpec> {
+    if !(1..=1000).contains(&args.tick_ms) {
+        bail!("--tick-ms must be 1..=1000, got {}", args.tick_ms);
+    }
     args.migration.policy()?;
     args.migration.push_rate()?;
     args.guest.check()?;
@@ -1227,10 +1237,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         match (s, d) {
             (Some(s), Some(d)) => break (s, d),
             (Some(s), None) => {
-                break (s, wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace)?);
+                break (s, wait_until(dest.0.as_mut().expect("spawned"), Instant::now() + grace, &interrupted)?);
             }
             (None, Some(d)) => {
-                break (wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace)?, d);
+                break (wait_until(source.0.as_mut().expect("spawned"), Instant::now() + grace, &interrupted)?, d);
             }
             (None, None) => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -1264,10 +1274,6 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     merged.push_rate_gbit = src.as_ref().map_or(0.0, |s| s.push_rate_gbit);
     merged.source = src.map(Box::new);
     merged.link = link_report;
-    if let Some(p) = &args.timeline_csv {
-        crate::timeline::write_csv(p, &merged.timeline, merged.page_size.max(1))
-            .with_context(|| format!("writing {}", p.display()))?;
-    }
     if !dest_status.success() || !src_status.success() {
         merged.status = "failed".into();
         if merged.error.is_none() {
@@ -1276,6 +1282,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     }
     if let Some(p) = &args.report {
         merged.write(p)?;
+    }
+    if let Some(p) = &args.timeline_csv {
+        crate::timeline::write_csv(p, &merged.timeline, merged.page_size.max(1))
+            .with_context(|| format!("writing {}", p.display()))?;
     }
     println!("{}", summary(&merged));
     Ok(if merged.clean() { 0 } else { 1 })

@@ -23,6 +23,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -399,6 +400,9 @@ fn run_one(
     timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<Report> {
+    // A report left by an earlier lab in this directory must not stand in
+    // for this run's.
+    let _ = std::fs::remove_file(report);
     let logf = std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
     let mut child = Command::new(exe)
         .arg("migrate")
@@ -409,6 +413,10 @@ fn run_one(
         .stdin(Stdio::null())
         .stdout(logf.try_clone()?)
         .stderr(logf)
+        // Its own process group: a terminal's Ctrl-C reaches only the lab,
+        // which then stops the run with one TERM (a second signal would make
+        // `migrate` exit without cleaning up).
+        .process_group(0)
         .spawn()
         .context("starting postcopy migrate")?;
     let t0 = Instant::now();
@@ -484,12 +492,14 @@ pub fn lab(args: &LabArgs) -> Result<i32> {
     let timeout = Duration::from_secs(args.run_timeout_s.max(10));
     let mut n = 0;
     'reps: for rep in 1..=spec.repetitions {
-        for r in &mut results {
+        for (i, r) in results.iter_mut().enumerate() {
             if stop.load(Ordering::Relaxed) {
                 break 'reps;
             }
             n += 1;
-            let base = runs_dir.join(format!("{}-r{rep}", r.cell.slug()));
+            // The cell's number keeps names apart that the slug would merge
+            // (zipf:0.9 and zipf-0.9).
+            let base = runs_dir.join(format!("{:03}-{}-r{rep}", i + 1, r.cell.slug()));
             let (json, log) = (base.with_extension("json"), base.with_extension("log"));
             let res = if args.resummarize {
                 if !json.exists() {

@@ -138,17 +138,25 @@ fn enter(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Delete namespaces left behind by lab processes that no longer exist.
+/// Delete namespaces (`pcl-<pid>-s/d`) and veth pairs (`pcl<pid>s/d`, if
+/// a failure left one in this namespace) of lab processes that no longer
+/// exist.
 fn clean_stale() {
-    let Ok(dir) = std::fs::read_dir("/var/run/netns") else { return };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        let Some(pid) = name.strip_prefix("pcl-").and_then(|r| r.split('-').next()).and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+    let dead = |pid: &str| pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists();
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default()
+    };
+    for name in names("/var/run/netns") {
+        if name.strip_prefix("pcl-").and_then(|r| r.split('-').next()).is_some_and(dead) {
             let _ = ip(&["netns", "del", &name]);
+        }
+    }
+    for name in names("/sys/class/net") {
+        let pid = name.strip_prefix("pcl").and_then(|r| r.strip_suffix('s').or_else(|| r.strip_suffix('d')));
+        if pid.is_some_and(dead) {
+            let _ = ip(&["link", "del", &name]);
         }
     }
 }
@@ -349,14 +357,15 @@ impl NetLab {
     fn measure_rate(&mut self) -> Result<f64> {
         let (port, server) = self.probe_server(false)?;
         let to = self.route_to(port)?;
-        // About a quarter of a second at the configured rate, 8..256 MiB.
-        let bytes = self.spec.rate_bps.map_or(256 << 20, |bps| (bps / 8 / 4).clamp(8 << 20, 256 << 20));
+        // About a quarter of a second at the configured rate (64 KiB..256 MiB).
+        let bytes = self.spec.rate_bps.map_or(256 << 20, |bps| (bps / 8 / 4).clamp(64 << 10, 256 << 20));
         let src = self.src_ns.clone();
         let client = std::thread::spawn(move || -> Result<f64> {
             enter(&src)?;
             let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            let chunk = vec![0x5a_u8; 1 << 20];
+            s.set_write_timeout(Some(Duration::from_secs(30)))?;
+            let chunk = vec![0x5a_u8; 64 << 10];
             let t = Instant::now();
             let mut sent = 0u64;
             while sent < bytes {
@@ -383,6 +392,11 @@ impl NetLab {
 impl Drop for NetLab {
     fn drop(&mut self) {
         self.relays.clear();
+        // A pair created but never moved (a failure in between) is still here.
+        let veth = format!("pcl{}s", std::process::id());
+        if Path::new("/sys/class/net").join(&veth).exists() {
+            let _ = ip(&["link", "del", &veth]);
+        }
         // Deleting a namespace deletes the veth end in it, and with it the pair.
         for ns in [&self.src_ns, &self.dst_ns] {
             if netns_path(ns).exists()

@@ -227,7 +227,7 @@ fn picture(
 
 /// The CDF of a histogram given as (ns, count) buckets, in microseconds.
 pub fn cdf_us(buckets: &[(u64, u64)]) -> Vec<(f64, f64)> {
-    let total: u64 = buckets.iter().map(|b| b.1).sum();
+    let total = buckets.iter().fold(0u64, |a, b| a.saturating_add(b.1));
     if total == 0 {
         return Vec::new();
     }
@@ -238,7 +238,7 @@ pub fn cdf_us(buckets: &[(u64, u64)]) -> Vec<(f64, f64)> {
         if v.is_empty() {
             v.push((ns as f64 / 1e3, 0.0));
         }
-        acc += n;
+        acc = acc.saturating_add(n);
         v.push((ns as f64 / 1e3, acc as f64 / total as f64));
     }
     v

@@ -149,7 +149,9 @@ pub struct GuestReport {
     /// Heartbeats per vCPU on this host (VM guest: console lines; workload
     /// guest: 1 if the vCPU made progress).
     pub heartbeats: Vec<u64>,
-    /// Whether every vCPU showed signs of life on this host.
+    /// Whether every vCPU showed signs of life on this host (true when
+    /// absent: reports from before the check was made).
+    #[serde(default = "yes")]
     pub heartbeats_ok: bool,
     /// Pages that passed the final verification.
     pub verified_pages: u64,
@@ -169,7 +171,9 @@ pub struct LinkReport {
     pub name: String,
     /// Rate limit, Gbit/s (0: none).
     pub rate_gbit: f64,
-    /// Round-trip delay added by the relay, microseconds (0: none).
+    /// Round-trip delay asked for, microseconds (0: none); the relay's own
+    /// delay is trimmed so that the measured round trip is the bare link's
+    /// plus this (see `measured_rtt_us`).
     pub added_rtt_us: f64,
     /// Measured before the run: median TCP round trip of a small message
     /// between the two hosts, microseconds.
@@ -236,6 +240,10 @@ pub struct Report {
     pub timeline: Vec<crate::timeline::Sample>,
     /// In a merged report: the source's own report.
     pub source: Option<Box<Report>>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Milliseconds of a duration, for reports.
@@ -309,6 +317,9 @@ mod tests {
         let partial: Report = serde_json::from_str(r#"{"status":"failed","postcopy":{"faults":3}}"#).unwrap();
         assert_eq!(partial.postcopy.faults, 3);
         assert!(!partial.clean());
+        // A report from before the heartbeat check still reads as clean.
+        let old: Report = serde_json::from_str(r#"{"status":"ok","guest":{"verify_ok":true}}"#).unwrap();
+        assert!(old.clean());
         let h2 = LatencyHist::from_buckets(&back.postcopy.fault_latency_hist);
         assert_eq!(h2.summary(), h.summary());
     }

@@ -98,7 +98,8 @@ impl Sampler {
                         next += tick;
                         let now = Instant::now();
                         if next > now {
-                            std::thread::sleep(next - now);
+                            // `finish` unparks: stopping never waits out a tick.
+                            std::thread::park_timeout(next - now);
                         } else {
                             next = now;
                         }
@@ -133,7 +134,13 @@ impl Sampler {
 
     fn stop_thread(&mut self) -> Duration {
         self.stop.store(true, Ordering::Release);
-        self.thread.take().and_then(|t| t.join().ok()).unwrap_or(TICK)
+        self.thread
+            .take()
+            .and_then(|t| {
+                t.thread().unpark();
+                t.join().ok()
+            })
+            .unwrap_or(TICK)
     }
 }
 
@@ -163,9 +170,9 @@ pub fn write_csv(path: &Path, series: &[Sample], page_size: u64) -> std::io::Res
             s.faults,
             s.requests,
             s.bytes_received,
-            s.pages_pushed * page_size,
-            s.pages_demand * page_size,
-            s.pages_requested * page_size,
+            s.pages_pushed.saturating_mul(page_size),
+            s.pages_demand.saturating_mul(page_size),
+            s.pages_requested.saturating_mul(page_size),
         )?;
     }
     w.flush()

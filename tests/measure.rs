@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{bin, run_limited};
+use common::{bin, processes_mentioning, run_limited, wait_limited};
 use postcopy::report::Report;
 
 /// Migrations use both cores: run them one at a time.
@@ -173,7 +173,7 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
         .stderr(Stdio::piped());
     let child = c.spawn().unwrap();
     let pid = child.id();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_limited(child, Duration::from_secs(120));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let r = Report::read(&report).unwrap();
     assert!(r.clean(), "{:?} {:?}", r.error, r.guest.problems);
@@ -192,25 +192,62 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
     assert!(r.postcopy.faults > 0 && r.postcopy.fault_latency_us.p50 >= 150.0, "{:?}", r.postcopy.fault_latency_us);
     assert!(namespaces_of(pid).is_empty(), "namespaces left behind: {:?}", namespaces_of(pid));
 
-    // Interrupted mid-run (TERM while the guest runs before switchover): no
-    // namespaces left, a clear error.
+    // Interrupted mid-run (TERM while both sides run, the guest before
+    // switchover): no namespaces, temporary files or processes left, a
+    // clear error.
     let mut c = bin();
     c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "20000", "--link", "veth:10gbit"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = c.spawn().unwrap();
     let pid = child.id();
+    // Its temporary directory appears once the link is measured and the
+    // destination is about to start.
+    let tmp = std::env::temp_dir().join(format!("postcopy-{pid}-0"));
     let t0 = Instant::now();
-    while namespaces_of(pid).len() < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(20), "the lab never came up");
+    while processes_mentioning(&tmp.to_string_lossy()).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the two sides never started");
         std::thread::sleep(Duration::from_millis(10));
     }
-    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(namespaces_of(pid).len(), 2);
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let out = child.wait_with_output().unwrap();
+    let out = wait_limited(child, Duration::from_secs(30));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(namespaces_of(pid).is_empty(), "namespaces left behind: {:?}", namespaces_of(pid));
+    assert!(!tmp.exists(), "temporary directory left behind");
+    let t0 = Instant::now();
+    while !processes_mentioning(&tmp.to_string_lossy()).is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the destination or source outlived migrate");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+
+    // A lab interrupted from its terminal (SIGINT to its process group)
+    // stops its run with one TERM: the run's lab is removed too.
+    let spec = d.join("long.toml");
+    std::fs::write(&spec, "repetitions = 1\n[fixed]\nmem = \"64M\"\nrun-before-ms = 20000\nlink = \"veth\"\n").unwrap();
+    let mut c = bin();
+    c.arg("lab").arg(&spec).arg("--out").arg(d.join("long")).stdout(Stdio::piped()).stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut c, 0);
+    let child = c.spawn().unwrap();
+    let lab_pid = child.id();
+    let t0 = Instant::now();
+    let run_ns = loop {
+        let all: Vec<String> = std::fs::read_dir("/var/run/netns")
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+            .unwrap_or_default();
+        if let Some(n) = all.into_iter().find(|n| n.starts_with("pcl-") && n.ends_with("-d")) {
+            break n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the run's lab never came up");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = Command::new("kill").args(["-INT", "--", &format!("-{lab_pid}")]).status();
+    let out = wait_limited(child, Duration::from_secs(60));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!std::path::Path::new("/var/run/netns").join(&run_ns).exists(), "{run_ns} left behind");
 
     // Killed outright (no chance to clean up): the next lab removes them.
     let mut c = bin();

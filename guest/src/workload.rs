@@ -106,6 +106,8 @@ pub struct Workload {
     threads: Vec<JoinHandle<VcpuExit>>,
     /// Counters at start (carried in the state), to report per-host figures.
     start: GuestStats,
+    /// Each vCPU's accesses at start.
+    start_accesses: Vec<u64>,
 }
 
 /// What a stopped workload reports.
@@ -115,6 +117,8 @@ pub struct WorkloadReport {
     pub total: GuestStats,
     /// Counters since this host started or resumed the guest.
     pub here: GuestStats,
+    /// Accesses of each vCPU on this host (0 for a vCPU whose thread died).
+    pub here_per_vcpu: Vec<u64>,
     /// Stall latencies observed on this host.
     pub stalls: LatencyHist,
     /// The first violations, described.
@@ -189,6 +193,7 @@ impl Workload {
         fresh: bool,
     ) -> Result<Workload, WorkloadError> {
         let start = sum_states(&vcpus);
+        let start_accesses = vcpus.iter().map(|v| v.accesses).collect();
         let counters: Vec<Counters> = vcpus
             .iter()
             .map(|v| {
@@ -232,7 +237,7 @@ impl Workload {
                 }
             }
         }
-        Ok(Workload { shared, threads, start })
+        Ok(Workload { shared, threads, start, start_accesses })
     }
 
     /// Guest memory.
@@ -317,23 +322,28 @@ impl Workload {
         self.signal_stop();
         let mut stalls = LatencyHist::new();
         let mut vcpus = Vec::with_capacity(self.threads.len());
+        let mut here_per_vcpu = Vec::with_capacity(self.threads.len());
         let mut lost = false;
-        for t in std::mem::take(&mut self.threads) {
+        for (t, start) in std::mem::take(&mut self.threads).into_iter().zip(&self.start_accesses) {
             match t.join() {
                 Ok(exit) => {
                     stalls.merge(&exit.stalls);
+                    here_per_vcpu.push(exit.state.accesses.saturating_sub(*start));
                     vcpus.push(exit.state);
                 }
-                Err(_) => lost = true,
+                Err(_) => {
+                    lost = true;
+                    here_per_vcpu.push(0);
+                }
             }
         }
         let total = sum_states(&vcpus);
         let here = GuestStats {
-            accesses: total.accesses - self.start.accesses,
-            loads: total.loads - self.start.loads,
-            stores: total.stores - self.start.stores,
-            violations: total.violations - self.start.violations,
-            stalls: total.stalls - self.start.stalls,
+            accesses: total.accesses.saturating_sub(self.start.accesses),
+            loads: total.loads.saturating_sub(self.start.loads),
+            stores: total.stores.saturating_sub(self.start.stores),
+            violations: total.violations.saturating_sub(self.start.violations),
+            stalls: total.stalls.saturating_sub(self.start.stalls),
         };
         let violation_log = self.shared.violations_log.lock().clone();
         let state = (!lost).then(|| WorkloadState {
@@ -343,7 +353,7 @@ impl Workload {
             n_pages: self.shared.mem.layout().n_pages(),
             vcpus,
         });
-        WorkloadReport { total, here, stalls, violation_log, state }
+        WorkloadReport { total, here, here_per_vcpu, stalls, violation_log, state }
     }
 }
 
