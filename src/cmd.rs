@@ -253,11 +253,19 @@ pub struct DestArgs {
     /// Print machine-readable progress lines on stdout (for `migrate`'s bar).
     #[arg(long, hide = true)]
     pub progress_lines: bool,
-    /// Also write the time series as CSV here.
+    /// The destination's time series.
+    #[command(flatten)]
+    pub timeline: TimelineOpts,
+}
+
+/// The destination's time series (`dest`, `migrate`).
+#[derive(Args, Clone, Debug)]
+pub struct TimelineOpts {
+    /// Also write the destination's time series as CSV here.
     #[arg(long)]
     pub timeline_csv: Option<PathBuf>,
-    /// Sampling tick of the time series, milliseconds.
-    #[arg(long, default_value_t = 10)]
+    /// Sampling tick of the time series, milliseconds (1..=1000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub tick_ms: u64,
 }
 
@@ -311,12 +319,9 @@ pub struct MigrateArgs {
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
-    /// Also write the destination's time series as CSV here.
-    #[arg(long)]
-    pub timeline_csv: Option<PathBuf>,
-    /// Sampling tick of the time series, milliseconds.
-    #[arg(long, default_value_t = 10)]
-    pub tick_ms: u64,
+    /// The destination's time series.
+    #[command(flatten)]
+    pub timeline: TimelineOpts,
     /// The link between the two sides: "loopback", or two network
     /// namespaces joined by a veth pair, "veth[:RATE][:RTT]" (RATE like
     /// 10gbit, shaped with tc tbf; RTT like 100us, added by a relay).
@@ -658,8 +663,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         background_nice: args.background_nice,
         ..PagerConfig::default()
     };
-    let sampler =
-        crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.tick_ms.clamp(1, 1000)));
+    let sampler = crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.timeline.tick_ms));
     let _lines = args.progress_lines.then(|| progress_lines(Arc::clone(&metrics)));
     let progress = {
         let m = Arc::clone(&metrics);
@@ -695,7 +699,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     drop(progress);
     let (timeline, tick) = sampler.finish(outcome.as_ref().ok().map(|o| o.report.resumed));
     let page_size = outcome.as_ref().map_or(4096, |o| o.report.accepted.layout.page_size().bytes());
-    if let Some(p) = &args.timeline_csv
+    if let Some(p) = &args.timeline.timeline_csv
         && let Err(e) = crate::timeline::write_csv(p, &timeline, page_size)
     {
         // Not worth failing a migration over: the series is in the report too.
@@ -1116,9 +1120,6 @@ fn die_with_parent() {
 
 /// Check `migrate`'s options without running anything.
 pub fn check_migrate(args: &MigrateArgs) -> Result<LinkSpec> {
-    if !(1..=1000).contains(&args.tick_ms) {
-        bail!("--tick-ms must be 1..=1000, got {}", args.tick_ms);
-    }
     args.migration.policy()?;
     args.migration.push_rate()?;
     args.guest.check()?;
@@ -1169,7 +1170,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     dest_cmd
         .args(["dest", "--child", "--listen", listen, "--announce", "--progress-lines", "--report"])
         .arg(&dest_report)
-        .args(["--tick-ms", &args.tick_ms.to_string()])
+        .args(["--tick-ms", &args.timeline.tick_ms.to_string()])
         .args([
             "--run-after-ms",
             &args.run_after_ms.to_string(),
@@ -1283,7 +1284,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     if let Some(p) = &args.report {
         merged.write(p)?;
     }
-    if let Some(p) = &args.timeline_csv {
+    if let Some(p) = &args.timeline.timeline_csv {
         crate::timeline::write_csv(p, &merged.timeline, merged.page_size.max(1))
             .with_context(|| format!("writing {}", p.display()))?;
     }

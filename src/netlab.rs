@@ -138,6 +138,32 @@ fn enter(name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Start a thread that enters namespace `ns`, listens on `ip` (any port)
+/// and runs `serve` on the listener; returns the address once it listens.
+fn listen_in(
+    ns: &str,
+    ip: Ipv4Addr,
+    name: &str,
+    serve: impl FnOnce(TcpListener) + Send + 'static,
+) -> Result<(SocketAddr, JoinHandle<()>)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let ns = ns.to_string();
+    let t = std::thread::Builder::new().name(name.into()).spawn(move || {
+        let l = enter(&ns).and_then(|()| Ok(TcpListener::bind((ip, 0))?));
+        match l.and_then(|l| Ok((l.local_addr()?, l))) {
+            Ok((addr, l)) => {
+                let _ = tx.send(Ok(addr));
+                serve(l);
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    })?;
+    let addr = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("the {name} did not start"))??;
+    Ok((addr, t))
+}
+
 /// Delete namespaces (`pcl-<pid>-s/d`) and veth pairs (`pcl<pid>s/d`, if
 /// a failure left one in this namespace) of lab processes that no longer
 /// exist.
@@ -307,18 +333,7 @@ impl NetLab {
     /// echoes (`echo`), or counts what it receives and answers the count
     /// at EOF.
     fn probe_server(&self, echo: bool) -> Result<(u16, JoinHandle<()>)> {
-        let dst = self.dst_ns.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let t = std::thread::spawn(move || {
-            let l = enter(&dst).and_then(|()| Ok(TcpListener::bind((Ipv4Addr::UNSPECIFIED, 0))?));
-            let l = match l {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = tx.send(l.local_addr().map(|a| a.port()).map_err(Into::into));
+        let (addr, t) = listen_in(&self.dst_ns, Ipv4Addr::UNSPECIFIED, "probe server", move |l| {
             let _ = l.set_nonblocking(true);
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut s = loop {
@@ -347,10 +362,8 @@ impl NetLab {
             if !echo {
                 let _ = s.write_all(&total.to_le_bytes());
             }
-        });
-        let port =
-            rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("the probe server did not start"))??;
-        Ok((port, t))
+        })?;
+        Ok((addr.port(), t))
     }
 
     /// One TCP stream's rate from the source namespace, Gbit/s.
@@ -421,23 +434,10 @@ struct Relay {
 impl Relay {
     fn start(ns: &str, target: SocketAddr, one_way: Duration) -> Result<Relay> {
         let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let thread = {
-            let (ns, stop) = (ns.to_string(), Arc::clone(&stop));
-            std::thread::Builder::new().name("relay".into()).spawn(move || {
-                let l = enter(&ns).and_then(|()| Ok(TcpListener::bind((DST_IP, 0))?));
-                let l = match l {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = tx.send(l.local_addr().map_err(Into::into));
-                relay_accept(&l, target, one_way, &stop);
-            })?
+        let (addr, thread) = {
+            let stop = Arc::clone(&stop);
+            listen_in(ns, DST_IP, "relay", move |l| relay_accept(&l, target, one_way, &stop))?
         };
-        let addr = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| anyhow!("the relay did not start"))??;
         Ok(Relay { addr, stop, thread: Some(thread) })
     }
 }

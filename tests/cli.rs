@@ -299,6 +299,8 @@ fn bad_command_lines_are_clear_errors() {
         (vec!["migrate", "--store-ratio", "1.5"], "--store-ratio"),
         (vec!["migrate", "--prefetch", "0"], "--prefetch"),
         (vec!["migrate", "--mem", "4K"], "--mem"),
+        (vec!["migrate", "--tick-ms", "0"], "--tick-ms"),
+        (vec!["migrate", "--link", "veth:fast"], "--link"),
         (
             vec!["source", "--connect", "127.0.0.1", "--mem", "1M", "--run-before-ms", "0", "--run-after-ms", "0"],
             "resolve",

@@ -302,6 +302,37 @@ impl Installer {
         Ok(newly)
     }
 
+    /// What an install call of `len` bytes at `dst` did: (bytes installed,
+    /// pages to skip: 1 after a page someone already installed). A call the
+    /// kernel asks to retry counts against `retries`, up to `MAX_RETRIES`.
+    #[inline]
+    fn settle(
+        &self,
+        outcome: CopyOutcome,
+        op: &'static str,
+        dst: HostAddr,
+        len: usize,
+        retries: &mut u32,
+    ) -> Result<(usize, u64), UffdError> {
+        match outcome {
+            CopyOutcome::Done => Ok((len, 0)),
+            CopyOutcome::Exists { copied } => Ok((copied, 1)),
+            CopyOutcome::Again { copied } => {
+                *retries += 1;
+                PagerMetrics::add(&self.metrics.install_retries, 1);
+                if *retries > MAX_RETRIES {
+                    return Err(UffdError::Install {
+                        op,
+                        addr: dst.0,
+                        len_bytes: len,
+                        source: nix::errno::Errno::EAGAIN,
+                    });
+                }
+                Ok((copied, 0))
+            }
+        }
+    }
+
     fn install_copy(&self, run: PageRange, data: &[u8]) -> Result<u64, UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let precopy = !self.postcopy.load(Ordering::Acquire);
@@ -335,23 +366,7 @@ impl Installer {
                 // the DestGuest contract keeps mapped and registered with this
                 // uffd; the source bytes are `data[off..off + len]`.
                 let outcome = unsafe { self.uffd.copy(dst, data[off..off + len].as_ptr(), len, true) }?;
-                let (copied, skip) = match outcome {
-                    CopyOutcome::Done => (len, 0),
-                    CopyOutcome::Exists { copied } => (copied, 1),
-                    CopyOutcome::Again { copied } => {
-                        retries += 1;
-                        PagerMetrics::add(&self.metrics.install_retries, 1);
-                        if retries > MAX_RETRIES {
-                            return Err(UffdError::Install {
-                                op: "UFFDIO_COPY",
-                                addr: dst.0,
-                                len_bytes: len,
-                                source: nix::errno::Errno::EAGAIN,
-                            });
-                        }
-                        (copied, 0)
-                    }
-                };
+                let (copied, skip) = self.settle(outcome, "UFFDIO_COPY", dst, len, &mut retries)?;
                 let copied_pages = (copied / ps) as u64;
                 if copied_pages > 0 {
                     newly += self.present.set_range(PageRange::new(PageIdx(at), copied_pages));
@@ -413,24 +428,8 @@ impl Installer {
                 // SAFETY: a page-aligned stretch of one region of the guest's
                 // view, registered for minor faults with this uffd.
                 let outcome = unsafe { self.uffd.cont(dst, len) }?;
-                let (done, skip) = match outcome {
-                    CopyOutcome::Done => (len, 0),
-                    // Mapped already (only by us: we hold the claim).
-                    CopyOutcome::Exists { copied } => (copied, 1),
-                    CopyOutcome::Again { copied } => {
-                        retries += 1;
-                        PagerMetrics::add(&self.metrics.install_retries, 1);
-                        if retries > MAX_RETRIES {
-                            return Err(UffdError::Install {
-                                op: "UFFDIO_CONTINUE",
-                                addr: dst.0,
-                                len_bytes: len,
-                                source: nix::errno::Errno::EAGAIN,
-                            });
-                        }
-                        (copied, 0)
-                    }
-                };
+                // An existing page was mapped already (only by us: we hold the claim).
+                let (done, skip) = self.settle(outcome, "UFFDIO_CONTINUE", dst, len, &mut retries)?;
                 let n = (done / ps) as u64 + skip;
                 newly += self.present.set_range(PageRange::new(PageIdx(at), n));
                 self.held.clear_range(PageRange::new(PageIdx(at), n));
@@ -510,14 +509,15 @@ impl Installer {
             return;
         }
         let mut hist = self.metrics.fault_latency.lock();
-        let mut local = self.metrics.fault_latency_local.lock();
+        // Local faults are rare after the first moments: lock their record only then.
+        let mut local = None;
         let mut block = self.metrics.blocktime_ns.lock();
         for f in done {
             let ns = u64::try_from(now.duration_since(f.t_read).as_nanos()).unwrap_or(u64::MAX);
             if f.local {
-                local.record_ns(ns)
+                local.get_or_insert_with(|| self.metrics.fault_latency_local.lock()).record_ns(ns);
             } else {
-                hist.record_ns(ns)
+                hist.record_ns(ns);
             }
             *block.entry(f.tid).or_default() += ns;
         }

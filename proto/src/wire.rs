@@ -804,18 +804,7 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
             Msg::RangeRequest { req_id, ranges: list }
         }
         Tag::Pages => {
-            let page_size = page_size.ok_or(DecodeError::NoPageSize)?;
-            let first = PageIdx(rd.u64()?);
-            let n_pages = rd.u32()?;
-            let k = rd.u8()?;
-            let kind = PageKind::from_u8(k).ok_or(DecodeError::Invalid { tag, field: "kind", value: k.into() })?;
-            if rd.array::<3>()? != [0; 3] {
-                return Err(DecodeError::Reserved(tag));
-            }
-            let data_len = u64::from(n_pages) * page_size.bytes();
-            if n_pages == 0 || data_len > MAX_RUN_BYTES {
-                return Err(DecodeError::Invalid { tag, field: "n_pages", value: n_pages.into() });
-            }
+            let (first, n_pages, kind, data_len) = read_pages_prefix(&mut rd, page_size)?;
             let data = rd.rest();
             if data.len() as u64 != data_len {
                 return Err(DecodeError::LengthMismatch {
@@ -849,18 +838,14 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
     Ok(msg)
 }
 
-/// Decode the fixed prefix of a Pages frame (the 16 bytes after the header),
-/// checking it against the header's length: what a receiver needs to decide
-/// where the data goes before reading it.
-pub fn decode_pages_prefix(
-    h: FrameHeader,
-    prefix: &[u8],
+/// Read and check a Pages frame's fixed prefix: first page, count, kind,
+/// reserved bytes; returns them with the data length they imply.
+fn read_pages_prefix(
+    rd: &mut Rd<'_>,
     page_size: Option<PageSize>,
-) -> Result<(PageIdx, u32, PageKind), DecodeError> {
-    debug_assert_eq!(h.tag, Tag::Pages);
+) -> Result<(PageIdx, u32, PageKind, u64), DecodeError> {
     let tag = Tag::Pages;
     let page_size = page_size.ok_or(DecodeError::NoPageSize)?;
-    let mut rd = Rd::new(prefix, "pages prefix");
     let first = PageIdx(rd.u64()?);
     let n_pages = rd.u32()?;
     let k = rd.u8()?;
@@ -872,6 +857,21 @@ pub fn decode_pages_prefix(
     if n_pages == 0 || data_len > MAX_RUN_BYTES {
         return Err(DecodeError::Invalid { tag, field: "n_pages", value: n_pages.into() });
     }
+    Ok((first, n_pages, kind, data_len))
+}
+
+/// Decode the fixed prefix of a Pages frame (the 16 bytes after the header),
+/// checking it against the header's length: what a receiver needs to decide
+/// where the data goes before reading it.
+pub fn decode_pages_prefix(
+    h: FrameHeader,
+    prefix: &[u8],
+    page_size: Option<PageSize>,
+) -> Result<(PageIdx, u32, PageKind), DecodeError> {
+    debug_assert_eq!(h.tag, Tag::Pages);
+    let tag = Tag::Pages;
+    let mut rd = Rd::new(prefix, "pages prefix");
+    let (first, n_pages, kind, data_len) = read_pages_prefix(&mut rd, page_size)?;
     if u64::from(h.body_len) != PAGES_PREFIX_LEN as u64 + data_len {
         return Err(DecodeError::LengthMismatch {
             tag,

@@ -38,7 +38,9 @@
 //! stop it *between* accesses (a kick stops it anywhere, even inside a store,
 //! which is fine to migrate but not to verify).
 
-use iced_x86::code_asm::{CodeAssembler, IcedError, dword_ptr, dx, eax, edx, qword_ptr, r8, r9, r10, r11, r12, r13};
+use iced_x86::code_asm::{
+    CodeAssembler, CodeLabel, IcedError, dword_ptr, dx, eax, edx, qword_ptr, r8, r9, r10, r11, r12, r13,
+};
 use iced_x86::code_asm::{r14, r14d, r15, rax, rbp, rbx, rcx, rdi, rdx, rsi};
 
 /// Control-block field offsets.
@@ -71,6 +73,20 @@ pub fn assemble(at: u64, data_first: u64) -> Result<Vec<u8>, String> {
     emit(at, data_first).map_err(|e| e.to_string())
 }
 
+/// For data page `rdx`: its address into rcx, its tag checked (it never
+/// changes; a mismatch jumps to `viol`), its table entry into rax. The
+/// caller then compares the page's versions with rax.
+fn page_and_table(a: &mut CodeAssembler, data_first: i32, viol: CodeLabel) -> Result<(), IcedError> {
+    a.mov(rcx, rdx)?;
+    a.shl(rcx, 12)?;
+    a.add(rcx, r9)?;
+    a.lea(rax, qword_ptr(rdx + data_first))?;
+    a.xor(rax, qword_ptr(rdi + disp(CTL_TAG)))?;
+    a.cmp(qword_ptr(rcx + 8), rax)?;
+    a.jne(viol)?;
+    a.mov(rax, qword_ptr(r8 + rdx * 8))
+}
+
 fn emit(at: u64, data_first: i32) -> Result<Vec<u8>, IcedError> {
     let mut a = CodeAssembler::new(64)?;
     let mut top = a.create_label();
@@ -101,15 +117,7 @@ fn emit(at: u64, data_first: i32) -> Result<Vec<u8>, IcedError> {
     // Load: d = (x * active) >> 64, any page of the active set.
     a.mov(rax, rbx)?;
     a.mul(r10)?;
-    a.mov(rcx, rdx)?;
-    a.shl(rcx, 12)?;
-    a.add(rcx, r9)?;
-    // Tag first (it never changes), then table, then the page's versions.
-    a.lea(rax, qword_ptr(rdx + data_first))?;
-    a.xor(rax, qword_ptr(rdi + disp(CTL_TAG)))?;
-    a.cmp(qword_ptr(rcx + 8), rax)?;
-    a.jne(viol)?;
-    a.mov(rax, qword_ptr(r8 + rdx * 8))?;
+    page_and_table(&mut a, data_first, viol)?;
     a.cmp(qword_ptr(rcx), rax)?;
     a.jb(viol)?;
     a.cmp(qword_ptr(rcx + 4088), rax)?;
@@ -121,14 +129,7 @@ fn emit(at: u64, data_first: i32) -> Result<Vec<u8>, IcedError> {
     a.mov(rax, rbx)?;
     a.mul(r12)?;
     a.add(rdx, r11)?;
-    a.mov(rcx, rdx)?;
-    a.shl(rcx, 12)?;
-    a.add(rcx, r9)?;
-    a.lea(rax, qword_ptr(rdx + data_first))?;
-    a.xor(rax, qword_ptr(rdi + disp(CTL_TAG)))?;
-    a.cmp(qword_ptr(rcx + 8), rax)?;
-    a.jne(viol)?;
-    a.mov(rax, qword_ptr(r8 + rdx * 8))?;
+    page_and_table(&mut a, data_first, viol)?;
     a.cmp(qword_ptr(rcx), rax)?;
     a.jne(viol)?;
     a.cmp(qword_ptr(rcx + 4088), rax)?;
