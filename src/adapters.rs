@@ -93,14 +93,17 @@ pub enum Populate {
 }
 
 /// Fresh destination memory for `layout` (see [`Populate`]).
+/// Populating before stops early when `cancel` is set (the pager sets it
+/// when the source hangs up meanwhile).
 fn dest_memory(
     layout: MemLayout,
     backing: Backing,
     populate: Populate,
+    cancel: &AtomicBool,
 ) -> Result<(Arc<GuestMemory>, Option<Populator>), guest::MemoryError> {
     let mem = Arc::new(GuestMemory::with_backing(layout, backing)?);
     if populate == Populate::Before {
-        mem.populate_alias(2, &AtomicBool::new(false))?;
+        mem.populate_alias(2, cancel)?;
     }
     let populator = (backing == Backing::Shmem && populate == Populate::Background).then(|| Populator::start(&mem));
     Ok((mem, populator))
@@ -357,14 +360,16 @@ pub struct DestAny {
 }
 
 impl DestAny {
-    /// Fresh memory for a guest of `kind` over `layout`.
+    /// Fresh memory for a guest of `kind` over `layout`; populating stops
+    /// early once `cancel` is set.
     pub fn new(
         kind: GuestKind,
         layout: MemLayout,
         backing: Backing,
         populate: Populate,
+        cancel: &AtomicBool,
     ) -> Result<Self, guest::MemoryError> {
-        let (mem, populator) = dest_memory(layout, backing, populate)?;
+        let (mem, populator) = dest_memory(layout, backing, populate, cancel)?;
         Ok(DestAny { mem, kind, workload: None, vm: None, _populate: populator })
     }
 

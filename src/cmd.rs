@@ -238,6 +238,11 @@ pub struct DestArgs {
     /// Give up if no source connects within this many seconds.
     #[arg(long, default_value_t = 60)]
     pub accept_timeout_s: u64,
+    /// Refuse a guest larger than this (like 16G), checked on the hello
+    /// before anything is allocated (default: this host's available memory
+    /// when the source connects, less a margin).
+    #[arg(long)]
+    pub max_mem: Option<String>,
     /// A source silent for this many milliseconds is presumed dead.
     #[arg(long, default_value_t = 5000)]
     pub peer_timeout_ms: u64,
@@ -645,6 +650,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     }
     let key = read_key(&args.key_file)?;
     let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
+    let max_mem = args.max_mem.as_deref().map(parse_size).transpose().map_err(|e| anyhow!("--max-mem: {e}"))?;
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
     let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -655,10 +661,15 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let control = listener
         .accept(Instant::now() + Duration::from_secs(args.accept_timeout_s))
         .context("waiting for the source to connect")?;
+    // What this host can give is read when the source arrives, not at start.
+    let max_mem_bytes = match max_mem {
+        Some(b) => b,
+        None => crate::host::default_max_mem()?,
+    };
     let metrics = Arc::new(PagerMetrics::default());
     let cfg = PagerConfig {
         prefetch,
-        expect: DestExpect { key, ..Default::default() },
+        expect: DestExpect { key, max_mem_bytes: Some(max_mem_bytes), ..Default::default() },
         peer_timeout,
         background_nice: args.background_nice,
         ..PagerConfig::default()
@@ -689,8 +700,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let outcome = pager::run(
         Box::new(control),
         move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
-        |acc| {
-            DestAny::new(acc.guest_kind, acc.layout.clone(), args.memory.backing(), populate)
+        |acc, cancel| {
+            DestAny::new(acc.guest_kind, acc.layout.clone(), args.memory.backing(), populate, cancel)
                 .map_err(|e| Box::new(e) as pager::GuestError)
         },
         &cfg,
@@ -819,6 +830,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     }
     let layout = args.guest.layout()?;
     args.guest.check()?;
+    crate::host::check_room(layout.len_bytes(), "the source's guest")?;
     let key = read_key(&args.migration.key_file)?;
     let prefetch = prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
     let peer_timeout = Duration::from_millis(args.migration.peer_timeout_ms.max(100));
@@ -1133,6 +1145,9 @@ pub fn check_migrate(args: &MigrateArgs) -> Result<LinkSpec> {
 pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     // Validate here, so a bad option fails before any process starts.
     let link = check_migrate(args)?;
+    // Both sides live on this host: the source's guest and the destination's copy.
+    let mem = args.guest.layout()?.len_bytes();
+    crate::host::check_room(mem.saturating_mul(2), "a migration on one host (source and destination)")?;
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     // Ctrl-C or a TERM stops both sides and removes the lab's namespaces.
     let interrupted = Arc::new(AtomicBool::new(false));

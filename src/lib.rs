@@ -8,12 +8,14 @@
 //! * [`compare`], [`plot`]: `postcopy report`, tables and pictures of runs.
 //! * [`netlab`]: the two-host lab (network namespaces, shaping, delay).
 //! * [`lab`]: `postcopy lab`, grids of migrations.
+//! * [`host`]: what this host's memory allows.
 
 #![deny(unsafe_code)]
 
 pub mod adapters;
 pub mod cmd;
 pub mod compare;
+pub mod host;
 pub mod lab;
 pub mod netlab;
 pub mod plot;

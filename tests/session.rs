@@ -69,9 +69,15 @@ fn migrate(
             let r = pager::run(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().expect("one bulk connection")) as Box<dyn Conn>),
-                |acc| {
-                    DestAny::new(acc.guest_kind, acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
-                        .map_err(|e| Box::new(e) as pager::GuestError)
+                |acc, cancel| {
+                    DestAny::new(
+                        acc.guest_kind,
+                        acc.layout.clone(),
+                        backing,
+                        postcopy::adapters::Populate::Before,
+                        cancel,
+                    )
+                    .map_err(|e| Box::new(e) as pager::GuestError)
                 },
                 &pcfg,
                 pm,
@@ -174,12 +180,13 @@ fn demand_does_not_wait_for_the_push() {
         let r = pager::run(
             Box::new(dest_ctl),
             move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-            |acc| {
+            |acc, cancel| {
                 DestAny::new(
                     acc.guest_kind,
                     acc.layout.clone(),
                     guest::Backing::Shmem,
                     postcopy::adapters::Populate::Background,
+                    cancel,
                 )
                 .map_err(|e| Box::new(e) as pager::GuestError)
             },
@@ -392,12 +399,13 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
     let d = pager::run(
         Box::new(dest_ctl),
         move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-        |acc| {
+        |acc, cancel| {
             DestAny::new(
                 acc.guest_kind,
                 acc.layout.clone(),
                 guest::Backing::Shmem,
                 postcopy::adapters::Populate::Background,
+                cancel,
             )
             .map_err(|e| Box::new(e) as pager::GuestError)
         },
@@ -495,9 +503,15 @@ fn hybrid(backing: guest::Backing, hide: bool) -> (GuestSummary, Arc<PagerMetric
             let r = pager::run(
                 Box::new(dest_ctl),
                 move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-                |acc| {
-                    DestAny::new(acc.guest_kind, acc.layout.clone(), backing, postcopy::adapters::Populate::Before)
-                        .map_err(|e| Box::new(e) as pager::GuestError)
+                |acc, cancel| {
+                    DestAny::new(
+                        acc.guest_kind,
+                        acc.layout.clone(),
+                        backing,
+                        postcopy::adapters::Populate::Before,
+                        cancel,
+                    )
+                    .map_err(|e| Box::new(e) as pager::GuestError)
                 },
                 &PagerConfig::default(),
                 pm,

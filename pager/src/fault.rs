@@ -187,8 +187,10 @@ impl FaultLoop<'_> {
                     self.account_rx(st);
                     return Ok(Some(stats));
                 }
+                // The session rejects these after switchover; an error, not a panic, if not.
                 DestEvent::Accepted(_) | DestEvent::SwitchoverReady { .. } => {
-                    unreachable!("the session rejects these after switchover")
+                    let e = proto::session::SessionError::Unexpected { tag: msg.tag(), phase: "in postcopy" };
+                    return Err(e.into());
                 }
             }
             if !self.conn.has_buffered() {

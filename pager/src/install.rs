@@ -316,7 +316,14 @@ impl Installer {
     ) -> Result<(usize, u64), UffdError> {
         match outcome {
             CopyOutcome::Done => Ok((len, 0)),
-            CopyOutcome::Exists { copied } => Ok((copied, 1)),
+            CopyOutcome::Exists { copied } => {
+                // Someone installed that page first and woke its waiters
+                // then; a thread that faulted on it after that wake-up but
+                // before the page became visible would otherwise sleep on.
+                let ps = self.map.layout().page_size().bytes_usize();
+                self.uffd.wake(dst.offset_by(copied), ps)?;
+                Ok((copied, 1))
+            }
             CopyOutcome::Again { copied } => {
                 *retries += 1;
                 PagerMetrics::add(&self.metrics.install_retries, 1);
@@ -523,7 +530,8 @@ impl Installer {
         }
     }
 
-    /// Faults still waiting (for diagnostics on failure).
+    /// Faults still waiting for their page.
+    #[cfg(test)]
     pub fn n_pending(&self) -> usize {
         self.pending.lock().len()
     }

@@ -9,22 +9,23 @@
 //! * [`pager`]: the run from handshake to completion, and its report.
 //! * [`fault`]: the fault loop (demand path).
 //! * [`bulk`]: the bulk receiver (precopy and push).
-//! * [`install`]: page installation and fault completion, shared by both.
+//! * `install`: page installation and fault completion, shared by both.
 //! * [`planner`]: faults to ranges (prefetch, dedup).
-//! * [`uffd`]: the typed userfaultfd.
+//! * `uffd`: the typed userfaultfd (private: it writes to raw addresses).
 //! * [`metrics`]: counters and latencies.
 #![deny(unsafe_code)]
 
 mod bulk;
 mod fault;
 pub mod guest;
-pub mod install;
+mod install;
 pub mod metrics;
 pub mod pager;
 pub mod planner;
-pub mod uffd;
+mod uffd;
 
 pub use guest::{DestGuest, GuestError};
 pub use metrics::{PagerMetrics, Phase};
 pub use pager::{Outcome, PagerConfig, PagerError, PagerReport, run};
 pub use planner::{Prefetch, PrefetchMode};
+pub use uffd::UffdError;

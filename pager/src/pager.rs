@@ -7,6 +7,7 @@
 //! an error (sent to the source too, best effort): a pager that cannot serve
 //! faults must not leave the guest hanging without saying so.
 
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -60,6 +61,10 @@ pub enum PagerError {
     /// The bulk receiver failed.
     #[error("bulk connection failed")]
     Bulk(#[source] Box<PagerError>),
+    /// The source hung up while guest memory was being prepared; the work
+    /// stopped there.
+    #[error("the source went away while guest memory was being prepared")]
+    SourceGone,
 }
 
 impl PagerError {
@@ -252,10 +257,14 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// Run the destination side over `control` (already connected); the bulk
 /// connection comes from `accept_bulk`; `make_guest` builds the guest (and
 /// its memory) once the layout is known.
+///
+/// `make_guest` must stop early (and may return anything) once its cancel
+/// flag is set: the pager sets it when the source hangs up meanwhile, so a
+/// peer that announces a guest and leaves does not keep the host busy.
 pub fn run<G: DestGuest>(
     mut control: Box<dyn Conn>,
     accept_bulk: impl FnOnce(Instant) -> Result<Box<dyn Conn>, TransportError>,
-    make_guest: impl FnOnce(&Accepted) -> Result<G, GuestError>,
+    make_guest: impl FnOnce(&Accepted, &AtomicBool) -> Result<G, GuestError>,
     cfg: &PagerConfig,
     metrics: Arc<PagerMetrics>,
 ) -> Result<Outcome<G>, PagerError> {
@@ -270,6 +279,47 @@ pub fn run<G: DestGuest>(
             Err(e)
         }
     }
+}
+
+/// Run `prepare` (allocating and populating guest memory: seconds per GiB)
+/// while a watcher polls the control connection for a hang-up; a hang-up
+/// sets the cancel flag `prepare` watches, and the run fails with
+/// [`PagerError::SourceGone`] instead of finishing work no one will use.
+fn prepare_watching<G>(
+    fd: BorrowedFd<'_>,
+    prepare: impl FnOnce(&AtomicBool) -> Result<G, GuestError>,
+) -> Result<G, PagerError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let cancel = AtomicBool::new(false);
+    let done = AtomicBool::new(false);
+    let r = std::thread::scope(|s| {
+        let watch = || {
+            // nix names no POLLRDHUP (the peer shut its side; Linux 0x2000),
+            // and its `revents()` is None for a bit it does not know: only
+            // RDHUP is asked for, and HUP and ERR are always reported, so
+            // any event at all means the source is gone.
+            let rdhup = PollFlags::from_bits_retain(0x2000);
+            while !done.load(Ordering::Acquire) {
+                let mut fds = [PollFd::new(fd, rdhup)];
+                if let Ok(n) = poll(&mut fds, PollTimeout::from(50u8))
+                    && n > 0
+                {
+                    tracing::warn!("the source hung up while guest memory was being prepared: stopping");
+                    cancel.store(true, Ordering::Release);
+                    return;
+                }
+            }
+        };
+        // Without a watcher thread the work still finishes, only unwatched.
+        let _watcher = std::thread::Builder::new().name("pager-watch".into()).spawn_scoped(s, watch);
+        let r = prepare(&cancel);
+        done.store(true, Ordering::Release);
+        r
+    });
+    if cancel.load(Ordering::Acquire) {
+        return Err(PagerError::SourceGone);
+    }
+    r.map_err(PagerError::Guest)
 }
 
 struct Run<'a> {
@@ -314,14 +364,14 @@ impl Run<'_> {
     fn go<G: DestGuest>(
         &mut self,
         accept_bulk: impl FnOnce(Instant) -> Result<Box<dyn Conn>, TransportError>,
-        make_guest: impl FnOnce(&Accepted) -> Result<G, GuestError>,
+        make_guest: impl FnOnce(&Accepted, &AtomicBool) -> Result<G, GuestError>,
     ) -> Result<Outcome<G>, PagerError> {
         self.control.send(&self.session.server_hello())?;
         let accepted = self.await_hello()?;
         let layout = accepted.layout.clone();
         self.control.set_page_size(layout.page_size());
         let t_setup = Instant::now();
-        let mut guest = make_guest(&accepted).map_err(PagerError::Guest)?;
+        let mut guest = prepare_watching(self.control.readiness(), |cancel| make_guest(&accepted, cancel))?;
 
         // Register all of guest memory before the guest can run: every page is
         // missing until installed.
@@ -434,7 +484,8 @@ impl Run<'_> {
             match self.session.on_recv(&msg)? {
                 DestEvent::Accepted(a) => return Ok(a),
                 DestEvent::KeepAlive => {}
-                _ => unreachable!("the session accepts only a hello first"),
+                // The session accepts only a hello first; never trust that here.
+                _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "awaiting hello" }.into()),
             }
         }
     }
@@ -469,8 +520,9 @@ impl Run<'_> {
                 DestEvent::SwitchoverReady { outstanding, precopy_rounds } => {
                     return Ok((state, outstanding, precopy_rounds));
                 }
+                // Rejected by the session before switchover; an error, not a panic, if not.
                 DestEvent::Accepted(_) | DestEvent::Finished(_) => {
-                    unreachable!("rejected by the session before switchover")
+                    return Err(SessionError::Unexpected { tag: msg.tag(), phase: "before switchover" }.into());
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! same way: write the page through the alias, then UFFDIO_CONTINUE, which
 //! maps it and wakes the waiters of either kind (checked on 6.18). Fault messages are read here as
 //! raw 32-byte `uffd_msg`s (parsed with explicit offsets, no unsafe). Page
-//! installation wraps UFFDIO_COPY and UFFDIO_ZEROPAGE directly through `nix`,
+//! installation wraps UFFDIO_COPY and UFFDIO_CONTINUE directly through `nix`,
 //! because the crate loses the partial-copy count: on this kernel (checked on
 //! 6.18) a copy that runs into a present page *after* copying some pages
 //! fails with EAGAIN and a positive `copy`; one that starts on a present page
@@ -44,20 +44,9 @@ struct UffdioContinue {
 }
 const _: () = assert!(std::mem::size_of::<UffdioContinue>() == 32);
 
-/// Kernel ABI: `struct uffdio_zeropage`.
-#[repr(C)]
-struct UffdioZeropage {
-    start: u64,
-    len: u64,
-    mode: u64,
-    zeropage: i64,
-}
-const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
-
 const UFFDIO: u8 = 0xAA;
 const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
 nix::ioctl_readwrite!(ioctl_copy, UFFDIO, 0x03, UffdioCopy);
-nix::ioctl_readwrite!(ioctl_zeropage, UFFDIO, 0x04, UffdioZeropage);
 nix::ioctl_readwrite!(ioctl_continue, UFFDIO, 0x07, UffdioContinue);
 
 /// UFFD_FEATURE_MINOR_SHMEM (not in the crate's flags).
@@ -104,7 +93,7 @@ pub enum UffdError {
     /// A page install failed for a reason other than "present" or "retry".
     #[error("{op} of {len_bytes} bytes at {addr:#x} failed")]
     Install {
-        /// UFFDIO_COPY or UFFDIO_ZEROPAGE.
+        /// UFFDIO_COPY or UFFDIO_CONTINUE.
         op: &'static str,
         /// Destination.
         addr: usize,
@@ -290,19 +279,6 @@ impl Userfault {
             Err(e) => classify(c.mapped, e, "UFFDIO_CONTINUE", dst, len),
         }
     }
-
-    /// Install zero pages at `[dst, dst + len)`.
-    ///
-    /// # Safety
-    /// As for [`Userfault::copy`], without the source.
-    pub unsafe fn zeropage(&self, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
-        let mut z = UffdioZeropage { start: dst.0 as u64, len: len as u64, mode: 0, zeropage: 0 };
-        // SAFETY: as in `copy`: live fd, valid struct, caller-guaranteed range.
-        match unsafe { ioctl_zeropage(self.uffd.as_raw_fd(), &raw mut z) } {
-            Ok(_) => Ok(CopyOutcome::Done),
-            Err(e) => classify(z.zeropage, e, "UFFDIO_ZEROPAGE", dst, len),
-        }
-    }
 }
 
 impl AsFd for Userfault {
@@ -339,13 +315,10 @@ mod tests {
             );
             // An unaligned source is fine.
             assert_eq!(u.copy(base.offset_by(5 * PG), src.as_ptr().add(24), PG, true).unwrap(), CopyOutcome::Done);
-            assert_eq!(u.zeropage(base.offset_by(6 * PG), PG).unwrap(), CopyOutcome::Done);
-            assert_eq!(u.zeropage(base.offset_by(6 * PG), PG).unwrap(), CopyOutcome::Exists { copied: 0 });
             // A misaligned destination is an error, not a silent success.
             assert!(u.copy(base.offset_by(7 * PG + 8), src.as_ptr(), PG, true).is_err());
         }
         assert!(m[..4 * PG].iter().all(|&b| b == 0x5a));
-        assert!(m[6 * PG..7 * PG].iter().all(|&b| b == 0));
         // No faults happened: all of the above was installed from outside.
         let mut buf = [0u8; 64 * MSG_LEN];
         let mut faults = Vec::new();

@@ -53,6 +53,14 @@ pub enum SessionError {
     /// The peers disagree about the guest.
     #[error("peer's guest does not match ours: {0}")]
     Mismatch(String),
+    /// The guest is larger than the destination accepts.
+    #[error("guest of {bytes} bytes exceeds the {max_bytes} bytes this destination accepts")]
+    TooLarge {
+        /// What the hello announced.
+        bytes: u64,
+        /// The destination's limit.
+        max_bytes: u64,
+    },
     /// The layout named in the hello is invalid.
     #[error("peer sent an invalid memory layout")]
     Layout(#[from] LayoutError),
@@ -95,6 +103,7 @@ impl SessionError {
             SessionError::Version { .. } => ErrorCode::Version,
             SessionError::Auth(_) => ErrorCode::Auth,
             SessionError::Mismatch(_) | SessionError::Layout(_) => ErrorCode::Mismatch,
+            SessionError::TooLarge { .. } => ErrorCode::Capacity,
             SessionError::Peer { code, .. } => *code,
             _ => ErrorCode::Protocol,
         }
@@ -127,6 +136,9 @@ pub struct DestExpect {
     pub page_size: Option<PageSize>,
     /// Required total memory in bytes, if the destination was told.
     pub mem_bytes: Option<u64>,
+    /// Most guest memory the destination will allocate, in bytes: checked
+    /// on the hello, before anything sized by the peer is allocated.
+    pub max_mem_bytes: Option<u64>,
 }
 
 /// What the destination accepted.
@@ -245,6 +257,11 @@ impl DestSession {
             }
         }
         let layout = MemLayout::new(h.page_size, h.regions.clone())?;
+        if let Some(max_bytes) = self.expect.max_mem_bytes
+            && layout.len_bytes() > max_bytes
+        {
+            return Err(SessionError::TooLarge { bytes: layout.len_bytes(), max_bytes });
+        }
         if let Some(k) = self.expect.guest_kind
             && k != h.guest_kind
         {
@@ -296,7 +313,7 @@ impl DestSession {
                 Ok(DestEvent::Data)
             }
             (DestPhase::PreSwitchover, Msg::Outstanding { first_word, words }) => {
-                let bm = self.outstanding.as_mut().expect("set at hello");
+                let Some(bm) = self.outstanding.as_mut() else { return Err(unexpected(self.phase)) };
                 let mut buf = Vec::with_capacity(words.len());
                 buf.extend(words.iter());
                 let fits = usize::try_from(*first_word).is_ok_and(|w| bm.load_words(w, &buf));
@@ -314,7 +331,7 @@ impl DestSession {
                 if !self.got_state {
                     return Err(unexpected(self.phase));
                 }
-                let bm = self.outstanding.take().expect("set at hello");
+                let Some(bm) = self.outstanding.take() else { return Err(unexpected(self.phase)) };
                 let sent = bm.count_ones();
                 if sent != *n_outstanding {
                     return Err(SessionError::Count { what: "outstanding pages", said: *n_outstanding, sent });
@@ -326,7 +343,8 @@ impl DestSession {
                 DestPhase::Postcopy | DestPhase::Completing,
                 Msg::Pages { first, n_pages, kind: PageKind::Demand, .. },
             ) => {
-                check_pages(self.layout.as_ref().expect("set at hello"), "demand pages", *first, u64::from(*n_pages))?;
+                let Some(layout) = self.layout.as_ref() else { return Err(unexpected(self.phase)) };
+                check_pages(layout, "demand pages", *first, u64::from(*n_pages))?;
                 Ok(DestEvent::Data)
             }
             (DestPhase::Completing, Msg::CompleteAck(s)) => {
@@ -742,6 +760,28 @@ mod tests {
         h.version = VERSION + 1;
         let mut d = DestSession::new(DestExpect::default(), [0; 16], 1);
         assert!(matches!(d.on_recv(&Msg::Hello(h)), Err(SessionError::Version { .. })));
+    }
+
+    #[test]
+    fn oversized_guest_is_refused_before_anything_is_sized_by_it() {
+        // The layout is 512 KiB; a destination accepting 256 KiB refuses it,
+        // and allocates no outstanding bitmap for it.
+        let mut d = DestSession::new(DestExpect { max_mem_bytes: Some(256 << 10), ..Default::default() }, [0; 16], 1);
+        let mut s = SourceSession::new(offer(None));
+        let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello()).unwrap() else { panic!() };
+        let e = d.on_recv(&Msg::Hello(h.clone())).unwrap_err();
+        assert_eq!(e, SessionError::TooLarge { bytes: 512 << 10, max_bytes: 256 << 10 });
+        assert_eq!(e.code(), ErrorCode::Capacity);
+        assert!(d.outstanding.is_none() && d.layout().is_none());
+        // With a key, an unauthenticated oversized hello fails on the key first.
+        let expect = DestExpect { key: Some(b"k".to_vec()), max_mem_bytes: Some(1), ..Default::default() };
+        let mut d = DestSession::new(expect, [0; 16], 1);
+        assert!(matches!(d.on_recv(&Msg::Hello(h)), Err(SessionError::Auth(_))));
+        let mut d = DestSession::new(DestExpect { max_mem_bytes: Some(512 << 10), ..Default::default() }, [0; 16], 1);
+        let SourceEvent::SendHello(h) = SourceSession::new(offer(None)).on_recv(&d.server_hello()).unwrap() else {
+            panic!()
+        };
+        assert!(matches!(d.on_recv(&Msg::Hello(h)), Ok(DestEvent::Accepted(_))), "exactly the limit is fine");
     }
 
     #[test]

@@ -386,6 +386,8 @@ pub enum ErrorCode {
     Internal = 5,
     /// The run was cancelled.
     Aborted = 6,
+    /// The request exceeds what the receiver was told to accept (memory).
+    Capacity = 7,
 }
 
 impl ErrorCode {
@@ -397,6 +399,7 @@ impl ErrorCode {
             3 => ErrorCode::Auth,
             4 => ErrorCode::Mismatch,
             6 => ErrorCode::Aborted,
+            7 => ErrorCode::Capacity,
             _ => ErrorCode::Internal,
         }
     }

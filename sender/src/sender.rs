@@ -351,7 +351,8 @@ fn handshake(control: &mut dyn Conn, session: &mut SourceSession, cfg: &SenderCo
             SourceEvent::SendHello(h) => control.send(&Msg::Hello(h))?,
             SourceEvent::Accepted { session, .. } => return Ok(session),
             SourceEvent::KeepAlive => {}
-            other => unreachable!("the session allows only handshake events here, got {other:?}"),
+            // The session allows only handshake events here; an error, not a panic, if not.
+            _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "in the handshake" }.into()),
         }
     }
 }
@@ -393,7 +394,7 @@ fn await_resume(
         match session.on_recv(&msg)? {
             SourceEvent::Resumed(t) => return Ok(t),
             SourceEvent::KeepAlive => {}
-            other => unreachable!("only a resume or keep-alive is legal here, got {other:?}"),
+            _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "awaiting switchover ack" }.into()),
         }
     }
 }
@@ -439,6 +440,7 @@ impl Demand<'_> {
             };
             last_rx = Instant::now();
             let event = self.session.on_recv(&msg)?;
+            let msg_tag = msg.tag();
             if let Msg::RangeRequest { ranges, .. } = msg {
                 // Copy out: the ranges borrow the receive buffer, the replies
                 // need the connection.
@@ -462,9 +464,10 @@ impl Demand<'_> {
                     return Ok(());
                 }
                 SourceEvent::KeepAlive => {}
-                other => {
-                    unreachable!("the session allows only postcopy events here, got {other:?}")
-                }
+                // The session allows only postcopy events here. After
+                // switchover the source holds the only copy of the
+                // outstanding pages: an error here, never a panic.
+                _ => return Err(SessionError::Unexpected { tag: msg_tag, phase: "in postcopy" }.into()),
             }
             let now_sent = self.conn.bytes_sent();
             SenderMetrics::add(&self.metrics.bytes_sent, now_sent - sent_seen);

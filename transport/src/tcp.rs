@@ -545,6 +545,7 @@ impl TcpListen {
     /// Accept one connection, waiting at most until `deadline`.
     pub fn accept(&self, deadline: Instant) -> Result<TcpConn, TransportError> {
         let me = self.local_addr().to_string();
+        let started = Instant::now();
         loop {
             match self.l.accept() {
                 Ok((s, _)) => {
@@ -561,7 +562,10 @@ impl TcpListen {
                         source,
                     })?;
                     if !ready {
-                        let after = deadline.saturating_duration_since(Instant::now());
+                        // Whole milliseconds: the limit as the user gave it.
+                        let waited = deadline.saturating_duration_since(started);
+                        let after =
+                            Duration::from_millis(u64::try_from(waited.as_micros().div_ceil(1000)).unwrap_or(u64::MAX));
                         return Err(TransportError::Timeout {
                             what: format!("waiting for a connection on {me}"),
                             after,

@@ -1,0 +1,156 @@
+//! The destination's front door, through the `postcopy` binary: nothing a
+//! peer sends makes it allocate more than it was told to accept, an
+//! unauthenticated hello allocates nothing, a peer that leaves while memory
+//! is prepared stops that work, and a migration that cannot fit on this host
+//! says so before allocating.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{bin, run_limited, wait_limited};
+use proto::wire::{ErrorCode, GuestKind, Hello, MAC_LEN, Mode, Msg, VERSION, decode_frame};
+use proto::{GuestOffset, PageSize, RegionDesc};
+
+fn spawn_dest(extra: &[&str]) -> (Child, String) {
+    let mut child = bin()
+        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
+    (child, addr)
+}
+
+fn hello(len_bytes: u64) -> Vec<u8> {
+    Msg::Hello(Hello {
+        version: VERSION,
+        guest_kind: GuestKind::Workload,
+        mode: Mode::Postcopy,
+        features: 0,
+        page_size: PageSize::Size4K,
+        prefetch_pages: 0,
+        prefetch_around: false,
+        regions: vec![RegionDesc { guest: GuestOffset(0), len_bytes }],
+        mac: [0; MAC_LEN],
+    })
+    .to_frame()
+}
+
+/// Connect, read the server hello, send `hello`; returns the stream.
+fn say_hello(addr: &str, hello: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let mut server_hello = [0u8; 36];
+    s.read_exact(&mut server_hello).unwrap();
+    s.write_all(hello).unwrap();
+    s
+}
+
+/// The first frame the destination sends after its hello.
+fn answer(s: &mut TcpStream) -> Option<Msg<'static>> {
+    let mut rest = Vec::new();
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.read_to_end(&mut rest);
+    let rest: &'static [u8] = Box::leak(rest.into_boxed_slice());
+    decode_frame(rest, None).ok().flatten().map(|(m, _)| m)
+}
+
+/// Resident memory of a process, bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap_or_default();
+    s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0) * 4096
+}
+
+#[test]
+fn hostile_hello_of_60_gib_is_refused_before_any_allocation() {
+    let (dest, addr) = spawn_dest(&[]);
+    let pid = dest.id();
+    let t0 = Instant::now();
+    let mut s = say_hello(&addr, &hello(60 << 30));
+    let said = answer(&mut s);
+    let rss = rss_bytes(pid);
+    let out = wait_limited(dest, Duration::from_secs(20));
+    assert!(t0.elapsed() < Duration::from_secs(10), "took {:?}", t0.elapsed());
+    match said {
+        Some(Msg::Error { code, message }) => {
+            assert_eq!(code, ErrorCode::Capacity, "{message}");
+            assert!(message.contains("exceeds"), "{message}");
+        }
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("64424509440 bytes exceeds"), "{err}");
+    // Nothing sized by the peer was allocated (a 60 GiB bitmap alone would be 2 MiB;
+    // the guest memory 60 GiB).
+    assert!(rss < 256 << 20, "destination resident {rss} bytes");
+}
+
+#[test]
+fn max_mem_is_the_limit_and_an_unkeyed_hello_allocates_nothing() {
+    // An explicit limit below the guest.
+    let (dest, addr) = spawn_dest(&["--max-mem", "64M"]);
+    let mut s = say_hello(&addr, &hello(128 << 20));
+    assert!(matches!(answer(&mut s), Some(Msg::Error { code: ErrorCode::Capacity, .. })));
+    assert!(!wait_limited(dest, Duration::from_secs(20)).status.success());
+    // With a key configured, an unauthenticated hello fails on the key, even
+    // when its size would also be refused: nothing is looked at before it.
+    let key = std::env::temp_dir().join(format!("postcopy-fd-key-{}", std::process::id()));
+    std::fs::write(&key, "k").unwrap();
+    let (dest, addr) = spawn_dest(&["--key-file", key.to_str().unwrap(), "--max-mem", "64M"]);
+    let mut s = say_hello(&addr, &hello(128 << 20));
+    assert!(matches!(answer(&mut s), Some(Msg::Error { code: ErrorCode::Auth, .. })));
+    assert!(!wait_limited(dest, Duration::from_secs(20)).status.success());
+    let _ = std::fs::remove_file(&key);
+}
+
+#[test]
+fn a_peer_that_leaves_while_memory_is_prepared_stops_the_work() {
+    // 4 GiB of shared memory takes seconds to populate here; the peer says
+    // hello and hangs up at once.
+    let (dest, addr) = spawn_dest(&["--max-mem", "8G"]);
+    let pid = dest.id();
+    let s = say_hello(&addr, &hello(4 << 30));
+    drop(s);
+    let out = wait_limited(dest, Duration::from_secs(60));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("went away while guest memory was being prepared"), "{err}");
+    assert_eq!(rss_bytes(pid), 0, "the process is gone");
+}
+
+#[test]
+fn a_migration_larger_than_the_host_fails_at_once_with_sizes() {
+    for (args, needle) in [
+        (vec!["migrate", "--mem", "30G", "--quiet"], "a migration on one host"),
+        (vec!["migrate", "--mem", "1T", "--quiet"], "a migration on one host"),
+        (vec!["source", "--connect", "127.0.0.1:1", "--mem", "1T"], "the source's guest"),
+    ] {
+        let mut c = bin();
+        c.args(&args);
+        let t0 = Instant::now();
+        let out = run_limited(c, Duration::from_secs(30));
+        assert!(t0.elapsed() < Duration::from_secs(10), "{args:?} took {:?}", t0.elapsed());
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle) && err.contains("available") && err.contains("refusing"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_destination_no_source_reaches_says_how_long_it_waited() {
+    let mut c = bin();
+    c.args(["dest", "--listen", "127.0.0.1:0", "--quiet", "--accept-timeout-s", "1"]);
+    let out = run_limited(c, Duration::from_secs(20));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("timed out after 1"), "{err}");
+    assert!(!err.contains("after 0ns"), "{err}");
+}
