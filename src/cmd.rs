@@ -175,6 +175,10 @@ pub struct MigrationOpts {
     /// of demand replies (default: unpaced).
     #[arg(long)]
     pub push_rate: Option<String>,
+    /// After switchover, how long (seconds) a broken link may stay broken
+    /// while the sides reconnect before giving up; 0 disables recovery.
+    #[arg(long, default_value_t = 300)]
+    pub recover_timeout: u64,
 }
 
 impl MigrationOpts {
@@ -238,6 +242,10 @@ pub struct DestArgs {
     /// Give up if no source connects within this many seconds.
     #[arg(long, default_value_t = 60)]
     pub accept_timeout_s: u64,
+    /// After switchover, how long (seconds) to wait for a source whose
+    /// link broke to reconnect before giving up; 0 disables recovery.
+    #[arg(long, default_value_t = 300)]
+    pub recover_timeout: u64,
     /// Refuse a guest larger than this (like 16G), checked on the hello
     /// before anything is allocated (default: this host's available memory
     /// when the source connects, less a margin).
@@ -280,6 +288,9 @@ pub struct SourceArgs {
     /// Destination address.
     #[arg(long)]
     pub connect: String,
+    /// Where to reconnect after a broken link (default: --connect).
+    #[arg(long)]
+    pub recover_addr: Option<String>,
     /// Guest options.
     #[command(flatten)]
     pub guest: GuestOpts,
@@ -671,6 +682,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         prefetch,
         expect: DestExpect { key, max_mem_bytes: Some(max_mem_bytes), ..Default::default() },
         peer_timeout,
+        recover_timeout: Duration::from_secs(args.recover_timeout),
         background_nice: args.background_nice,
         ..PagerConfig::default()
     };
@@ -692,14 +704,13 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             })
         })
     };
-    let listener = &listener;
     let populate = match args.populate {
         PopulateArg::Before => Populate::Before,
         PopulateArg::Background => Populate::Background,
     };
     let outcome = pager::run(
         Box::new(control),
-        move |deadline| listener.accept(deadline).map(|c| Box::new(c) as Box<dyn Conn>),
+        &listener,
         |acc, cancel| {
             DestAny::new(acc.guest_kind, acc.layout.clone(), args.memory.backing(), populate, cancel)
                 .map_err(|e| Box::new(e) as pager::GuestError)
@@ -768,6 +779,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         },
         total_time_ms: ms(pr.total_time),
         setup_ms: ms(pr.setup_time),
+        completion_confirmed: pr.completion_confirmed,
         downtime_ms: ns_ms(pr.source.downtime_ns),
         downtime: DowntimeParts {
             pause_to_sent_ms: ns_ms(pr.source.pause_to_sent_ns),
@@ -801,6 +813,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             fault_latency_hist: fault_hist,
             blocktime_ms: ns_ms(blocktime),
             vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (vcpu_name(*tid), ns_ms(*ns))).collect(),
+            recoveries: PagerMetrics::get(&metrics.recoveries),
+            paused_ms: ns_ms(PagerMetrics::get(&metrics.paused_ns)),
         },
         guest: guest_report(&g, false),
         timeline_tick_ms: ms(tick),
@@ -857,6 +871,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         peer_timeout,
         policy: args.migration.policy()?,
         background_nice: args.migration.background_nice,
+        recover_timeout: Duration::from_secs(args.migration.recover_timeout),
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
@@ -885,13 +900,25 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         Err(e) => Err((FailPhase::BeforeSwitchover, e)),
         Ok(control) => {
             let addr = args.connect.clone();
+            let recover_addr = args.recover_addr.clone().unwrap_or_else(|| addr.clone());
             let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), max_pacing_rate: push_rate, ..opts.clone() };
-            let open_bulk = move || {
-                TcpConn::connect(&addr, Duration::from_secs(10), &bulk_opts).map(|c| Box::new(c) as Box<dyn Conn>)
+            // The first bulk connection goes where the control one went; after
+            // a broken link both go to the recovery address.
+            let mut first_bulk = true;
+            let mut dial = move |ch: sender::Channel| {
+                let to = if first_bulk { &addr } else { &recover_addr };
+                let (timeout, o) = match ch {
+                    sender::Channel::Bulk => {
+                        first_bulk = false;
+                        (Duration::from_secs(10), &bulk_opts)
+                    }
+                    sender::Channel::Control => (Duration::from_secs(2), &opts),
+                };
+                TcpConn::connect(to, timeout, o).map(|c| Box::new(c) as Box<dyn Conn>)
             };
             let r = match &mut guest {
-                SourceAny::Workload(g) => sender::run(Box::new(control), open_bulk, g, &cfg, Arc::clone(&metrics)),
-                SourceAny::Vm(g) => sender::run(Box::new(control), open_bulk, g, &cfg, Arc::clone(&metrics)),
+                SourceAny::Workload(g) => sender::run(Box::new(control), &mut dial, g, &cfg, Arc::clone(&metrics)),
+                SourceAny::Vm(g) => sender::run(Box::new(control), &mut dial, g, &cfg, Arc::clone(&metrics)),
             };
             r.map_err(|f| (f.phase, anyhow::Error::new(f)))
         }
@@ -927,6 +954,8 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
                     requests: SenderMetrics::get(&metrics.requests),
                     push_time_ms: ns_ms(r.stats.push_ns),
                     push_gbps: gbps(r.stats.pages_pushed * layout.page_size().bytes(), r.stats.push_ns),
+                    recoveries: r.recoveries,
+                    paused_ms: ms(r.paused),
                     ..Default::default()
                 },
                 guest: GuestReport { accesses: before_accesses, verify_ok: true, ..Default::default() },
@@ -1064,6 +1093,8 @@ fn child_args(g: &GuestOpts, m: &MigrationOpts) -> Vec<String> {
         m.push_run.to_string(),
         "--peer-timeout-ms".into(),
         m.peer_timeout_ms.to_string(),
+        "--recover-timeout".into(),
+        m.recover_timeout.to_string(),
         "--prefetch-mode".into(),
         m.prefetch_mode.to_possible_value().expect("no skipped values").get_name().into(),
         "--max-rounds".into(),
@@ -1191,6 +1222,8 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             &args.run_after_ms.to_string(),
             "--peer-timeout-ms",
             &args.migration.peer_timeout_ms.to_string(),
+            "--recover-timeout",
+            &args.migration.recover_timeout.to_string(),
             "--memory",
             args.memory.to_possible_value().expect("no skipped values").get_name(),
         ])

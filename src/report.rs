@@ -124,6 +124,10 @@ pub struct PostcopyReport {
     pub blocktime_ms: f64,
     /// Waiting time per faulting thread (vCPU name or thread id).
     pub vcpu_blocktime_ms: BTreeMap<String, f64>,
+    /// Broken links after switchover that the two sides restored.
+    pub recoveries: u64,
+    /// Time the migration spent paused on a broken link.
+    pub paused_ms: f64,
 }
 
 /// What the guest did and how it checked out.
@@ -215,6 +219,9 @@ pub struct Report {
     /// Destination: creating, populating and registering guest memory,
     /// before the source pauses the guest.
     pub setup_ms: f64,
+    /// Destination: whether the source acknowledged completion (false when
+    /// the link broke after every page was here and it did not come back).
+    pub completion_confirmed: bool,
     /// Source pause to destination resume (as the source saw the ack).
     pub downtime_ms: f64,
     /// Where the downtime went.

@@ -141,11 +141,13 @@ fn regions_prefetch_and_key() {
 }
 
 #[test]
-fn source_killed_mid_run_fails_destination_quickly() {
+fn source_killed_mid_run_fails_destination_after_the_recovery_window() {
     let _g = SERIAL.lock();
     let d = scratch("kill");
     // Not quiet: the progress line says when postcopy is under way.
-    let (mut dest, addr) = spawn_dest_with(&["--report", d.join("dest.json").to_str().unwrap()]);
+    let report = d.join("dest.json");
+    let (mut dest, addr) =
+        spawn_dest_with(&["--report", report.to_str().unwrap(), "--recover-timeout", "3", "--peer-timeout-ms", "1000"]);
     let mut src = bin()
         .args(["source", "--connect", &addr, "--mem", "2G", "--push-run", "8", "--run-before-ms", "100"])
         .stdout(Stdio::null())
@@ -173,6 +175,9 @@ fn source_killed_mid_run_fails_destination_quickly() {
     assert!(t0.elapsed() < Duration::from_secs(15), "took {:?}", t0.elapsed());
     let err = drain.join().unwrap();
     assert!(err.contains("error") && err.contains("source"), "unclear message: {err_text}\n{err}");
+    // It waited for the source to come back, said so, and says what was lost.
+    assert!(err.contains("paused"), "{err}");
+    assert!(err.contains("did not reconnect within 3s") && err.contains("pages never arrived"), "{err}");
     let r = Report::read(&d.join("dest.json")).unwrap();
     assert_eq!(r.status, "failed");
     assert!(r.error.is_some());

@@ -11,9 +11,10 @@ use pager::{PagerConfig, PagerMetrics, Prefetch, PrefetchMode};
 use postcopy::adapters::{DestAny, GuestSummary, WorkloadSource};
 use proto::{MemLayout, PageSize};
 use sender::{FailPhase, SenderConfig, SenderMetrics};
-use transport::Conn;
-use transport::mem::{MemLink, pair};
+use transport::mem::{MemConn, MemLink, MemListener, pair};
+use transport::{Conn, TransportError};
 
+#[derive(Debug)]
 struct Links {
     ctl_to_dest: MemLink,
     ctl_to_src: MemLink,
@@ -30,6 +31,34 @@ impl Default for Links {
             bulk: MemLink::default(),
             backing: guest::Backing::Shmem,
         }
+    }
+}
+
+/// A listener that hands out `c` (the destination's end of the first bulk
+/// connection).
+fn listener_of(c: MemConn) -> Arc<MemListener> {
+    let l = Arc::new(MemListener::default());
+    l.push(Box::new(c));
+    l
+}
+
+/// A source's dialer: the first bulk connection is `bulk`; every later
+/// connection (a reconnection) is a fresh clean in-memory pair whose far end
+/// goes to `listener`.
+fn dialer(
+    bulk: MemConn,
+    listener: Arc<MemListener>,
+) -> impl FnMut(sender::Channel) -> Result<Box<dyn Conn>, TransportError> {
+    let mut bulk = Some(bulk);
+    move |ch| {
+        if ch == sender::Channel::Bulk
+            && let Some(b) = bulk.take()
+        {
+            return Ok(Box::new(b) as Box<dyn Conn>);
+        }
+        let (near, far) = pair(MemLink::default(), MemLink::default());
+        listener.push(Box::new(far));
+        Ok(Box::new(near) as Box<dyn Conn>)
     }
 }
 
@@ -62,13 +91,14 @@ fn migrate(
     let pm = Arc::new(PagerMetrics::default());
     let sm = Arc::new(SenderMetrics::default());
     let (tx, rx) = mpsc::channel();
+    let listener = listener_of(dest_bulk);
+    let mut dial = dialer(src_bulk, Arc::clone(&listener));
     {
         let pm = Arc::clone(&pm);
         std::thread::spawn(move || {
-            let mut bulk = Some(dest_bulk);
             let r = pager::run(
                 Box::new(dest_ctl),
-                move |_| Ok(Box::new(bulk.take().expect("one bulk connection")) as Box<dyn Conn>),
+                &*listener,
                 |acc, cancel| {
                     DestAny::new(
                         acc.guest_kind,
@@ -89,14 +119,7 @@ fn migrate(
     {
         let sm = Arc::clone(&sm);
         std::thread::spawn(move || {
-            let mut bulk = Some(src_bulk);
-            let r = sender::run(
-                Box::new(src_ctl),
-                move || Ok(Box::new(bulk.take().expect("one bulk connection")) as Box<dyn Conn>),
-                &mut src_guest,
-                &scfg,
-                sm,
-            );
+            let r = sender::run(Box::new(src_ctl), &mut dial, &mut src_guest, &scfg, sm);
             let _ = stx.send((r, src_guest));
         });
     }
@@ -175,11 +198,12 @@ fn demand_does_not_wait_for_the_push() {
     let (tx, rx) = mpsc::channel();
     let guest_slot: Arc<parking_lot::Mutex<Option<guest::GuestStats>>> = Arc::default();
     let pm2 = Arc::clone(&pm);
+    let listener = listener_of(dest_bulk);
+    let mut dial = dialer(src_bulk, Arc::clone(&listener));
     std::thread::spawn(move || {
-        let mut bulk = Some(dest_bulk);
         let r = pager::run(
             Box::new(dest_ctl),
-            move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
+            &*listener,
             |acc, cancel| {
                 DestAny::new(
                     acc.guest_kind,
@@ -198,14 +222,7 @@ fn demand_does_not_wait_for_the_push() {
     let sm = Arc::new(SenderMetrics::default());
     let sm2 = Arc::clone(&sm);
     std::thread::spawn(move || {
-        let mut bulk = Some(src_bulk);
-        let _ = sender::run(
-            Box::new(src_ctl),
-            move || Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-            &mut src_guest,
-            &scfg,
-            sm2,
-        );
+        let _ = sender::run(Box::new(src_ctl), &mut dial, &mut src_guest, &scfg, sm2);
     });
     let _ = guest_slot;
     // Wait until the hot set (128 pages + table) has come in on demand.
@@ -293,6 +310,67 @@ fn lossy_links(backing: guest::Backing) {
     drop(o.src_guest.into_workload().stop());
 }
 
+/// Recovery on, short timeouts: the migration must finish with every page
+/// verified after the link fails as `links` says.
+fn survives(links: Links, what: &str) -> WorkloadSource {
+    let t = |ms| Duration::from_millis(ms);
+    let pcfg = PagerConfig { peer_timeout: t(600), recover_timeout: t(20_000), ..Default::default() };
+    let scfg = SenderConfig { peer_timeout: t(600), recover_timeout: t(20_000), ..Default::default() };
+    let o = migrate(64, wcfg("uniform", 2), links, pcfg, scfg, Duration::from_secs(60));
+    let d = o.dest.expect(what);
+    let s = o.src.as_ref().expect(what);
+    let n = d.report.accepted.layout.n_pages();
+    assert!(d.report.completion_confirmed, "{what}");
+    assert_eq!(verify_dest(d), n, "{what}");
+    let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(g(&o.pm.recoveries) >= 1, "{what}: the destination saw no recovery");
+    assert!(s.recoveries >= 1 && g(&o.sm.recoveries) == s.recoveries, "{what}");
+    assert!(g(&o.pm.paused_ns) > 0 && s.paused > Duration::ZERO, "{what}");
+    // Each page present once, whatever crossed twice.
+    assert_eq!(g(&o.pm.pages_present), n, "{what}");
+    o.src_guest
+}
+
+#[test]
+fn a_broken_link_after_switchover_is_recovered() {
+    // The control connection breaks during demand serving (reset: both
+    // ends see it), the bulk connection during the push.
+    for links in [
+        Links { ctl_to_dest: MemLink { disconnect_after: Some(40), ..Default::default() }, ..Default::default() },
+        Links { ctl_to_src: MemLink { disconnect_after: Some(30), ..Default::default() }, ..Default::default() },
+        Links { bulk: MemLink { disconnect_after: Some(20), ..Default::default() }, ..Default::default() },
+        Links {
+            backing: guest::Backing::Anonymous,
+            bulk: MemLink { disconnect_after: Some(20), ..Default::default() },
+            ..Default::default()
+        },
+    ] {
+        let what = format!("{links:?}");
+        drop(survives(links, &what).into_workload());
+    }
+}
+
+#[test]
+fn a_silent_link_after_switchover_is_noticed_and_recovered() {
+    // Frames stop arriving without the connection closing: only liveness
+    // checks can tell, on whichever side notices first.
+    for links in [
+        Links { ctl_to_src: MemLink { blackhole_after: Some(20), ..Default::default() }, ..Default::default() },
+        Links { bulk: MemLink { blackhole_after: Some(30), ..Default::default() }, ..Default::default() },
+    ] {
+        let what = format!("{links:?}");
+        drop(survives(links, &what).into_workload());
+    }
+}
+
+#[test]
+fn a_lost_switchover_ack_is_settled_by_the_resume() {
+    // Destination to source: ServerHello, HelloAck, then the SwitchoverAck
+    // is the first frame lost; the source is in doubt until it reconnects.
+    let links = Links { ctl_to_src: MemLink { disconnect_after: Some(2), ..Default::default() }, ..Default::default() };
+    drop(survives(links, "lost switchover ack").into_workload());
+}
+
 #[test]
 fn disconnect_after_switchover_fails_both_sides_quickly() {
     // The control link dies after a few frames from the source: after the
@@ -300,12 +378,13 @@ fn disconnect_after_switchover_fails_both_sides_quickly() {
     let links =
         Links { ctl_to_dest: MemLink { disconnect_after: Some(40), ..Default::default() }, ..Default::default() };
     let t0 = Instant::now();
+    // Recovery off: a broken link ends both sides.
     let o = migrate(
         64,
         wcfg("uniform", 1),
         links,
-        PagerConfig::default(),
-        SenderConfig::default(),
+        PagerConfig { recover_timeout: Duration::ZERO, ..Default::default() },
+        SenderConfig { recover_timeout: Duration::ZERO, ..Default::default() },
         Duration::from_secs(30),
     );
     assert!(o.dest.is_err(), "destination must fail");
@@ -384,21 +463,21 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
     let pcfg = PagerConfig { prefetch: Some(Prefetch { pages: 64, mode: PrefetchMode::After }), ..Default::default() };
     let pm = Arc::new(PagerMetrics::default());
     let (tx, rx) = mpsc::channel();
+    let listener = listener_of(dest_bulk);
+    let mut dial = dialer(src_bulk, Arc::clone(&listener));
     std::thread::spawn(move || {
-        let mut bulk = Some(src_bulk);
         let r = sender::run(
             Box::new(src_ctl),
-            move || Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
+            &mut dial,
             &mut src_guest,
             &SenderConfig { push_run_pages: 100, ..Default::default() },
             Arc::new(SenderMetrics::default()),
         );
         let _ = tx.send((r.is_ok(), src_guest));
     });
-    let mut bulk = Some(dest_bulk);
     let d = pager::run(
         Box::new(dest_ctl),
-        move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
+        &*listener,
         |acc, cancel| {
             DestAny::new(
                 acc.guest_kind,
@@ -496,13 +575,14 @@ fn hybrid(backing: guest::Backing, hide: bool) -> (GuestSummary, Arc<PagerMetric
     let (src_bulk, dest_bulk) = pair(MemLink::default(), MemLink::default());
     let pm = Arc::new(PagerMetrics::default());
     let (tx, rx) = mpsc::channel();
+    let listener = listener_of(dest_bulk);
     {
         let pm = Arc::clone(&pm);
+        let listener = Arc::clone(&listener);
         std::thread::spawn(move || {
-            let mut bulk = Some(dest_bulk);
             let r = pager::run(
                 Box::new(dest_ctl),
-                move |_| Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
+                &*listener,
                 |acc, cancel| {
                     DestAny::new(
                         acc.guest_kind,
@@ -520,20 +600,13 @@ fn hybrid(backing: guest::Backing, hide: bool) -> (GuestSummary, Arc<PagerMetric
         });
     }
     let control: Box<dyn Conn> = if hide { Box::new(HideOutstanding(src_ctl)) } else { Box::new(src_ctl) };
-    let mut bulk = Some(src_bulk);
+    let mut dial = dialer(src_bulk, Arc::clone(&listener));
     let scfg = SenderConfig {
         mode: proto::wire::Mode::Hybrid,
         policy: sender::Policy { postcopy_after: Some(1), ..Default::default() },
         ..Default::default()
     };
-    let s = sender::run(
-        control,
-        move || Ok(Box::new(bulk.take().unwrap()) as Box<dyn Conn>),
-        &mut src_guest,
-        &scfg,
-        Arc::new(SenderMetrics::default()),
-    )
-    .expect("source");
+    let s = sender::run(control, &mut dial, &mut src_guest, &scfg, Arc::new(SenderMetrics::default())).expect("source");
     let d = rx.recv_timeout(LIMIT).expect("destination hung").expect("destination");
     // Let the guest run on with all memory local, then stop and verify it.
     std::thread::sleep(Duration::from_millis(100));

@@ -12,21 +12,36 @@
 //! the source in), re-requests pages whose replies never came (lossy links,
 //! reconnects), sweeps up pages the push did not deliver, and finishes with
 //! the completion exchange.
+//!
+//! **Recovery.** A broken or silent link (either connection) does not end
+//! the run when recovery was negotiated: the loop drops both connections
+//! (so the source notices at once), keeps reading faults (they wait; the
+//! rest of the guest runs), and waits on the listener for the source's new
+//! pair. A new pair must pass the resume handshake (`recover`); then the
+//! faults that waited are requested first, and the source pushes whatever
+//! the Have bitmap does not name. Past `recover_timeout` the run fails with
+//! what was lost. A loop that had sent Complete (every page is here) waits
+//! only `completion_grace` for the source to come back and acknowledge.
 
 use std::collections::VecDeque;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use proto::session::{DestEvent, DestSession};
-use proto::wire::{self, MAX_REQUEST_RANGES, Msg, PageKind, SourceStats};
+use proto::session::{DestEvent, DestSession, SessionError};
+use proto::wire::{self, MAX_REQUEST_RANGES, Msg, PageKind, ResumeState, SourceStats};
 use proto::{PageBitmap, PageIdx, PageRange};
-use transport::{Conn, Wait};
+use transport::{Conn, Listener, TransportError, Wait};
 
+use crate::bulk::{self, BulkHandle};
+use crate::config::PagerConfig;
+use crate::error::{PagerError, error_chain};
 use crate::install::{Installer, PendingFault};
-use crate::metrics::PagerMetrics;
-use crate::pager::{PagerConfig, PagerError, Shared};
+use crate::metrics::{PagerMetrics, Phase};
 use crate::planner;
+use crate::recover;
+use crate::shared::Shared;
 use crate::uffd::{Fault, MSG_LEN};
 
 /// Longest the loop sleeps without looking at its timers.
@@ -34,12 +49,32 @@ const TICK: Duration = Duration::from_millis(20);
 
 pub(crate) struct FaultLoop<'a> {
     pub(crate) prefetch: planner::Prefetch,
-    pub(crate) conn: &'a mut dyn Conn,
+    /// `None` while paused.
+    pub(crate) control: &'a mut Option<Box<dyn Conn>>,
+    /// The current bulk receiver (`None` while paused or after completion).
+    pub(crate) bulk: Option<BulkHandle>,
+    /// Receivers of broken links, still finishing; joined at the end.
+    pub(crate) retired: Vec<BulkHandle>,
     pub(crate) session: &'a mut DestSession,
-    pub(crate) inst: &'a Installer,
-    pub(crate) shared: &'a Shared,
+    pub(crate) listener: &'a dyn Listener,
+    pub(crate) inst: &'a Arc<Installer>,
+    pub(crate) shared: &'a Arc<Shared>,
     pub(crate) cfg: &'a PagerConfig,
-    pub(crate) metrics: &'a PagerMetrics,
+    pub(crate) metrics: &'a Arc<PagerMetrics>,
+    /// Nice value of bulk receivers started on reconnection.
+    pub(crate) nice: i32,
+}
+
+/// What one turn of the loop decided.
+enum Flow {
+    Continue,
+    /// The run is over; the source's figures if it acknowledged completion.
+    Finished(Option<SourceStats>),
+}
+
+struct Paused {
+    since: Instant,
+    cause: String,
 }
 
 struct LoopState {
@@ -57,14 +92,18 @@ struct LoopState {
     swept: bool,
     complete_sent: Option<Instant>,
     rx_seen: u64,
+    paused: Option<Paused>,
 }
 
 impl FaultLoop<'_> {
     /// Serve faults until every page is present and the source acknowledged
-    /// completion. Returns the source's figures.
-    pub(crate) fn run(&mut self) -> Result<SourceStats, PagerError> {
+    /// completion (or, after a broken link, every page is present and the
+    /// source did not come back to acknowledge it). Starts paused when the
+    /// link already broke (`broken`).
+    pub(crate) fn run(mut self, broken: Option<PagerError>) -> Result<Option<SourceStats>, PagerError> {
         let n = self.inst.map().layout().n_pages();
         let now = Instant::now();
+        let rx_seen = self.control.as_deref().map_or(0, |c| c.bytes_received());
         let mut st = LoopState {
             requested: PageBitmap::new(n),
             inflight: VecDeque::new(),
@@ -78,25 +117,193 @@ impl FaultLoop<'_> {
             last_rx: now,
             swept: false,
             complete_sent: None,
-            rx_seen: self.conn.bytes_received(),
+            rx_seen,
+            paused: None,
         };
-        loop {
-            let (uffd_ready, conn_ready) = self.wait(&st)?;
-            if uffd_ready {
-                self.handle_faults(&mut st)?;
-            }
-            if (conn_ready || self.conn.has_buffered())
-                && let Some(stats) = self.drain_conn(&mut st)?
-            {
-                return Ok(stats);
-            }
-            self.timers(&mut st)?;
+        if let Some(e) = broken {
+            self.pause(&mut st, &e);
         }
+        let r = loop {
+            let turn = if st.paused.is_some() { self.paused_turn(&mut st) } else { self.turn(&mut st) };
+            match turn {
+                Ok(Flow::Continue) => {}
+                Ok(Flow::Finished(stats)) => break Ok(stats),
+                Err(e) if st.paused.is_none() && e.is_link_failure() && self.session.recovery() => {
+                    self.pause(&mut st, &e);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        drop(self.bulk.take());
+        self.retired.clear();
+        r
+    }
+
+    /// One turn with the link up.
+    fn turn(&mut self, st: &mut LoopState) -> Result<Flow, PagerError> {
+        let (uffd_ready, conn_ready) = self.wait(st)?;
+        if uffd_ready {
+            self.handle_faults(st)?;
+        }
+        let buffered = self.control.as_deref().is_some_and(|c| c.has_buffered());
+        if (conn_ready || buffered)
+            && let Some(stats) = self.drain_conn(st)?
+        {
+            return Ok(Flow::Finished(Some(stats)));
+        }
+        self.timers(st)?;
+        Ok(Flow::Continue)
+    }
+
+    /// The link broke: drop both connections, so that the source notices
+    /// at once, and wait for it.
+    fn pause(&mut self, st: &mut LoopState, cause: &PagerError) {
+        let cause = error_chain(cause);
+        tracing::warn!(
+            "link to the source lost ({cause}); migration paused, the guest runs on and faults wait; \
+             waiting up to {:?} for the source to reconnect",
+            if st.complete_sent.is_some() { self.cfg.completion_grace() } else { self.cfg.recover_timeout }
+        );
+        self.metrics.set_phase(Phase::Paused);
+        *self.control = None;
+        if let Some(b) = self.bulk.take() {
+            b.stop();
+            self.retired.push(b);
+        }
+        st.paused = Some(Paused { since: Instant::now(), cause });
+    }
+
+    /// One turn while paused: faults are read and wait, the listener is
+    /// watched, the recovery window runs.
+    fn paused_turn(&mut self, st: &mut LoopState) -> Result<Flow, PagerError> {
+        self.shared.check()?;
+        let (uffd_ready, listener_ready) = {
+            let mut fds = vec![PollFd::new(self.inst.uffd().as_fd(), PollFlags::POLLIN)];
+            if let Some(fd) = self.listener.readiness() {
+                fds.push(PollFd::new(fd, PollFlags::POLLIN));
+            }
+            let ms = u16::try_from(TICK.as_millis()).unwrap_or(u16::MAX);
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(PagerError::Poll(e)),
+            }
+            let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), fds.get(1).is_none_or(ready))
+        };
+        if uffd_ready {
+            self.handle_faults(st)?;
+        }
+        if listener_ready {
+            self.try_reattach(st)?;
+        }
+        let Some(p) = &st.paused else { return Ok(Flow::Continue) };
+        let paused_for = p.since.elapsed();
+        if st.complete_sent.is_some() && paused_for > self.cfg.completion_grace() {
+            // Every page is here: nothing is lost without the acknowledgement.
+            tracing::warn!("the source did not come back to acknowledge completion; every page is here, finishing");
+            self.end_pause(st);
+            return Ok(Flow::Finished(None));
+        }
+        if paused_for > self.cfg.recover_timeout {
+            return Err(PagerError::RecoveryTimeout {
+                after: self.cfg.recover_timeout,
+                cause: p.cause.clone(),
+                missing_pages: self.inst.map().layout().n_pages() - self.inst.n_present(),
+                waiting_faults: self.inst.n_pending(),
+            });
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn end_pause(&mut self, st: &mut LoopState) {
+        if let Some(p) = st.paused.take() {
+            let ns = u64::try_from(p.since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            PagerMetrics::add(&self.metrics.paused_ns, ns);
+        }
+    }
+
+    /// Take a waiting connection, if any, and resume the session on it; a
+    /// connection that fails the handshake is dropped (and told why).
+    fn try_reattach(&mut self, st: &mut LoopState) -> Result<(), PagerError> {
+        let mut conn = match self.listener.accept(Instant::now()) {
+            Ok(c) => c,
+            Err(TransportError::Timeout { .. }) => return Ok(()),
+            Err(e) => {
+                tracing::warn!("accepting a reconnection failed: {}", error_chain(&e));
+                return Ok(());
+            }
+        };
+        let layout = self.inst.map().layout().clone();
+        conn.set_page_size(layout.page_size());
+        let inst = Arc::clone(self.inst);
+        let state = match recover::resume_handshake(&mut *conn, self.session, self.cfg, move || inst.have()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("refused a connection that tried to resume: {}", error_chain(&e));
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        match state {
+            ResumeState::Running => {
+                let deadline = now + self.cfg.resume_step_timeout();
+                let bulk = recover::accept_bulk(self.listener, self.session.session(), &layout, self.cfg, deadline)
+                    .and_then(|(c, s)| {
+                        bulk::spawn(
+                            c,
+                            s,
+                            Arc::clone(self.inst),
+                            Arc::clone(self.shared),
+                            Arc::clone(self.metrics),
+                            self.nice,
+                        )
+                    });
+                match bulk {
+                    Ok(b) => self.bulk = Some(b),
+                    Err(e) => {
+                        // Dropping the control connection makes the source try again.
+                        tracing::warn!("the reconnecting source's bulk connection failed: {}", error_chain(&e));
+                        return Ok(());
+                    }
+                }
+            }
+            // Only the acknowledgement is left.
+            ResumeState::Complete => st.complete_sent = Some(now),
+            ResumeState::NotSwitched => {
+                let e = SessionError::Mismatch("resume answered 'not switched' after switchover".into());
+                return Err(e.into());
+            }
+        }
+        st.rx_seen = conn.bytes_received();
+        *self.control = Some(conn);
+        self.end_pause(st);
+        PagerMetrics::add(&self.metrics.recoveries, 1);
+        self.metrics.set_phase(Phase::Postcopy);
+        st.last_rx = now;
+        st.last_tx = now;
+        tracing::warn!("the source reconnected: migration resumed ({state:?})");
+        if state == ResumeState::Running {
+            // What was in flight on the old link is gone: ask again, the
+            // faults that waited first; the push brings everything else.
+            st.requested = PageBitmap::new(layout.n_pages());
+            st.inflight.clear();
+            st.swept = false;
+            st.pages.clear();
+            self.inst.waiting_pages(&mut st.pages);
+            st.ranges.clear();
+            let inst = self.inst;
+            let here = |p: PageIdx| inst.is_held(p) || inst.present().get(p);
+            if planner::plan(&st.pages, self.prefetch, here, &mut st.requested, &mut st.ranges) > 0 {
+                self.send_ranges(st, now)?;
+            }
+        }
+        Ok(())
     }
 
     /// Poll the userfaultfd and the connection until one is ready or a tick passes.
     fn wait(&self, st: &LoopState) -> Result<(bool, bool), PagerError> {
-        if self.conn.has_buffered() {
+        let Some(conn) = self.control.as_deref() else { return Ok((false, false)) };
+        if conn.has_buffered() {
             return Ok((false, true));
         }
         let next_keepalive = st.last_tx + self.cfg.keepalive;
@@ -104,7 +311,7 @@ impl FaultLoop<'_> {
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX).max(1);
         let mut fds = [
             PollFd::new(self.inst.uffd().as_fd(), PollFlags::POLLIN),
-            PollFd::new(self.conn.readiness(), PollFlags::POLLIN),
+            PollFd::new(conn.readiness(), PollFlags::POLLIN),
         ];
         match poll(&mut fds, PollTimeout::from(ms)) {
             Ok(_) => {}
@@ -138,6 +345,10 @@ impl FaultLoop<'_> {
                 st.pages.push(page);
             }
         }
+        if st.paused.is_some() {
+            // They wait; the reconnection asks for every waiting page first.
+            return Ok(());
+        }
         st.ranges.clear();
         let inst = self.inst;
         // Held first (see `rerequest`).
@@ -152,11 +363,12 @@ impl FaultLoop<'_> {
     /// Send `st.ranges` as one request (or several when over the limit).
     fn send_ranges(&mut self, st: &mut LoopState, now: Instant) -> Result<(), PagerError> {
         let ranges = std::mem::take(&mut st.ranges);
+        let Some(conn) = self.control.as_deref_mut() else { return Ok(()) };
         for chunk in ranges.chunks(MAX_REQUEST_RANGES as usize) {
             st.enc.clear();
             wire::encode_ranges(chunk, &mut st.enc);
             st.req_id = st.req_id.wrapping_add(1);
-            self.conn.send(&Msg::RangeRequest { req_id: st.req_id, ranges: wire::range_list(&st.enc) })?;
+            conn.send(&Msg::RangeRequest { req_id: st.req_id, ranges: wire::range_list(&st.enc) })?;
             PagerMetrics::add(&self.metrics.requests, 1);
             PagerMetrics::add(&self.metrics.pages_requested, chunk.iter().map(|r| r.n_pages).sum());
             st.inflight.extend(chunk.iter().map(|r| (now, *r)));
@@ -170,11 +382,12 @@ impl FaultLoop<'_> {
     /// Process every whole message the connection holds. Returns the source's
     /// stats once the completion is acknowledged.
     fn drain_conn(&mut self, st: &mut LoopState) -> Result<Option<SourceStats>, PagerError> {
+        let Some(conn) = self.control.as_deref_mut() else { return Ok(None) };
         // One read (poll said readable), then only what it already buffered:
         // anything arriving later is the next poll's news, so no read is
         // spent just to hear EAGAIN.
         loop {
-            let Some(msg) = self.conn.recv(Wait::No)? else { break };
+            let Some(msg) = conn.recv(Wait::No)? else { break };
             st.last_rx = Instant::now();
             match self.session.on_recv(&msg)? {
                 DestEvent::Data => {
@@ -184,39 +397,37 @@ impl FaultLoop<'_> {
                 }
                 DestEvent::KeepAlive => {}
                 DestEvent::Finished(stats) => {
-                    self.account_rx(st);
+                    account_rx(conn, st, self.metrics);
                     return Ok(Some(stats));
                 }
                 // The session rejects these after switchover; an error, not a panic, if not.
                 DestEvent::Accepted(_) | DestEvent::SwitchoverReady { .. } => {
-                    let e = proto::session::SessionError::Unexpected { tag: msg.tag(), phase: "in postcopy" };
-                    return Err(e.into());
+                    return Err(SessionError::Unexpected { tag: msg.tag(), phase: "in postcopy" }.into());
                 }
             }
-            if !self.conn.has_buffered() {
+            if !conn.has_buffered() {
                 break;
             }
         }
-        self.account_rx(st);
+        account_rx(conn, st, self.metrics);
         Ok(None)
-    }
-
-    fn account_rx(&self, st: &mut LoopState) {
-        let now = self.conn.bytes_received();
-        PagerMetrics::add(&self.metrics.bytes_received, now - st.rx_seen);
-        st.rx_seen = now;
     }
 
     fn timers(&mut self, st: &mut LoopState) -> Result<(), PagerError> {
         let now = Instant::now();
-        self.shared.check_bulk()?;
+        self.shared.check()?;
         // Liveness: either connection counts.
-        let last_rx = st.last_rx.max(self.shared.bulk_last_rx());
+        let mut last_rx = st.last_rx;
+        if let Some(b) = &self.bulk {
+            b.link.check()?;
+            last_rx = last_rx.max(b.link.last_rx());
+        }
         if now.duration_since(last_rx) > self.cfg.peer_timeout {
             return Err(PagerError::PeerSilent(self.cfg.peer_timeout));
         }
+        let Some(conn) = self.control.as_deref_mut() else { return Ok(()) };
         if now.duration_since(st.last_tx) >= self.cfg.keepalive {
-            self.conn.send(&Msg::KeepAlive)?;
+            conn.send(&Msg::KeepAlive)?;
             st.last_tx = now;
         }
         if let Some(t) = st.complete_sent {
@@ -226,7 +437,7 @@ impl FaultLoop<'_> {
             return Ok(());
         }
         if self.inst.complete() {
-            self.conn.send(&Msg::Complete { n_present: self.inst.n_present() })?;
+            conn.send(&Msg::Complete { n_present: self.inst.n_present() })?;
             self.session.on_complete_sent();
             st.complete_sent = Some(now);
             st.last_tx = now;
@@ -251,7 +462,8 @@ impl FaultLoop<'_> {
                 }
             }
         }
-        let sweep = self.shared.push_done() && !st.swept;
+        let push_done = self.bulk.as_ref().is_some_and(|b| b.link.push_done());
+        let sweep = push_done && !st.swept;
         let retry_due = st.inflight.front().is_none_or(|&(t, _)| now.duration_since(t) >= self.cfg.retry_after);
         if sweep || (st.swept && retry_due) {
             // Everything neither here (mapped or held) nor requested: lost in
@@ -287,4 +499,10 @@ impl FaultLoop<'_> {
         }
         Ok(())
     }
+}
+
+fn account_rx(conn: &dyn Conn, st: &mut LoopState, metrics: &PagerMetrics) {
+    let now = conn.bytes_received();
+    PagerMetrics::add(&metrics.bytes_received, now - st.rx_seen);
+    st.rx_seen = now;
 }

@@ -531,9 +531,21 @@ impl Installer {
     }
 
     /// Faults still waiting for their page.
-    #[cfg(test)]
     pub fn n_pending(&self) -> usize {
         self.pending.lock().len()
+    }
+
+    /// The pages faults wait on, in the order the faults came (with
+    /// repeats), appended to `out`.
+    pub fn waiting_pages(&self, out: &mut Vec<PageIdx>) {
+        out.extend(self.pending.lock().iter().map(|f| f.page));
+    }
+
+    /// The pages this side holds: present, or held from precopy.
+    pub fn have(&self) -> proto::PageBitmap {
+        let mut have = self.present.snapshot();
+        have.union_with(&self.held.snapshot());
+        have
     }
 }
 

@@ -4,28 +4,38 @@
 //! the fault loop turns faults into batched range requests on the control
 //! connection and installs the replies; a bulk receiver installs the
 //! background push; when every page is present the pager unregisters and
-//! reports. The guest is reached only through [`DestGuest`].
+//! reports. After switchover a broken link pauses the migration until the
+//! source reconnects. The guest is reached only through [`DestGuest`].
 //!
-//! * [`pager`]: the run from handshake to completion, and its report.
-//! * [`fault`]: the fault loop (demand path).
-//! * [`bulk`]: the bulk receiver (precopy and push).
-//! * `install`: page installation and fault completion, shared by both.
-//! * [`planner`]: faults to ranges (prefetch, dedup).
+//! Leaves first:
+//! * [`error`]: why a run failed; [`config`]: how it behaves;
+//!   [`metrics`]: counters and latencies; `shared`: run-wide flags.
 //! * `uffd`: the typed userfaultfd (private: it writes to raw addresses).
-//! * [`metrics`]: counters and latencies.
+//! * `install`: page installation and fault completion (private, as uffd).
+//! * [`planner`]: faults to ranges (prefetch, dedup).
+//! * `bulk`: the bulk receiver (precopy and push), one per connection.
+//! * `recover`: the resume handshake of a reconnecting source.
+//! * `fault`: the fault loop (demand path, pause and reattach).
+//! * [`migration`]: the run from handshake to completion, and its report.
 #![deny(unsafe_code)]
 
 mod bulk;
+pub mod config;
+pub mod error;
 mod fault;
 pub mod guest;
 mod install;
 pub mod metrics;
-pub mod pager;
+pub mod migration;
 pub mod planner;
+mod recover;
+mod shared;
 mod uffd;
 
+pub use config::{PagerConfig, default_nice};
+pub use error::PagerError;
 pub use guest::{DestGuest, GuestError};
 pub use metrics::{PagerMetrics, Phase};
-pub use pager::{Outcome, PagerConfig, PagerError, PagerReport, run};
+pub use migration::{Outcome, PagerReport, run};
 pub use planner::{Prefetch, PrefetchMode};
 pub use uffd::UffdError;

@@ -25,6 +25,9 @@ pub enum Phase {
     Postcopy = 3,
     /// Every page is present.
     Done = 4,
+    /// The link to the source broke after switchover: the guest runs,
+    /// faults wait, the destination waits for the source to reconnect.
+    Paused = 5,
 }
 
 impl Phase {
@@ -36,6 +39,7 @@ impl Phase {
             Phase::Switchover => "switchover",
             Phase::Postcopy => "postcopy",
             Phase::Done => "done",
+            Phase::Paused => "paused",
         }
     }
 }
@@ -82,6 +86,10 @@ pub struct PagerMetrics {
     pub install_retries: AtomicU64,
     /// Bytes received on both connections.
     pub bytes_received: AtomicU64,
+    /// Times the source reconnected after a broken link and the migration resumed.
+    pub recoveries: AtomicU64,
+    /// Time spent paused (link broken, waiting for the source), ns.
+    pub paused_ns: AtomicU64,
     /// Fault event read to page installed, per fault served over the network.
     pub fault_latency: Mutex<LatencyHist>,
     /// The same for faults on pages held here, mapped without a round trip.
@@ -110,6 +118,7 @@ impl PagerMetrics {
             1 => Phase::Precopy,
             2 => Phase::Switchover,
             3 => Phase::Postcopy,
+            5 => Phase::Paused,
             _ => Phase::Done,
         }
     }

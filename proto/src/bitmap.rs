@@ -91,6 +91,14 @@ impl PageBitmap {
         true
     }
 
+    /// Set every page set in `other` (of the same length).
+    pub fn union_with(&mut self, other: &PageBitmap) {
+        debug_assert_eq!(self.len, other.len);
+        for (a, b) in self.words.iter_mut().zip(&other.words) {
+            *a |= *b;
+        }
+    }
+
     fn clear_tail(&mut self) {
         let rem = self.len % WORD_BITS;
         if rem != 0

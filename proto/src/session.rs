@@ -13,20 +13,28 @@
 //!
 //! The source's view mirrors it. The bulk connection has its own small
 //! machine ([`DestBulk`]).
+//!
+//! Recovery (when `FEATURE_RECOVERY` is negotiated): after a connection
+//! breaks, the source's machine goes to *reconnecting* ([`SourceSession::on_link_lost`])
+//! and answers the next ServerHello with a Resume bound to the session (and
+//! to the key); the destination checks it with [`DestSession::on_resume`]
+//! and answers with what it holds and a [`ResumeState`]. A destination that
+//! answered `NotSwitched` never resumes the guest afterwards: the source has
+//! taken it back.
 
 use crate::auth;
 use crate::bitmap::PageBitmap;
 use crate::types::{LayoutError, MemLayout, PageIdx, PageRange, PageSize};
 use crate::wire::{
-    ErrorCode, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, SERVER_FLAG_AUTH_REQUIRED, ServerHello,
-    SourceStats, Tag, VERSION, hello_mac_input,
+    ErrorCode, FEATURE_RECOVERY, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, ResumeState,
+    SERVER_FLAG_AUTH_REQUIRED, ServerHello, SourceStats, Tag, VERSION, WordList, hello_mac_input, resume_mac_input,
 };
 
 /// Oldest protocol version this build accepts.
 pub const MIN_VERSION: u16 = 1;
 
-/// Feature bits this build understands (none yet beyond the base protocol).
-pub const SUPPORTED_FEATURES: u64 = 0;
+/// Feature bits this build understands.
+pub const SUPPORTED_FEATURES: u64 = FEATURE_RECOVERY;
 
 /// A message was illegal for the session, or the peer reported an error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -117,6 +125,26 @@ fn peer_error(msg: &Msg<'_>) -> Option<SessionError> {
     }
 }
 
+/// Load a peer's bitmap words into `bm`, refusing words past its end.
+fn load_words(
+    bm: &mut PageBitmap,
+    what: &'static str,
+    first_word: u64,
+    words: &WordList<'_>,
+) -> Result<(), SessionError> {
+    let buf: Vec<u64> = words.iter().collect();
+    if usize::try_from(first_word).is_ok_and(|w| bm.load_words(w, &buf)) {
+        Ok(())
+    } else {
+        Err(SessionError::OutOfRange {
+            what,
+            first: first_word.saturating_mul(64),
+            n_pages: words.len() as u64 * 64,
+            n_pages_total: bm.len(),
+        })
+    }
+}
+
 fn check_pages(layout: &MemLayout, what: &'static str, first: PageIdx, n_pages: u64) -> Result<(), SessionError> {
     if layout.contains_range(first, n_pages) {
         Ok(())
@@ -139,6 +167,8 @@ pub struct DestExpect {
     /// Most guest memory the destination will allocate, in bytes: checked
     /// on the hello, before anything sized by the peer is allocated.
     pub max_mem_bytes: Option<u64>,
+    /// Whether the destination offers post-copy recovery.
+    pub recovery: bool,
 }
 
 /// What the destination accepted.
@@ -211,6 +241,9 @@ pub struct DestSession {
     layout: Option<MemLayout>,
     got_state: bool,
     outstanding: Option<PageBitmap>,
+    recovery: bool,
+    /// We told a reconnecting source that no switchover happened here.
+    cancelled: bool,
 }
 
 impl DestSession {
@@ -225,13 +258,21 @@ impl DestSession {
             layout: None,
             got_state: false,
             outstanding: None,
+            recovery: false,
+            cancelled: false,
         }
     }
 
     /// The first message to send.
     pub fn server_hello(&self) -> Msg<'static> {
+        self.server_hello_with(self.nonce)
+    }
+
+    /// The server hello that challenges a reconnecting source with a fresh
+    /// `nonce` (each attempt its own, so a recorded Resume cannot be replayed).
+    pub fn server_hello_with(&self, nonce: [u8; NONCE_LEN]) -> Msg<'static> {
         let flags = if self.expect.key.is_some() { SERVER_FLAG_AUTH_REQUIRED } else { 0 };
-        Msg::ServerHello(ServerHello { min_version: MIN_VERSION, max_version: VERSION, flags, nonce: self.nonce })
+        Msg::ServerHello(ServerHello { min_version: MIN_VERSION, max_version: VERSION, flags, nonce })
     }
 
     /// The session cookie.
@@ -284,7 +325,7 @@ impl DestSession {
             layout,
             mode: h.mode,
             guest_kind: h.guest_kind,
-            features: h.features & SUPPORTED_FEATURES,
+            features: h.features & SUPPORTED_FEATURES & if self.expect.recovery { u64::MAX } else { !FEATURE_RECOVERY },
             version: h.version,
             prefetch_pages: h.prefetch_pages,
             prefetch_around: h.prefetch_around,
@@ -301,6 +342,7 @@ impl DestSession {
         match (self.phase, msg) {
             (DestPhase::AwaitHello, Msg::Hello(h)) => {
                 let a = self.accept(h)?;
+                self.recovery = a.features & FEATURE_RECOVERY != 0;
                 self.outstanding = Some(PageBitmap::new(a.layout.n_pages()));
                 self.layout = Some(a.layout.clone());
                 self.phase = DestPhase::PreSwitchover;
@@ -314,17 +356,7 @@ impl DestSession {
             }
             (DestPhase::PreSwitchover, Msg::Outstanding { first_word, words }) => {
                 let Some(bm) = self.outstanding.as_mut() else { return Err(unexpected(self.phase)) };
-                let mut buf = Vec::with_capacity(words.len());
-                buf.extend(words.iter());
-                let fits = usize::try_from(*first_word).is_ok_and(|w| bm.load_words(w, &buf));
-                if !fits {
-                    return Err(SessionError::OutOfRange {
-                        what: "outstanding bitmap",
-                        first: first_word.saturating_mul(64),
-                        n_pages: words.len() as u64 * 64,
-                        n_pages_total: bm.len(),
-                    });
-                }
+                load_words(bm, "outstanding bitmap", *first_word, words)?;
                 Ok(DestEvent::Data)
             }
             (DestPhase::PreSwitchover, Msg::Switchover { n_outstanding, precopy_rounds }) => {
@@ -359,6 +391,57 @@ impl DestSession {
     pub fn on_complete_sent(&mut self) {
         debug_assert_eq!(self.phase, DestPhase::Postcopy);
         self.phase = DestPhase::Completing;
+    }
+
+    /// Whether post-copy recovery was negotiated.
+    pub fn recovery(&self) -> bool {
+        self.recovery
+    }
+
+    /// Whether the source has sent the guest state (it pauses the guest
+    /// first): from then on a broken link leaves it in doubt, and it may
+    /// come back to ask.
+    pub fn got_state(&self) -> bool {
+        self.got_state
+    }
+
+    /// Check the first message of a reconnecting source, which was
+    /// challenged with `nonce`, and say where this side stands. Answering
+    /// `NotSwitched` cancels the session here for good.
+    pub fn on_resume(&mut self, nonce: &[u8; NONCE_LEN], msg: &Msg<'_>) -> Result<ResumeState, SessionError> {
+        if let Some(e) = peer_error(msg) {
+            return Err(e);
+        }
+        let Msg::Resume { version, session, mac } = msg else {
+            return Err(SessionError::Unexpected { tag: msg.tag(), phase: "awaiting resume" });
+        };
+        if !self.recovery || self.phase == DestPhase::AwaitHello {
+            return Err(SessionError::Unexpected { tag: Tag::Resume, phase: "without recovery" });
+        }
+        if *version < MIN_VERSION || *version > VERSION {
+            return Err(SessionError::Version { min: *version, max: *version });
+        }
+        if let Some(key) = &self.expect.key {
+            if *mac == [0u8; MAC_LEN] {
+                return Err(SessionError::Auth("the destination requires a key and the resume carries none"));
+            }
+            if !auth::verify_hello_mac(key, nonce, &resume_mac_input(*version, *session), mac) {
+                return Err(SessionError::Auth("wrong key"));
+            }
+        }
+        if *session != self.session {
+            return Err(SessionError::Auth("resume presented an unknown session"));
+        }
+        Ok(match self.phase {
+            DestPhase::Postcopy => ResumeState::Running,
+            DestPhase::Completing => ResumeState::Complete,
+            DestPhase::Done if !self.cancelled => ResumeState::Complete,
+            DestPhase::AwaitHello | DestPhase::PreSwitchover | DestPhase::Done => {
+                self.phase = DestPhase::Done;
+                self.cancelled = true;
+                ResumeState::NotSwitched
+            }
+        })
     }
 }
 
@@ -475,6 +558,10 @@ enum SourcePhase {
     Ready,
     AwaitSwitchoverAck,
     Postcopy,
+    /// A link broke: the next ServerHello gets a Resume.
+    Reconnecting,
+    /// Resume sent: Have frames, then ResumeAck.
+    AwaitResumeAck,
     Done,
 }
 
@@ -486,6 +573,8 @@ impl SourcePhase {
             SourcePhase::Ready => "before switchover",
             SourcePhase::AwaitSwitchoverAck => "awaiting switchover ack",
             SourcePhase::Postcopy => "in postcopy",
+            SourcePhase::Reconnecting => "reconnecting",
+            SourcePhase::AwaitResumeAck => "awaiting resume ack",
             SourcePhase::Done => "done",
         }
     }
@@ -506,6 +595,8 @@ pub struct SourceOffer {
     pub prefetch_pages: u32,
     /// Whether that window is centered on the fault.
     pub prefetch_around: bool,
+    /// Whether to offer post-copy recovery.
+    pub recovery: bool,
 }
 
 /// What a legal message means to the source driver.
@@ -528,6 +619,25 @@ pub enum SourceEvent {
     Complete,
     /// Peer alive.
     KeepAlive,
+    /// A reconnecting source answers the server hello with this Resume.
+    SendResume {
+        /// Version.
+        version: u16,
+        /// The session cookie.
+        session: u64,
+        /// Its MAC, or zeros.
+        mac: [u8; MAC_LEN],
+    },
+    /// Part of the destination's Have bitmap (kept by the session).
+    Have,
+    /// The resume handshake is over: what the destination says, and the
+    /// pages it holds.
+    Reattached {
+        /// Where the destination stands.
+        state: ResumeState,
+        /// Pages it holds (present or held from precopy).
+        have: PageBitmap,
+    },
 }
 
 /// The source's control-connection state machine.
@@ -535,12 +645,60 @@ pub enum SourceEvent {
 pub struct SourceSession {
     phase: SourcePhase,
     offer: SourceOffer,
+    session: u64,
+    recovery: bool,
+    /// The destination acknowledged the switchover at some point.
+    acked: bool,
+    have: Option<PageBitmap>,
 }
 
 impl SourceSession {
     /// A new session making `offer`.
     pub fn new(offer: SourceOffer) -> Self {
-        SourceSession { phase: SourcePhase::AwaitServerHello, offer }
+        SourceSession {
+            phase: SourcePhase::AwaitServerHello,
+            offer,
+            session: 0,
+            recovery: false,
+            acked: false,
+            have: None,
+        }
+    }
+
+    /// Whether post-copy recovery was negotiated.
+    pub fn recovery(&self) -> bool {
+        self.recovery
+    }
+
+    /// The guest's page size.
+    pub fn page_size(&self) -> PageSize {
+        self.offer.layout.page_size()
+    }
+
+    /// The session cookie the destination handed out (0 before).
+    pub fn session_id(&self) -> u64 {
+        self.session
+    }
+
+    /// A link broke after the guest state went out: go reconnecting.
+    /// Returns false (and stays put) where recovery does not apply: not
+    /// negotiated, or before the switchover was sent (the guest is still
+    /// ours), or after completion.
+    pub fn on_link_lost(&mut self) -> bool {
+        let resumable = matches!(
+            self.phase,
+            SourcePhase::AwaitSwitchoverAck
+                | SourcePhase::Postcopy
+                | SourcePhase::Reconnecting
+                | SourcePhase::AwaitResumeAck
+        );
+        if self.recovery && resumable {
+            self.phase = SourcePhase::Reconnecting;
+            self.have = None;
+            true
+        } else {
+            false
+        }
     }
 
     /// Check a received message and advance.
@@ -560,7 +718,7 @@ impl SourceSession {
                     version,
                     guest_kind: self.offer.guest_kind,
                     mode: self.offer.mode,
-                    features: SUPPORTED_FEATURES,
+                    features: if self.offer.recovery { SUPPORTED_FEATURES } else { 0 },
                     page_size: self.offer.layout.page_size(),
                     prefetch_pages: self.offer.prefetch_pages,
                     prefetch_around: self.offer.prefetch_around,
@@ -584,12 +742,58 @@ impl SourceSession {
                     )));
                 }
                 self.phase = SourcePhase::Ready;
+                self.session = *session;
+                self.recovery = features & FEATURE_RECOVERY != 0;
                 Ok(SourceEvent::Accepted { session: *session, features: *features })
             }
             (SourcePhase::AwaitServerHello | SourcePhase::AwaitHelloAck, _) => Err(unexpected(self.phase)),
+            (SourcePhase::Reconnecting, Msg::ServerHello(s)) => {
+                if s.min_version > VERSION || s.max_version < MIN_VERSION {
+                    return Err(SessionError::Version { min: s.min_version, max: s.max_version });
+                }
+                let version = VERSION.min(s.max_version);
+                let mac = match (&self.offer.key, s.flags & SERVER_FLAG_AUTH_REQUIRED != 0) {
+                    (Some(key), _) => auth::hello_mac(key, &s.nonce, &resume_mac_input(version, self.session)),
+                    (None, true) => {
+                        return Err(SessionError::Auth("the destination requires a key and none was given"));
+                    }
+                    (None, false) => [0; MAC_LEN],
+                };
+                self.phase = SourcePhase::AwaitResumeAck;
+                self.have = Some(PageBitmap::new(self.offer.layout.n_pages()));
+                Ok(SourceEvent::SendResume { version, session: self.session, mac })
+            }
+            (SourcePhase::Reconnecting, _) => Err(unexpected(self.phase)),
             (_, Msg::KeepAlive) => Ok(SourceEvent::KeepAlive),
+            (SourcePhase::AwaitResumeAck, Msg::Have { first_word, words }) => {
+                let Some(have) = self.have.as_mut() else { return Err(unexpected(self.phase)) };
+                load_words(have, "have bitmap", *first_word, words)?;
+                Ok(SourceEvent::Have)
+            }
+            (SourcePhase::AwaitResumeAck, Msg::ResumeAck { state, n_have }) => {
+                let Some(have) = self.have.take() else { return Err(unexpected(self.phase)) };
+                let sent = have.count_ones();
+                if sent != *n_have {
+                    return Err(SessionError::Count { what: "pages the destination holds", said: *n_have, sent });
+                }
+                self.phase = match state {
+                    ResumeState::Running => {
+                        self.acked = true;
+                        SourcePhase::Postcopy
+                    }
+                    ResumeState::Complete => SourcePhase::Done,
+                    ResumeState::NotSwitched if self.acked => {
+                        return Err(SessionError::Mismatch(
+                            "the destination says no switchover happened after acknowledging one".into(),
+                        ));
+                    }
+                    ResumeState::NotSwitched => SourcePhase::Done,
+                };
+                Ok(SourceEvent::Reattached { state: *state, have })
+            }
             (SourcePhase::AwaitSwitchoverAck, Msg::SwitchoverAck(t)) => {
                 self.phase = SourcePhase::Postcopy;
+                self.acked = true;
                 Ok(SourceEvent::Resumed(*t))
             }
             (SourcePhase::Postcopy, Msg::RangeRequest { ranges, .. }) => {
@@ -619,13 +823,17 @@ impl SourceSession {
     /// Whether the guest has been acknowledged as running on the destination:
     /// from then on the source must never resume it.
     pub fn switched_over(&self) -> bool {
-        matches!(self.phase, SourcePhase::Postcopy | SourcePhase::Done)
+        self.acked
     }
 
     /// Whether the switchover was sent but not acknowledged: the outcome is
     /// unknown, so the source must neither resume nor drop the guest.
     pub fn switchover_in_doubt(&self) -> bool {
-        self.phase == SourcePhase::AwaitSwitchoverAck
+        !self.acked
+            && matches!(
+                self.phase,
+                SourcePhase::AwaitSwitchoverAck | SourcePhase::Reconnecting | SourcePhase::AwaitResumeAck
+            )
     }
 }
 
@@ -639,6 +847,7 @@ pub fn check_range(layout: &MemLayout, what: &'static str, r: PageRange) -> Resu
 mod tests {
     use super::*;
     use crate::wire::{ResumeTimes, encode_ranges, encode_words, range_list, word_list};
+    use crate::{PageIdx, PageRange};
 
     fn layout() -> MemLayout {
         MemLayout::single(PageSize::Size4K, 128 * 4096).unwrap()
@@ -652,19 +861,162 @@ mod tests {
             key: key.map(<[u8]>::to_vec),
             prefetch_pages: 0,
             prefetch_around: false,
+            recovery: true,
         }
     }
 
     /// Drive both machines through a handshake; returns them ready.
     fn handshake(key_d: Option<&[u8]>, key_s: Option<&[u8]>) -> Result<(DestSession, SourceSession), SessionError> {
-        let mut d = DestSession::new(DestExpect { key: key_d.map(<[u8]>::to_vec), ..Default::default() }, [5; 16], 77);
+        let expect = DestExpect { key: key_d.map(<[u8]>::to_vec), recovery: true, ..Default::default() };
+        let mut d = DestSession::new(expect, [5; 16], 77);
         let mut s = SourceSession::new(offer(key_s));
         let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello())? else { panic!("no hello") };
         let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h))? else { panic!("not accepted") };
         assert_eq!(a.layout, layout());
         let ack = Msg::HelloAck { session: d.session(), features: a.features };
-        assert_eq!(s.on_recv(&ack)?, SourceEvent::Accepted { session: 77, features: 0 });
+        assert_eq!(s.on_recv(&ack)?, SourceEvent::Accepted { session: 77, features: FEATURE_RECOVERY });
+        assert!(d.recovery() && s.recovery());
         Ok((d, s))
+    }
+
+    /// Guest state and an empty outstanding set through to switchover.
+    fn switch(d: &mut DestSession, s: &mut SourceSession) {
+        d.on_recv(&Msg::GuestState(b"st")).unwrap();
+        s.on_switchover_sent();
+        assert!(matches!(
+            d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }).unwrap(),
+            DestEvent::SwitchoverReady { .. }
+        ));
+    }
+
+    /// A reconnecting source against the destination: ServerHello, Resume,
+    /// the Have frames of `have`, ResumeAck.
+    fn resume(
+        d: &mut DestSession,
+        s: &mut SourceSession,
+        nonce: [u8; 16],
+        have: &PageBitmap,
+    ) -> Result<SourceEvent, SessionError> {
+        let flags = if d.expect.key.is_some() { SERVER_FLAG_AUTH_REQUIRED } else { 0 };
+        let sh = Msg::ServerHello(ServerHello { min_version: 1, max_version: VERSION, flags, nonce });
+        let SourceEvent::SendResume { version, session, mac } = s.on_recv(&sh)? else { panic!("no resume") };
+        let state = d.on_resume(&nonce, &Msg::Resume { version, session, mac })?;
+        let mut wb = Vec::new();
+        encode_words(have.words(), &mut wb);
+        assert_eq!(s.on_recv(&Msg::Have { first_word: 0, words: word_list(&wb) })?, SourceEvent::Have);
+        s.on_recv(&Msg::ResumeAck { state, n_have: have.count_ones() })
+    }
+
+    #[test]
+    fn resume_after_switchover_is_bound_to_the_session_and_key() {
+        let (mut d, mut s) = handshake(Some(b"k"), Some(b"k")).unwrap();
+        switch(&mut d, &mut s);
+        assert!(s.switchover_in_doubt());
+        // The ack is lost with the link: the source reconnects in doubt.
+        assert!(s.on_link_lost());
+        assert!(s.switchover_in_doubt() && !s.switched_over());
+        let mut have = PageBitmap::new(128);
+        have.set_range(PageRange::new(PageIdx(3), 10));
+        let ev = resume(&mut d, &mut s, [9; 16], &have).unwrap();
+        assert_eq!(ev, SourceEvent::Reattached { state: ResumeState::Running, have: have.clone() });
+        assert!(s.switched_over() && !s.switchover_in_doubt());
+        // Requests flow on the new link.
+        let mut rb = Vec::new();
+        encode_ranges(&[PageRange::new(PageIdx(0), 1)], &mut rb);
+        assert_eq!(s.on_recv(&Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }).unwrap(), SourceEvent::Request);
+        // Lost again; a resume with the wrong session, or forged without the key, is refused.
+        assert!(s.on_link_lost());
+        let nonce = [4; 16];
+        let bad_session = Msg::Resume {
+            version: 1,
+            session: 78,
+            mac: crate::auth::hello_mac(b"k", &nonce, &resume_mac_input(1, 78)),
+        };
+        assert_eq!(d.on_resume(&nonce, &bad_session), Err(SessionError::Auth("resume presented an unknown session")));
+        let forged = Msg::Resume {
+            version: 1,
+            session: 77,
+            mac: crate::auth::hello_mac(b"x", &nonce, &resume_mac_input(1, 77)),
+        };
+        assert_eq!(d.on_resume(&nonce, &forged), Err(SessionError::Auth("wrong key")));
+        let replayed = Msg::Resume {
+            version: 1,
+            session: 77,
+            mac: crate::auth::hello_mac(b"k", &[1; 16], &resume_mac_input(1, 77)),
+        };
+        assert_eq!(d.on_resume(&nonce, &replayed), Err(SessionError::Auth("wrong key")), "another nonce's MAC");
+        assert!(matches!(d.on_resume(&nonce, &Msg::KeepAlive), Err(SessionError::Unexpected { .. })));
+        // A Have bitmap that disagrees with its count, or runs past the guest, is refused.
+        let sh = Msg::ServerHello(ServerHello { min_version: 1, max_version: 1, flags: 1, nonce });
+        assert!(matches!(s.on_recv(&sh).unwrap(), SourceEvent::SendResume { .. }));
+        let mut wb = Vec::new();
+        encode_words(&[1, 1, 1], &mut wb);
+        assert!(matches!(
+            s.on_recv(&Msg::Have { first_word: 0, words: word_list(&wb) }),
+            Err(SessionError::OutOfRange { .. })
+        ));
+        assert!(s.on_link_lost());
+        assert!(matches!(s.on_recv(&sh).unwrap(), SourceEvent::SendResume { .. }));
+        let e = s.on_recv(&Msg::ResumeAck { state: ResumeState::Running, n_have: 5 }).unwrap_err();
+        assert!(matches!(e, SessionError::Count { .. }));
+        // Completion, then a resume: the destination says it is complete.
+        d.on_complete_sent();
+        assert!(s.on_link_lost());
+        let ev = resume(&mut d, &mut s, [8; 16], &PageBitmap::full(128)).unwrap();
+        assert!(matches!(ev, SourceEvent::Reattached { state: ResumeState::Complete, .. }));
+        assert!(matches!(d.on_recv(&Msg::CompleteAck(SourceStats::default())).unwrap(), DestEvent::Finished(_)));
+    }
+
+    #[test]
+    fn resume_before_switchover_cancels_the_destination_for_good() {
+        let (mut d, mut s) = handshake(None, None).unwrap();
+        d.on_recv(&Msg::GuestState(b"st")).unwrap();
+        assert!(d.got_state());
+        // Before the switchover is sent the source does not reconnect: the guest is its own.
+        assert!(!s.on_link_lost());
+        s.on_switchover_sent();
+        assert!(s.on_link_lost());
+        let ev = resume(&mut d, &mut s, [1; 16], &PageBitmap::new(128)).unwrap();
+        assert!(matches!(ev, SourceEvent::Reattached { state: ResumeState::NotSwitched, .. }));
+        // The Switchover arriving late is refused: the source took the guest back.
+        let e = d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }).unwrap_err();
+        assert!(matches!(e, SessionError::Unexpected { .. }));
+        // Asked again, the answer stays.
+        let mut s2 = SourceSession::new(offer(None));
+        s2.phase = SourcePhase::Reconnecting;
+        s2.recovery = true;
+        s2.session = 77;
+        assert!(matches!(
+            resume(&mut d, &mut s2, [2; 16], &PageBitmap::new(128)).unwrap(),
+            SourceEvent::Reattached { state: ResumeState::NotSwitched, .. }
+        ));
+        // A destination that acknowledged a switchover cannot take it back.
+        let (mut d, mut s) = handshake(None, None).unwrap();
+        switch(&mut d, &mut s);
+        s.on_recv(&Msg::SwitchoverAck(crate::wire::ResumeTimes::default())).unwrap();
+        assert!(s.on_link_lost());
+        let sh = Msg::ServerHello(ServerHello { min_version: 1, max_version: 1, flags: 0, nonce: [0; 16] });
+        s.on_recv(&sh).unwrap();
+        let e = s.on_recv(&Msg::ResumeAck { state: ResumeState::NotSwitched, n_have: 0 }).unwrap_err();
+        assert!(matches!(e, SessionError::Mismatch(_)));
+    }
+
+    #[test]
+    fn recovery_is_negotiated_not_assumed() {
+        // A destination that does not offer it: the feature is not accepted,
+        // a link loss ends the run, and a Resume is refused.
+        let mut d = DestSession::new(DestExpect::default(), [5; 16], 77);
+        let mut s = SourceSession::new(offer(None));
+        let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello()).unwrap() else { panic!() };
+        assert_eq!(h.features, FEATURE_RECOVERY);
+        let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h)).unwrap() else { panic!() };
+        assert_eq!(a.features, 0);
+        s.on_recv(&Msg::HelloAck { session: 77, features: a.features }).unwrap();
+        assert!(!s.recovery());
+        switch(&mut d, &mut s);
+        assert!(!s.on_link_lost());
+        let r = d.on_resume(&[0; 16], &Msg::Resume { version: 1, session: 77, mac: [0; 32] });
+        assert!(matches!(r, Err(SessionError::Unexpected { .. })));
     }
 
     #[test]

@@ -25,6 +25,25 @@
 //! either:   KeepAlive at any time after the handshake; Error then close at any time.
 //! ```
 //!
+//! # Recovery
+//!
+//! With the `FEATURE_RECOVERY` bit negotiated, a control or bulk connection
+//! that breaks (or goes silent) once the source has sent GuestState does not
+//! end the run: both sides drop both connections, the destination keeps the
+//! guest running and listens, the source reconnects and resumes the session:
+//!
+//! ```text
+//! control:  D->S ServerHello   S->D Resume(session, mac)
+//!           D->S Have*  ResumeAck(state, n_have)
+//! bulk:     S->D BulkHello(session)                          (state Running only)
+//! control:  D->S RangeRequest* (the waiting faults first) ... as in postcopy
+//! ```
+//!
+//! `state` settles what the source could not know: `Running` (the guest
+//! runs on the destination: serve and push what it lacks), `NotSwitched`
+//! (no switchover happened there: the source resumes the guest), `Complete`
+//! (every page is there: the source answers Complete with CompleteAck).
+//!
 //! # Frames
 //!
 //! Every frame is an 8-byte header followed by `body_len` bytes of body. All
@@ -69,6 +88,12 @@
 //!                  pages_pushed u64, pages_demand u64, requests u64,
 //!                  push_ns u64 (first push frame to PushDone written)
 //! 16 PrecopyRound  round u32, reserved u32, n_pages u64 (pages sent this round)
+//! 17 Resume        magic u32, version u16, reserved u16, session u64, mac [32]
+//!                  mac = HMAC-SHA256(key, nonce || body-without-mac), or zeros
+//! 18 Have          first_word u64, words u64 x n (bitmap of the pages the
+//!                  destination holds, as in Outstanding; n <= 131072)
+//! 19 ResumeAck     state u8 (1 running, 2 not switched, 3 complete),
+//!                  reserved [7], n_have u64 (population count of the Have bitmap)
 //! ```
 //!
 //! # Versioning
@@ -107,6 +132,8 @@ pub const NONCE_LEN: usize = 16;
 pub const MAC_LEN: usize = 32;
 /// ServerHello flag: the destination requires a pre-shared key.
 pub const SERVER_FLAG_AUTH_REQUIRED: u32 = 1;
+/// Feature bit: post-copy recovery (Resume, Have, ResumeAck; see the module doc).
+pub const FEATURE_RECOVERY: u64 = 1;
 
 /// Message type tags.
 #[repr(u8)]
@@ -144,6 +171,12 @@ pub enum Tag {
     CompleteAck = 15,
     /// See module doc.
     PrecopyRound = 16,
+    /// See module doc.
+    Resume = 17,
+    /// See module doc.
+    Have = 18,
+    /// See module doc.
+    ResumeAck = 19,
 }
 
 impl Tag {
@@ -165,6 +198,9 @@ impl Tag {
             14 => Tag::Complete,
             15 => Tag::CompleteAck,
             16 => Tag::PrecopyRound,
+            17 => Tag::Resume,
+            18 => Tag::Have,
+            19 => Tag::ResumeAck,
             _ => return None,
         })
     }
@@ -194,6 +230,9 @@ impl Tag {
             Tag::Complete => 8,
             Tag::CompleteAck => 56,
             Tag::PrecopyRound => 16,
+            Tag::Resume => u32_of(16 + MAC_LEN as u64),
+            Tag::Have => 8 + 8 * MAX_OUTSTANDING_WORDS,
+            Tag::ResumeAck => 16,
         }
     }
 }
@@ -405,6 +444,29 @@ impl ErrorCode {
     }
 }
 
+/// What the destination tells a reconnecting source (see the module doc).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ResumeState {
+    /// The guest runs on the destination: serve and push what it lacks.
+    Running = 1,
+    /// No switchover happened there: the guest is the source's again.
+    NotSwitched = 2,
+    /// Every page is there: only the completion exchange is left.
+    Complete = 3,
+}
+
+impl ResumeState {
+    fn from_u8(v: u8) -> Option<ResumeState> {
+        match v {
+            1 => Some(ResumeState::Running),
+            2 => Some(ResumeState::NotSwitched),
+            3 => Some(ResumeState::Complete),
+            _ => None,
+        }
+    }
+}
+
 /// First message of the control connection, destination to source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServerHello {
@@ -605,6 +667,29 @@ pub enum Msg<'a> {
         /// Pages sent in the round.
         n_pages: u64,
     },
+    /// See module doc.
+    Resume {
+        /// Protocol version.
+        version: u16,
+        /// Session cookie from the first HelloAck.
+        session: u64,
+        /// HMAC over the nonce and the body, or zeros.
+        mac: [u8; MAC_LEN],
+    },
+    /// See module doc.
+    Have {
+        /// Index of the first bitmap word carried.
+        first_word: u64,
+        /// The words.
+        words: WordList<'a>,
+    },
+    /// See module doc.
+    ResumeAck {
+        /// What the destination's side of the session is.
+        state: ResumeState,
+        /// Pages the Have bitmap names.
+        n_have: u64,
+    },
 }
 
 /// Little-endian cursor over a body; every read is bounds-checked.
@@ -770,7 +855,7 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
         }
         Tag::KeepAlive => Msg::KeepAlive,
         Tag::GuestState => Msg::GuestState(rd.rest()),
-        Tag::Outstanding => {
+        Tag::Outstanding | Tag::Have => {
             let first_word = rd.u64()?;
             let rest = rd.rest();
             if !rest.len().is_multiple_of(8) || rest.is_empty() {
@@ -780,7 +865,11 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
                     expected: 8 + (rest.len() as u64 / 8 + 1) * 8,
                 });
             }
-            Msg::Outstanding { first_word, words: WordList(rest) }
+            if tag == Tag::Have {
+                Msg::Have { first_word, words: WordList(rest) }
+            } else {
+                Msg::Outstanding { first_word, words: WordList(rest) }
+            }
         }
         Tag::Switchover => {
             let n_outstanding = rd.u64()?;
@@ -835,6 +924,24 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
                 return Err(DecodeError::Reserved(tag));
             }
             Msg::PrecopyRound { round, n_pages: rd.u64()? }
+        }
+        Tag::Resume => {
+            check_magic(&mut rd)?;
+            let version = rd.u16()?;
+            if rd.u16()? != 0 {
+                return Err(DecodeError::Reserved(tag));
+            }
+            let session = rd.u64()?;
+            Msg::Resume { version, session, mac: rd.array::<MAC_LEN>()? }
+        }
+        Tag::ResumeAck => {
+            let st = rd.u8()?;
+            let state =
+                ResumeState::from_u8(st).ok_or(DecodeError::Invalid { tag, field: "state", value: st.into() })?;
+            if rd.array::<7>()? != [0; 7] {
+                return Err(DecodeError::Reserved(tag));
+            }
+            Msg::ResumeAck { state, n_have: rd.u64()? }
         }
     };
     rd.finish(tag)?;
@@ -935,6 +1042,15 @@ pub fn hello_mac_input(h: &Hello) -> Vec<u8> {
     out
 }
 
+/// The Resume body without its MAC: what the MAC covers.
+pub fn resume_mac_input(version: u16, session: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    out[4..6].copy_from_slice(&version.to_le_bytes());
+    out[8..16].copy_from_slice(&session.to_le_bytes());
+    out
+}
+
 /// The header and fixed prefix of a Pages frame whose data follows separately
 /// (gathered straight from guest memory with `writev`).
 pub fn pages_prefix(
@@ -974,6 +1090,9 @@ impl Msg<'_> {
             Msg::Complete { .. } => Tag::Complete,
             Msg::CompleteAck(_) => Tag::CompleteAck,
             Msg::PrecopyRound { .. } => Tag::PrecopyRound,
+            Msg::Resume { .. } => Tag::Resume,
+            Msg::Have { .. } => Tag::Have,
+            Msg::ResumeAck { .. } => Tag::ResumeAck,
         }
     }
 
@@ -1019,7 +1138,7 @@ impl Msg<'_> {
             }
             Msg::KeepAlive => {}
             Msg::GuestState(b) => out.extend_from_slice(b),
-            Msg::Outstanding { first_word, words } => {
+            Msg::Outstanding { first_word, words } | Msg::Have { first_word, words } => {
                 put_u64(out, *first_word);
                 out.extend_from_slice(words.0);
             }
@@ -1064,6 +1183,14 @@ impl Msg<'_> {
                 put_u32(out, 0);
                 put_u64(out, *n_pages);
             }
+            Msg::Resume { version, session, mac } => {
+                out.extend_from_slice(&resume_mac_input(*version, *session));
+                out.extend_from_slice(mac);
+            }
+            Msg::ResumeAck { state, n_have } => {
+                out.extend_from_slice(&[*state as u8, 0, 0, 0, 0, 0, 0, 0]);
+                put_u64(out, *n_have);
+            }
         }
         let body_len = len_u32(out.len() - start - HEADER_LEN);
         out[start..start + HEADER_LEN].copy_from_slice(&FrameHeader::encode(self.tag(), body_len));
@@ -1097,6 +1224,17 @@ pub fn encode_words(words: &[u64], out: &mut Vec<u8>) {
     for w in words {
         put_u64(out, *w);
     }
+}
+
+/// A page bitmap's words in chunks of at most [`MAX_OUTSTANDING_WORDS`]
+/// (one Outstanding or Have frame each) with the index of each chunk's first
+/// word, skipping chunks that are all zero.
+pub fn bitmap_chunks(words: &[u64]) -> impl Iterator<Item = (u64, &[u64])> {
+    words
+        .chunks(MAX_OUTSTANDING_WORDS as usize)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|w| *w != 0))
+        .map(|(i, c)| (i as u64 * u64::from(MAX_OUTSTANDING_WORDS), c))
 }
 
 /// Borrow encoded words as a list (for building an Outstanding message).
@@ -1181,13 +1319,16 @@ mod tests {
                 push_ns: 7,
             }),
             Msg::PrecopyRound { round: 3, n_pages: 1000 },
+            Msg::Resume { version: 1, session: 0x1234, mac: [3; MAC_LEN] },
+            Msg::Have { first_word: 2, words: word_list(&wb) },
+            Msg::ResumeAck { state: ResumeState::NotSwitched, n_have: 65 },
         ];
         let mut seen = std::collections::HashSet::new();
         for m in &msgs {
             roundtrip(m);
             seen.insert(m.tag() as u8);
         }
-        assert_eq!(seen.len(), 16, "a message type lacks a round-trip case");
+        assert_eq!(seen.len(), 19, "a message type lacks a round-trip case");
     }
 
     #[test]
@@ -1291,7 +1432,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_never_panics_with_valid_header(tag in 1u8..=16, body in proptest::collection::vec(any::<u8>(), 0..200)) {
+        fn decode_never_panics_with_valid_header(tag in 1u8..=19, body in proptest::collection::vec(any::<u8>(), 0..200)) {
             let mut f = vec![tag, 0, 0, 0];
             f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
             f.extend_from_slice(&body);

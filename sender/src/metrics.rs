@@ -19,6 +19,10 @@ pub struct SenderMetrics {
     pub bytes_sent: AtomicU64,
     /// First push frame to PushDone written, ns (0 until the push ends).
     pub push_ns: AtomicU64,
+    /// Times a broken link was restored and the migration resumed.
+    pub recoveries: AtomicU64,
+    /// Time spent reconnecting, ns.
+    pub paused_ns: AtomicU64,
 }
 
 impl SenderMetrics {

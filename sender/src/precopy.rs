@@ -24,10 +24,11 @@ use proto::wire::{Mode, Msg, PageKind};
 use proto::{PageBitmap, PageRange};
 use transport::{Conn, IoSpan};
 
+use crate::config::SenderConfig;
+use crate::error::SenderError;
 use crate::guest::SourceGuest;
 use crate::map::SourceMap;
 use crate::metrics::SenderMetrics;
-use crate::sender::{SenderConfig, SenderError};
 
 /// When to leave precopy.
 #[derive(Clone, Debug)]

@@ -15,9 +15,9 @@ use proto::wire::{Msg, PageKind};
 use proto::{AtomicPageBitmap, PageBitmap, PageIdx, PageRange};
 use transport::{Conn, IoSpan};
 
+use crate::error::SenderError;
 use crate::map::SourceMap;
 use crate::metrics::SenderMetrics;
-use crate::sender::SenderError;
 
 /// No restart requested.
 pub(crate) const NO_HINT: u64 = u64::MAX;

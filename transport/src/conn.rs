@@ -88,6 +88,21 @@ pub enum TransportError {
     },
 }
 
+impl TransportError {
+    /// Whether the link itself failed (closed, reset, stalled, timed out),
+    /// as opposed to the peer sending bytes that break the protocol: only
+    /// the first is worth reconnecting for.
+    pub fn is_link_failure(&self) -> bool {
+        match self {
+            TransportError::Closed { .. }
+            | TransportError::SendTimeout { .. }
+            | TransportError::Io { .. }
+            | TransportError::Timeout { .. } => true,
+            TransportError::Decode { .. } | TransportError::Refused { .. } => false,
+        }
+    }
+}
+
 /// A span of memory the kernel reads from when sending: guest memory on the
 /// source, which Rust code never dereferences while the guest may write it.
 #[derive(Clone, Copy, Debug)]
@@ -264,6 +279,19 @@ pub trait Conn: Send {
 
     /// Who the peer is, for messages.
     fn peer(&self) -> &str;
+}
+
+/// Where a destination takes its connections: the first pair, and every
+/// pair a reconnecting source opens later.
+pub trait Listener: Send + Sync {
+    /// Accept one connection, waiting until `deadline` at most
+    /// ([`TransportError::Timeout`] past it; a deadline already passed only
+    /// takes a connection that is waiting).
+    fn accept(&self, deadline: Instant) -> Result<Box<dyn Conn>, TransportError>;
+
+    /// A descriptor that polls readable when a connection waits, where the
+    /// listener has one (callers without it try `accept` on a tick).
+    fn readiness(&self) -> Option<BorrowedFd<'_>>;
 }
 
 /// Wait for `fd` to be readable (or writable) until `deadline`; `Ok(false)` on timeout.

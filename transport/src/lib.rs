@@ -10,9 +10,11 @@
 //!   for deterministic tests of the session logic.
 //! * [`sched`]: the priority of the threads that move bulk data.
 //!
-//! RDMA (one-sided writes for the push, reads or requests for faults) will be a
-//! third implementation behind a cargo feature; see DESIGN.md for how it maps
-//! onto this trait.
+//! * [`Listener`]: where a destination takes connections, the first pair and
+//!   those of a source that reconnects after a broken link.
+//!
+//! RDMA (one-sided writes for the push, reads or requests for faults) is not
+//! built yet: it would be a third implementation behind a cargo feature.
 
 mod conn;
 mod frames;
@@ -20,4 +22,4 @@ pub mod mem;
 pub mod sched;
 pub mod tcp;
 
-pub use conn::{Conn, IoSpan, IoSpanMut, PagePlacer, PlaceError, Placed, TransportError, Wait};
+pub use conn::{Conn, IoSpan, IoSpanMut, Listener, PagePlacer, PlaceError, Placed, TransportError, Wait};

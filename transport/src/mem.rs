@@ -35,6 +35,9 @@ pub struct MemLink {
     pub reorder_every: Option<u64>,
     /// Close the whole pair after this many frames were sent this way.
     pub disconnect_after: Option<u64>,
+    /// Swallow every frame sent this way after this many, without closing:
+    /// a link gone silent, which only liveness checks notice.
+    pub blackhole_after: Option<u64>,
 }
 
 struct PipeState {
@@ -190,6 +193,9 @@ impl MemConn {
             drop(st);
             self.shared.close();
             return Err(self.closed_err());
+        }
+        if p.link.blackhole_after.is_some_and(|k| n > k) {
+            return Ok(());
         }
         if is_pages {
             st.pages_frames += 1;
@@ -378,6 +384,42 @@ impl Drop for MemConn {
             tx.cv.notify_all();
         }
         self.shared.pipes[1 - self.tx].reader_gone.store(true, Ordering::Release);
+    }
+}
+
+/// A listener handing out connections queued with [`MemListener::push`]
+/// (the far ends of in-memory pairs), for tests of reconnection.
+#[derive(Default)]
+pub struct MemListener {
+    queue: Mutex<VecDeque<Box<dyn Conn>>>,
+}
+
+impl MemListener {
+    /// Queue a connection for the next `accept`.
+    pub fn push(&self, c: Box<dyn Conn>) {
+        self.queue.lock().push_back(c);
+    }
+}
+
+impl crate::Listener for MemListener {
+    fn accept(&self, deadline: Instant) -> Result<Box<dyn Conn>, TransportError> {
+        let started = Instant::now();
+        loop {
+            if let Some(c) = self.queue.lock().pop_front() {
+                return Ok(c);
+            }
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout {
+                    what: "waiting for an in-memory connection".into(),
+                    after: deadline.saturating_duration_since(started),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn readiness(&self) -> Option<BorrowedFd<'_>> {
+        None
     }
 }
 

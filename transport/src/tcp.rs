@@ -581,6 +581,16 @@ impl TcpListen {
     }
 }
 
+impl crate::Listener for TcpListen {
+    fn accept(&self, deadline: Instant) -> Result<Box<dyn Conn>, TransportError> {
+        TcpListen::accept(self, deadline).map(|c| Box::new(c) as Box<dyn Conn>)
+    }
+
+    fn readiness(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.l.as_fd())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

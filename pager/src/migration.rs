@@ -1,193 +1,37 @@
 //! The destination's whole run: handshake, guest memory registration,
-//! switchover, the fault loop and the bulk receiver, completion.
+//! switchover, the fault loop (with its recovery from broken links) and
+//! completion.
 //!
 //! Threads: the caller's thread runs the handshake and then the fault loop;
-//! one more thread receives the bulk connection. They share an [`Installer`]
-//! and a [`Shared`] block of flags. Any failure of either ends the run with
-//! an error (sent to the source too, best effort): a pager that cannot serve
-//! faults must not leave the guest hanging without saying so.
+//! one more thread receives each bulk connection (`bulk`), one maps pages
+//! held from precopy (`pager-map`). Before switchover any failure ends the
+//! run with an error (sent to the source too, best effort); if the source
+//! had already paused the guest, the destination first waits out the
+//! recovery window for it to ask what happened, and answers "not switched".
+//! After switchover a broken link pauses the migration (see `fault`).
 
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-use proto::session::{Accepted, DestBulk, DestEvent, DestExpect, DestSession, SessionError};
-use proto::wire::{ErrorCode, Msg, ResumeTimes, SourceStats};
+use proto::session::{Accepted, DestEvent, DestSession, SessionError};
+use proto::wire::{Msg, ResumeState, ResumeTimes, SourceStats};
 use proto::{LatencyHist, PageBitmap};
-use transport::{Conn, TransportError, Wait};
+use transport::{Conn, Listener, TransportError, Wait};
 
+use crate::bulk::{self, BulkLink};
+use crate::config::{PagerConfig, default_nice};
+use crate::error::PagerError;
 use crate::fault::FaultLoop;
 use crate::guest::{DestGuest, GuestError};
 use crate::install::{GuestMap, Installer};
 use crate::metrics::{PagerMetrics, Phase};
 use crate::planner::{Prefetch, PrefetchMode};
-use crate::uffd::{UffdError, Userfault};
-
-/// Why the destination's run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum PagerError {
-    /// A connection failed.
-    #[error("connection to the source failed")]
-    Transport(#[from] TransportError),
-    /// The source broke the protocol, or reported an error.
-    #[error("session with the source failed")]
-    Session(#[from] SessionError),
-    /// userfaultfd failed.
-    #[error("userfaultfd failed")]
-    Uffd(#[from] UffdError),
-    /// The guest failed.
-    #[error("guest failed: {0}")]
-    Guest(GuestError),
-    /// Nothing arrived from the source for too long.
-    #[error("no data from the source for {0:?}: presumed dead")]
-    PeerSilent(Duration),
-    /// A step did not finish in time.
-    #[error("timed out after {after:?} waiting for {what}")]
-    Timeout {
-        /// What was awaited.
-        what: &'static str,
-        /// The limit.
-        after: Duration,
-    },
-    /// A fault arrived for memory that is not the guest's.
-    #[error("fault at {0:#x}, outside guest memory")]
-    StrayFault(usize),
-    /// poll failed.
-    #[error("poll failed")]
-    Poll(#[source] nix::Error),
-    /// The bulk receiver failed.
-    #[error("bulk connection failed")]
-    Bulk(#[source] Box<PagerError>),
-    /// The source hung up while guest memory was being prepared; the work
-    /// stopped there.
-    #[error("the source went away while guest memory was being prepared")]
-    SourceGone,
-}
-
-impl PagerError {
-    fn code(&self) -> ErrorCode {
-        match self {
-            PagerError::Session(e) => e.code(),
-            _ => ErrorCode::Internal,
-        }
-    }
-}
-
-/// How the destination behaves.
-#[derive(Clone, Debug)]
-pub struct PagerConfig {
-    /// Pages asked for per fault; `None` takes what the source asked for
-    /// (and the default if it asked for nothing).
-    pub prefetch: Option<Prefetch>,
-    /// What the source must offer.
-    pub expect: DestExpect,
-    /// Longest wait for the hello and the bulk connection.
-    pub handshake_timeout: Duration,
-    /// The source is presumed dead after this long without a byte.
-    pub peer_timeout: Duration,
-    /// Send a keep-alive when idle this long.
-    pub keepalive: Duration,
-    /// Ask again for pages whose reply has not come after this long.
-    pub retry_after: Duration,
-    /// Nice value of the bulk receiver and the page mapper (see
-    /// `transport::sched`); `None` picks by mode (see [`default_nice`]).
-    pub background_nice: Option<i32>,
-}
-
-impl Default for PagerConfig {
-    fn default() -> Self {
-        PagerConfig {
-            prefetch: None,
-            expect: DestExpect::default(),
-            handshake_timeout: Duration::from_secs(30),
-            peer_timeout: Duration::from_secs(5),
-            keepalive: Duration::from_millis(250),
-            retry_after: Duration::from_secs(1),
-            background_nice: None,
-        }
-    }
-}
-
-/// The bulk threads' nice value when none is configured. Measured here (two
-/// CPUs): in hybrid and precopy modes the guest runs flat out next to the
-/// push, its receiver and the page mapper, and a demand-path thread sometimes
-/// waits out a CPU-bound thread's slice: fault p99 1.1-3.3 ms at nice 0,
-/// 85-152 us at nice 10. In pure postcopy the vCPU mostly waits on faults,
-/// and nice 10 made p99 worse (84-235 us against 64-67 us), so it stays 0.
-pub fn default_nice(mode: proto::wire::Mode) -> i32 {
-    match mode {
-        proto::wire::Mode::Postcopy => 0,
-        proto::wire::Mode::Hybrid | proto::wire::Mode::Precopy => 10,
-    }
-}
-
-/// Flags shared by the fault loop and the bulk receiver.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    epoch: Instant,
-    abort: AtomicBool,
-    switched: AtomicBool,
-    push_done: AtomicBool,
-    rounds_done: AtomicU32,
-    bulk_last_rx_ms: AtomicU64,
-    bulk_failed: AtomicBool,
-    bulk_error: Mutex<Option<PagerError>>,
-}
-
-impl Shared {
-    fn new() -> Self {
-        Shared {
-            epoch: Instant::now(),
-            abort: AtomicBool::new(false),
-            switched: AtomicBool::new(false),
-            push_done: AtomicBool::new(false),
-            rounds_done: AtomicU32::new(0),
-            bulk_last_rx_ms: AtomicU64::new(0),
-            bulk_failed: AtomicBool::new(false),
-            bulk_error: Mutex::new(None),
-        }
-    }
-
-    pub(crate) fn aborted(&self) -> bool {
-        self.abort.load(Ordering::Acquire)
-    }
-    pub(crate) fn switched(&self) -> bool {
-        self.switched.load(Ordering::Acquire)
-    }
-    pub(crate) fn push_done(&self) -> bool {
-        self.push_done.load(Ordering::Acquire)
-    }
-    pub(crate) fn set_push_done(&self) {
-        self.push_done.store(true, Ordering::Release);
-    }
-    pub(crate) fn round_done(&self) {
-        self.rounds_done.fetch_add(1, Ordering::AcqRel);
-    }
-    pub(crate) fn touch_bulk(&self) {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.bulk_last_rx_ms.store(ms, Ordering::Relaxed);
-    }
-    pub(crate) fn bulk_last_rx(&self) -> Instant {
-        self.epoch + Duration::from_millis(self.bulk_last_rx_ms.load(Ordering::Relaxed))
-    }
-    pub(crate) fn fail_bulk(&self, e: PagerError) {
-        *self.bulk_error.lock() = Some(e);
-        self.bulk_failed.store(true, Ordering::Release);
-    }
-    /// Surface a bulk receiver failure in the caller's thread.
-    pub(crate) fn check_bulk(&self) -> Result<(), PagerError> {
-        if self.bulk_failed.load(Ordering::Acquire) {
-            let e = self.bulk_error.lock().take();
-            return Err(PagerError::Bulk(Box::new(
-                e.unwrap_or(PagerError::Timeout { what: "bulk error", after: Duration::ZERO }),
-            )));
-        }
-        Ok(())
-    }
-}
+use crate::recover::{self, random_bytes, send_error};
+use crate::shared::Shared;
+use crate::uffd::Userfault;
 
 /// What the destination measured.
 #[derive(Clone, Debug)]
@@ -213,8 +57,11 @@ pub struct PagerReport {
     pub resumed: Instant,
     /// The parts of the destination's downtime.
     pub resume: ResumeTimes,
-    /// The source's figures.
+    /// The source's figures (zero if it never confirmed completion).
     pub source: SourceStats,
+    /// Whether the source acknowledged completion (it may not have, when
+    /// the link broke after every page was here and it did not come back).
+    pub completion_confirmed: bool,
     /// Fault latency (event read to page installed), faults served over the network.
     pub fault_latency: LatencyHist,
     /// Fault latency of faults on held pages (mapped locally).
@@ -231,54 +78,50 @@ pub struct Outcome<G> {
     pub report: PagerReport,
 }
 
-fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("the OS random source works");
-    u64::from_le_bytes(b)
-}
-
-/// Best effort: tell the source why we stop.
-fn send_error(conn: &mut dyn Conn, e: &PagerError) {
-    let text = format!("destination: {}", error_chain(e));
-    let _ = conn.send(&Msg::Error { code: e.code(), message: &text });
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
-
-/// Run the destination side over `control` (already connected); the bulk
-/// connection comes from `accept_bulk`; `make_guest` builds the guest (and
-/// its memory) once the layout is known.
+/// Run the destination side over `control` (already accepted from
+/// `listener`, which hands out the bulk connection and, after a broken
+/// link, the source's new pair); `make_guest` builds the guest (and its
+/// memory) once the layout is known.
 ///
 /// `make_guest` must stop early (and may return anything) once its cancel
 /// flag is set: the pager sets it when the source hangs up meanwhile, so a
 /// peer that announces a guest and leaves does not keep the host busy.
 pub fn run<G: DestGuest>(
-    mut control: Box<dyn Conn>,
-    accept_bulk: impl FnOnce(Instant) -> Result<Box<dyn Conn>, TransportError>,
+    control: Box<dyn Conn>,
+    listener: &dyn Listener,
     make_guest: impl FnOnce(&Accepted, &AtomicBool) -> Result<G, GuestError>,
     cfg: &PagerConfig,
     metrics: Arc<PagerMetrics>,
 ) -> Result<Outcome<G>, PagerError> {
-    let mut nonce = [0u8; 16];
-    getrandom::fill(&mut nonce).expect("the OS random source works");
-    let mut session = DestSession::new(cfg.expect.clone(), nonce, random_u64());
-    let mut run = Run { control: &mut *control, session: &mut session, cfg, metrics, started: Instant::now() };
-    match run.go(accept_bulk, make_guest) {
-        Ok(o) => Ok(o),
-        Err(e) => {
-            send_error(&mut *control, &e);
-            Err(e)
-        }
+    let mut expect = cfg.expect.clone();
+    expect.recovery = !cfg.recover_timeout.is_zero();
+    let session = DestSession::new(expect, random_bytes(), u64::from_le_bytes(random_bytes()));
+    let mut run = Run {
+        control: Some(control),
+        session,
+        listener,
+        cfg,
+        metrics,
+        shared: Arc::new(Shared::default()),
+        started: Instant::now(),
+    };
+    let r = run.go(make_guest);
+    run.shared.abort();
+    if let (Err(e), Some(c)) = (&r, run.control.as_deref_mut()) {
+        send_error(c, e);
     }
+    r
+}
+
+struct Run<'a> {
+    /// `None` while the link is broken (after switchover).
+    control: Option<Box<dyn Conn>>,
+    session: DestSession,
+    listener: &'a dyn Listener,
+    cfg: &'a PagerConfig,
+    metrics: Arc<PagerMetrics>,
+    shared: Arc<Shared>,
+    started: Instant,
 }
 
 /// Run `prepare` (allocating and populating guest memory: seconds per GiB)
@@ -322,20 +165,6 @@ fn prepare_watching<G>(
     r.map_err(PagerError::Guest)
 }
 
-struct Run<'a> {
-    control: &'a mut dyn Conn,
-    session: &'a mut DestSession,
-    cfg: &'a PagerConfig,
-    metrics: Arc<PagerMetrics>,
-    started: Instant,
-}
-
-/// Stops the bulk receiver when the run ends, however it ends.
-struct BulkGuard {
-    shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
-}
-
 /// Stops the background mapper when the run ends.
 struct MapperGuard {
     shared: Arc<Shared>,
@@ -344,34 +173,35 @@ struct MapperGuard {
 
 impl Drop for MapperGuard {
     fn drop(&mut self) {
-        self.shared.abort.store(true, Ordering::Release);
+        self.shared.abort();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-impl Drop for BulkGuard {
-    fn drop(&mut self) {
-        self.shared.abort.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+/// Whatever we have on the control connection, as a transport error when
+/// there is none (the link broke and nothing replaced it).
+fn ctl(c: &mut Option<Box<dyn Conn>>) -> Result<&mut dyn Conn, PagerError> {
+    match c.as_deref_mut() {
+        Some(c) => Ok(c),
+        None => Err(TransportError::Closed { peer: "source".into(), mid_frame: false }.into()),
     }
 }
 
 impl Run<'_> {
     fn go<G: DestGuest>(
         &mut self,
-        accept_bulk: impl FnOnce(Instant) -> Result<Box<dyn Conn>, TransportError>,
         make_guest: impl FnOnce(&Accepted, &AtomicBool) -> Result<G, GuestError>,
     ) -> Result<Outcome<G>, PagerError> {
-        self.control.send(&self.session.server_hello())?;
+        let hello = self.session.server_hello();
+        ctl(&mut self.control)?.send(&hello)?;
         let accepted = self.await_hello()?;
         let layout = accepted.layout.clone();
-        self.control.set_page_size(layout.page_size());
+        ctl(&mut self.control)?.set_page_size(layout.page_size());
         let t_setup = Instant::now();
-        let mut guest = prepare_watching(self.control.readiness(), |cancel| make_guest(&accepted, cancel))?;
+        let fd = ctl(&mut self.control)?.readiness();
+        let mut guest = prepare_watching(fd, |cancel| make_guest(&accepted, cancel))?;
 
         // Register all of guest memory before the guest can run: every page is
         // missing until installed.
@@ -387,47 +217,50 @@ impl Run<'_> {
         }
         let inst = Arc::new(Installer::new(uffd, map, alias, Arc::clone(&self.metrics)));
         let setup_time = t_setup.elapsed();
-        self.metrics.pages_total.store(layout.n_pages(), std::sync::atomic::Ordering::Relaxed);
+        self.metrics.pages_total.store(layout.n_pages(), Ordering::Relaxed);
         self.metrics.set_phase(Phase::Precopy);
-        self.control.send(&Msg::HelloAck { session: self.session.session(), features: accepted.features })?;
+        let ack = Msg::HelloAck { session: self.session.session(), features: accepted.features };
+        ctl(&mut self.control)?.send(&ack)?;
 
+        let nice = self.cfg.background_nice.unwrap_or(default_nice(accepted.mode));
         let deadline = Instant::now() + self.cfg.handshake_timeout;
-        let mut bulk = accept_bulk(deadline)?;
-        bulk.set_page_size(layout.page_size());
-        let mut bulk_session = DestBulk::new(self.session.session(), layout.clone());
-        match bulk.recv(Wait::Until(deadline))? {
-            Some(m) => {
-                bulk_session.on_recv(&m)?;
-            }
-            None => {
-                return Err(PagerError::Timeout { what: "bulk connection hello", after: self.cfg.handshake_timeout });
-            }
-        }
-        let shared = Arc::new(Shared::new());
-        shared.touch_bulk();
-        let thread = {
-            let (inst, shared, metrics) = (Arc::clone(&inst), Arc::clone(&shared), Arc::clone(&self.metrics));
-            let nice = self.cfg.background_nice.unwrap_or(default_nice(accepted.mode));
-            std::thread::Builder::new()
-                .name("pager-bulk".into())
-                .spawn(move || {
-                    transport::sched::set_thread_nice(nice);
-                    crate::bulk::run(bulk, bulk_session, inst, shared, metrics)
-                })
-                .map_err(|e| PagerError::Guest(Box::new(e)))?
-        };
-        let _bulk = BulkGuard { shared: Arc::clone(&shared), thread: Some(thread) };
+        let (bulk_conn, bulk_session) =
+            recover::accept_bulk(self.listener, self.session.session(), &layout, self.cfg, deadline)?;
+        let bulk = bulk::spawn(
+            bulk_conn,
+            bulk_session,
+            Arc::clone(&inst),
+            Arc::clone(&self.shared),
+            Arc::clone(&self.metrics),
+            nice,
+        )?;
 
-        let (state, outstanding, rounds) = self.await_switchover(&shared)?;
+        let pre = self.await_switchover(&bulk.link).and_then(|(state, outstanding, rounds)| {
+            self.wait_rounds(&bulk.link, rounds)?;
+            Ok((state, outstanding))
+        });
+        let (state, outstanding) = match pre {
+            Ok(v) => v,
+            Err(e) if e.is_link_failure() && self.session.recovery() && self.session.got_state() => {
+                drop(bulk);
+                self.control = None;
+                return Err(self.settle_cancelled(e));
+            }
+            Err(e) => return Err(e),
+        };
         let t_switch = Instant::now();
         self.metrics.set_phase(Phase::Switchover);
-        self.wait_rounds(&shared, rounds)?;
         let resume = self.switch(&mut guest, &inst, &state, &outstanding)?;
-        shared.switched.store(true, Ordering::Release);
+        self.shared.set_switched();
         let t_resumed = Instant::now();
         self.metrics.set_phase(Phase::Postcopy);
-        self.control.send(&Msg::SwitchoverAck(resume))?;
-        let _mapper = self.spawn_mapper(&inst, &shared, accepted.mode)?;
+        // From here the guest runs here: a broken link pauses, never ends, the run.
+        let broken = match ctl(&mut self.control).and_then(|c| Ok(c.send(&Msg::SwitchoverAck(resume))?)) {
+            Ok(()) => None,
+            Err(e) if e.is_link_failure() && self.session.recovery() => Some(e),
+            Err(e) => return Err(e),
+        };
+        let _mapper = self.spawn_mapper(&inst, nice)?;
 
         let prefetch = self.cfg.prefetch.unwrap_or(match accepted.prefetch_pages {
             0 => Prefetch::default(),
@@ -438,17 +271,20 @@ impl Run<'_> {
         });
         let source = FaultLoop {
             prefetch,
-            conn: &mut *self.control,
-            session: &mut *self.session,
+            control: &mut self.control,
+            bulk: Some(bulk),
+            retired: Vec::new(),
+            session: &mut self.session,
+            listener: self.listener,
             inst: &inst,
-            shared: &shared,
+            shared: &self.shared,
             cfg: self.cfg,
             metrics: &self.metrics,
+            nice,
         }
-        .run()?;
+        .run(broken)?;
         let postcopy_time = t_resumed.elapsed();
         self.metrics.set_phase(Phase::Done);
-        drop(_bulk);
         // Every page is present: the guest runs on without userfaultfd.
         for (base, len) in inst.map().spans() {
             inst.uffd().unregister(base, len)?;
@@ -467,7 +303,8 @@ impl Run<'_> {
             resume_time: t_resumed.duration_since(t_switch),
             postcopy_time,
             resume,
-            source,
+            completion_confirmed: source.is_some(),
+            source: source.unwrap_or_default(),
             fault_latency,
             fault_latency_local,
             blocktime_ns,
@@ -477,8 +314,9 @@ impl Run<'_> {
 
     fn await_hello(&mut self) -> Result<Accepted, PagerError> {
         let deadline = Instant::now() + self.cfg.handshake_timeout;
+        let control = ctl(&mut self.control)?;
         loop {
-            let Some(msg) = self.control.recv(Wait::Until(deadline))? else {
+            let Some(msg) = control.recv(Wait::Until(deadline))? else {
                 return Err(PagerError::Timeout { what: "the source's hello", after: self.cfg.handshake_timeout });
             };
             match self.session.on_recv(&msg)? {
@@ -492,21 +330,22 @@ impl Run<'_> {
 
     /// Collect the guest state and outstanding set until Switchover, keeping
     /// the source alive meanwhile (precopy may run for a long time).
-    fn await_switchover(&mut self, shared: &Shared) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
+    fn await_switchover(&mut self, bulk: &BulkLink) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
         let mut state = Vec::new();
         let mut last_rx = Instant::now();
         let mut last_tx = Instant::now();
+        let control = ctl(&mut self.control)?;
         loop {
-            shared.check_bulk()?;
+            bulk.check()?;
             let now = Instant::now();
-            if now.duration_since(last_rx.max(shared.bulk_last_rx())) > self.cfg.peer_timeout {
+            if now.duration_since(last_rx.max(bulk.last_rx())) > self.cfg.peer_timeout {
                 return Err(PagerError::PeerSilent(self.cfg.peer_timeout));
             }
             if now.duration_since(last_tx) >= self.cfg.keepalive {
-                self.control.send(&Msg::KeepAlive)?;
+                control.send(&Msg::KeepAlive)?;
                 last_tx = now;
             }
-            let Some(msg) = self.control.recv(Wait::for_(self.cfg.keepalive))? else {
+            let Some(msg) = control.recv(Wait::for_(self.cfg.keepalive))? else {
                 continue;
             };
             last_rx = Instant::now();
@@ -528,19 +367,38 @@ impl Run<'_> {
         }
     }
 
+    /// The link broke after the source paused the guest and before the
+    /// switchover arrived here. The source may have sent it and now be in
+    /// doubt: wait (up to the recovery window) for it to come back and tell
+    /// it that no switchover happened, so it resumes the guest; then end.
+    fn settle_cancelled(&mut self, cause: PagerError) -> PagerError {
+        let window = self.cfg.recover_timeout;
+        tracing::warn!(
+            "link to the source lost during switchover ({}); waiting up to {window:?} to tell it the guest stays there",
+            crate::error::error_chain(&cause)
+        );
+        let deadline = Instant::now() + window;
+        while let Ok(mut conn) = self.listener.accept(deadline) {
+            let empty = || PageBitmap::new(0);
+            match recover::resume_handshake(&mut *conn, &mut self.session, self.cfg, empty) {
+                Ok(ResumeState::NotSwitched) => {
+                    tracing::warn!("the source reconnected and was told to keep the guest");
+                    break;
+                }
+                Ok(state) => tracing::error!("resume answered {state:?} before switchover"),
+                Err(e) => tracing::warn!("refused a reconnecting connection: {}", crate::error::error_chain(&e)),
+            }
+        }
+        PagerError::Cancelled(Box::new(cause))
+    }
+
     /// Map the pages held from precopy (shared memory) in the background,
     /// in 1 MiB runs, while the guest runs and faults on the others.
-    fn spawn_mapper(
-        &self,
-        inst: &Arc<Installer>,
-        shared: &Arc<Shared>,
-        mode: proto::wire::Mode,
-    ) -> Result<Option<MapperGuard>, PagerError> {
+    fn spawn_mapper(&self, inst: &Arc<Installer>, nice: i32) -> Result<Option<MapperGuard>, PagerError> {
         if inst.held().count_ones() == 0 {
             return Ok(None);
         }
-        let (inst, sh) = (Arc::clone(inst), Arc::clone(shared));
-        let nice = self.cfg.background_nice.unwrap_or(default_nice(mode));
+        let (inst, sh) = (Arc::clone(inst), Arc::clone(&self.shared));
         let thread = std::thread::Builder::new()
             .name("pager-map".into())
             .spawn(move || {
@@ -552,21 +410,21 @@ impl Run<'_> {
                         return;
                     }
                     if let Err(e) = inst.map_held(r) {
-                        sh.fail_bulk(e.into());
+                        sh.fail(e.into());
                         return;
                     }
                     at = r.end().min(n);
                 }
             })
-            .map_err(|e| PagerError::Guest(Box::new(e)))?;
-        Ok(Some(MapperGuard { shared: Arc::clone(shared), thread: Some(thread) }))
+            .map_err(|e| PagerError::Spawn { what: "pager-map", source: e })?;
+        Ok(Some(MapperGuard { shared: Arc::clone(&self.shared), thread: Some(thread) }))
     }
 
     /// Every precopy round must be installed before the guest runs here.
-    fn wait_rounds(&self, shared: &Shared, rounds: u32) -> Result<(), PagerError> {
+    fn wait_rounds(&self, bulk: &BulkLink, rounds: u32) -> Result<(), PagerError> {
         let deadline = Instant::now() + self.cfg.peer_timeout;
-        while shared.rounds_done.load(Ordering::Acquire) < rounds {
-            shared.check_bulk()?;
+        while self.shared.rounds_done() < rounds {
+            bulk.check()?;
             if Instant::now() > deadline {
                 return Err(PagerError::Timeout { what: "the last precopy round", after: self.cfg.peer_timeout });
             }

@@ -1,0 +1,113 @@
+//! Why a destination run failed, and what the source is told.
+
+use std::time::Duration;
+
+use proto::session::SessionError;
+use proto::wire::ErrorCode;
+use transport::TransportError;
+
+use crate::guest::GuestError;
+use crate::uffd::UffdError;
+
+/// Why the destination's run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    /// A connection failed.
+    #[error("connection to the source failed")]
+    Transport(#[from] TransportError),
+    /// The source broke the protocol, or reported an error.
+    #[error("session with the source failed")]
+    Session(#[from] SessionError),
+    /// userfaultfd failed.
+    #[error("userfaultfd failed")]
+    Uffd(#[from] UffdError),
+    /// The guest failed.
+    #[error("guest failed: {0}")]
+    Guest(GuestError),
+    /// A thread could not be started.
+    #[error("starting thread {what} failed")]
+    Spawn {
+        /// Which thread.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Nothing arrived from the source for too long.
+    #[error("no data from the source for {0:?}: presumed dead")]
+    PeerSilent(Duration),
+    /// A step did not finish in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
+    /// A fault arrived for memory that is not the guest's.
+    #[error("fault at {0:#x}, outside guest memory")]
+    StrayFault(usize),
+    /// poll failed.
+    #[error("poll failed")]
+    Poll(#[source] nix::Error),
+    /// The bulk receiver failed.
+    #[error("bulk connection failed")]
+    Bulk(#[source] Box<PagerError>),
+    /// The source hung up while guest memory was being prepared; the work
+    /// stopped there.
+    #[error("the source went away while guest memory was being prepared")]
+    SourceGone,
+    /// The link broke before switchover and the migration was cancelled
+    /// (the guest runs on, on the source).
+    #[error("migration cancelled before switchover; the guest runs on the source")]
+    Cancelled(#[source] Box<PagerError>),
+    /// The link broke after switchover and the source did not come back.
+    #[error(
+        "the source did not reconnect within {after:?} (link lost: {cause}); {missing_pages} pages never arrived \
+         and {waiting_faults} faults wait on them: the guest cannot continue"
+    )]
+    RecoveryTimeout {
+        /// The recovery window.
+        after: Duration,
+        /// What broke the link.
+        cause: String,
+        /// Pages not present.
+        missing_pages: u64,
+        /// Faults blocked on them.
+        waiting_faults: usize,
+    },
+}
+
+impl PagerError {
+    /// The code the source is told.
+    pub(crate) fn code(&self) -> ErrorCode {
+        match self {
+            PagerError::Session(e) => e.code(),
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether this is a broken or silent link, which recovery can survive
+    /// (as opposed to a peer that broke the protocol or said it gives up,
+    /// or a local failure).
+    pub(crate) fn is_link_failure(&self) -> bool {
+        match self {
+            PagerError::Transport(t) => t.is_link_failure(),
+            PagerError::PeerSilent(_) => true,
+            PagerError::Bulk(inner) => inner.is_link_failure(),
+            _ => false,
+        }
+    }
+}
+
+/// The error and its causes on one line.
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

@@ -1,0 +1,58 @@
+//! How the source behaves: mode, timeouts, push, recovery, priorities.
+
+use std::time::Duration;
+
+use proto::wire::Mode;
+
+use crate::precopy::Policy;
+
+/// How the source behaves.
+#[derive(Clone, Debug)]
+pub struct SenderConfig {
+    /// Migration mode.
+    pub mode: Mode,
+    /// Pre-shared key for the hello.
+    pub key: Option<Vec<u8>>,
+    /// Prefetch window to ask the destination for (0: it decides).
+    pub prefetch_pages: u32,
+    /// Whether that window is centered on the fault.
+    pub prefetch_around: bool,
+    /// Pages per background push frame.
+    pub push_run_pages: u32,
+    /// Longest wait for the destination's hello and acknowledgements.
+    pub handshake_timeout: Duration,
+    /// The destination is presumed dead after this long without a byte.
+    pub peer_timeout: Duration,
+    /// Send a keep-alive when idle this long.
+    pub keepalive: Duration,
+    /// How long the vCPUs may take to pause.
+    pub pause_timeout: Duration,
+    /// After the switchover is sent, how long to keep reconnecting a broken
+    /// link before giving up (zero: no recovery, a broken link ends the run).
+    pub recover_timeout: Duration,
+    /// When to leave precopy (hybrid and precopy modes).
+    pub policy: Policy,
+    /// Nice value of the pusher (see `transport::sched`); `None` picks by
+    /// mode: 10 in hybrid and precopy, 0 in pure postcopy (the destination's
+    /// `pager::default_nice` says why).
+    pub background_nice: Option<i32>,
+}
+
+impl Default for SenderConfig {
+    fn default() -> Self {
+        SenderConfig {
+            mode: Mode::Postcopy,
+            key: None,
+            prefetch_pages: 0,
+            prefetch_around: false,
+            push_run_pages: 256,
+            handshake_timeout: Duration::from_secs(30),
+            peer_timeout: Duration::from_secs(5),
+            keepalive: Duration::from_millis(250),
+            pause_timeout: Duration::from_secs(5),
+            recover_timeout: Duration::from_secs(300),
+            policy: Policy::default(),
+            background_nice: None,
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! The source's whole run: handshake, (precopy,) switchover, demand serving
+//! alongside the background push, recovery from broken links, completion.
+//!
+//! Failure semantics, by phase (see [`FailPhase`]):
+//! * before the Switchover message is fully written, the guest is unpaused
+//!   and keeps running here: nothing was committed;
+//! * after it is written and before the destination acknowledges it, the
+//!   outcome is unknown: with recovery the source reconnects and asks (the
+//!   destination either runs the guest, or says it never switched and the
+//!   guest is resumed here); without an answer the guest stays paused and
+//!   its memory is kept, since resuming could run it twice;
+//! * after the acknowledgement the guest runs on the destination; the source
+//!   keeps its memory (the authoritative copy of every page not yet
+//!   confirmed) until the destination confirms completion, reconnecting
+//!   after a broken link for up to `recover_timeout`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use proto::session::{SessionError, SourceEvent, SourceOffer, SourceSession};
+use proto::wire::{self, ErrorCode, Mode, Msg, ResumeState, ResumeTimes, SourceStats};
+use proto::{AtomicPageBitmap, PageBitmap};
+use transport::{Conn, Wait};
+
+use crate::config::SenderConfig;
+use crate::demand::{Demand, acknowledge};
+use crate::error::{FailPhase, SendFailure, SenderError, fail};
+use crate::guest::SourceGuest;
+use crate::map::SourceMap;
+use crate::metrics::SenderMetrics;
+use crate::precopy::{self, PrecopyReport};
+use crate::push::{NO_HINT, Pusher};
+use crate::reconnect::{Channel, Dial, Reattached, reconnect};
+
+/// What the source measured.
+#[derive(Clone, Debug, Default)]
+pub struct SenderReport {
+    /// Connect to completion acknowledged.
+    pub total_time: Duration,
+    /// Pause to SwitchoverAck received (or to the resume that settled it).
+    pub downtime: Duration,
+    /// Pause to the last byte of state and outstanding set written.
+    pub pause_to_sent: Duration,
+    /// The destination's own timings of its part.
+    pub resume: ResumeTimes,
+    /// Pages outstanding at switchover.
+    pub outstanding_pages: u64,
+    /// What was sent.
+    pub stats: SourceStats,
+    /// Precopy rounds (empty in pure postcopy).
+    pub precopy: PrecopyReport,
+    /// Broken links restored.
+    pub recoveries: u64,
+    /// Time spent reconnecting.
+    pub paused: Duration,
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Migrate `guest` to the destination at the other end of `control`;
+/// `dial` opens the bulk connection once the session is accepted, and both
+/// connections again after a broken link.
+pub fn run<G: SourceGuest>(
+    mut control: Box<dyn Conn>,
+    dial: &mut Dial<'_>,
+    guest: &mut G,
+    cfg: &SenderConfig,
+    metrics: Arc<SenderMetrics>,
+) -> Result<SenderReport, SendFailure> {
+    let started = Instant::now();
+    let layout = guest.layout().clone();
+    let map = Arc::new(SourceMap::new(layout.clone(), guest.regions()));
+    let mut session = SourceSession::new(SourceOffer {
+        guest_kind: guest.kind(),
+        mode: cfg.mode,
+        layout: layout.clone(),
+        key: cfg.key.clone(),
+        prefetch_pages: cfg.prefetch_pages,
+        prefetch_around: cfg.prefetch_around,
+        recovery: !cfg.recover_timeout.is_zero(),
+    });
+
+    // Handshake. Any failure here leaves the guest running untouched.
+    let before = fail(FailPhase::BeforeSwitchover);
+    let session_id = handshake(&mut *control, &mut session, cfg).map_err(|e| {
+        report_error(&mut *control, &e);
+        before(e)
+    })?;
+    control.set_page_size(layout.page_size());
+    let mut bulk = dial(Channel::Bulk).map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
+    bulk.set_page_size(layout.page_size());
+    bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session_id })
+        .map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
+
+    // Precopy rounds while the guest runs (hybrid, precopy); in pure
+    // postcopy every page is outstanding.
+    let mut pre = PrecopyReport::default();
+    let run_pages = u64::from(cfg.push_run_pages.max(1));
+    let mut outstanding = match cfg.mode {
+        Mode::Postcopy => PageBitmap::full(layout.n_pages()),
+        Mode::Hybrid | Mode::Precopy => {
+            let r = precopy::rounds(guest, &mut *control, &mut *bulk, &map, cfg, &metrics, &mut pre);
+            match r {
+                Ok(scanned) => scanned,
+                Err(e) => {
+                    guest.stop_dirty_tracking();
+                    report_error(&mut *control, &e);
+                    return Err(fail(FailPhase::BeforeSwitchover)(e));
+                }
+            }
+        }
+    };
+
+    // Switchover. Until the Switchover frame is written, failure unpauses.
+    let t_pause = Instant::now();
+    let state = guest.pause().map_err(|e| fail(FailPhase::BeforeSwitchover)(SenderError::Guest(e)))?;
+    let sent = (|| -> Result<(), SenderError> {
+        if cfg.mode != Mode::Postcopy {
+            // The final scan: what was written since the last one. Tracking
+            // is left armed on the paused guest: unregistering walks every
+            // page table entry (tens of ms per GiB), which must neither count
+            // as downtime nor hold up demand serving; the guest object drops
+            // it at the end (or a failure unpauses the guest untracked).
+            guest.collect_dirty(&mut outstanding).map_err(SenderError::Guest)?;
+            if cfg.mode == Mode::Precopy {
+                // Stop-and-copy: everything left goes now, nothing stays outstanding.
+                let n = precopy::send_set(&mut *bulk, &map, &outstanding, run_pages, &metrics)?;
+                bulk.send(&Msg::PrecopyRound { round: pre.rounds, n_pages: n })?;
+                pre.stop_and_copy_pages = n;
+                pre.pages_sent += n;
+                pre.round_pages.push(n);
+                pre.rounds += 1;
+                outstanding.clear_all();
+            }
+        }
+        send_switchover(&mut *control, &state, &outstanding, pre.rounds)
+    })();
+    if let Err(e) = sent {
+        report_error(&mut *control, &e);
+        return Err(take_back(guest, e));
+    }
+    session.on_switchover_sent();
+    let t_sent = Instant::now();
+
+    // Without the acknowledgement the outcome is unknown: a reconnection
+    // settles it.
+    let mut link = Link { control, bulk: Some(bulk) };
+    let mut pushed = PageBitmap::full(layout.n_pages());
+    for r in outstanding.runs() {
+        pushed.clear_range(r);
+    }
+    let mut stats = SourceStats { pause_to_sent_ns: nanos(t_sent.duration_since(t_pause)), ..SourceStats::default() };
+    let mut resume = ResumeTimes::default();
+    let mut settled = None;
+    match await_resume(&mut *link.control, &mut session, cfg) {
+        Ok(t) => resume = t,
+        Err(e) if e.is_link_failure() && session.on_link_lost() => {
+            drop(link);
+            let r = reconnect(dial, &mut session, cfg, &metrics, &e).map_err(fail(FailPhase::InDoubt))?;
+            match r.state {
+                ResumeState::NotSwitched => return Err(take_back(guest, SenderError::NotSwitched)),
+                ResumeState::Running | ResumeState::Complete => {
+                    pushed = r.have.clone();
+                    link = Link { control: r.control, bulk: r.bulk };
+                    settled = Some(r.state);
+                }
+            }
+        }
+        Err(e) => {
+            report_error(&mut *link.control, &e);
+            return Err(fail(FailPhase::InDoubt)(e));
+        }
+    }
+    // With a reconnection in between, an upper bound: the guest may have run there sooner.
+    let downtime = t_pause.elapsed();
+    stats.downtime_ns = nanos(downtime);
+
+    // Postcopy: demand on this thread, push on its own, until the
+    // destination confirms every page; a broken link is reconnected.
+    let after = || fail(FailPhase::AfterSwitchover);
+    let mut state = settled.unwrap_or(ResumeState::Running);
+    loop {
+        if state == ResumeState::Complete {
+            // The destination holds every page and only waits for this.
+            acknowledge(&mut *link.control, &mut stats, &metrics).map_err(after())?;
+            break;
+        }
+        let served = match serve_link(&mut link, &mut session, &map, &pushed, cfg, &metrics, &mut stats) {
+            Ok(()) => break,
+            Err(e) => e,
+        };
+        if !(served.is_link_failure() && session.on_link_lost()) {
+            report_error(&mut *link.control, &served);
+            return Err(fail(FailPhase::AfterSwitchover)(served));
+        }
+        let r: Reattached = reconnect(dial, &mut session, cfg, &metrics, &served).map_err(after())?;
+        pushed = r.have;
+        state = r.state;
+        link = Link { control: r.control, bulk: r.bulk };
+    }
+    Ok(SenderReport {
+        total_time: started.elapsed(),
+        downtime,
+        pause_to_sent: t_sent.duration_since(t_pause),
+        resume,
+        outstanding_pages: outstanding.count_ones(),
+        stats,
+        precopy: pre,
+        recoveries: SenderMetrics::get(&metrics.recoveries),
+        paused: Duration::from_nanos(SenderMetrics::get(&metrics.paused_ns)),
+    })
+}
+
+/// The two connections of one link.
+struct Link {
+    control: Box<dyn Conn>,
+    /// Taken by the pusher.
+    bulk: Option<Box<dyn Conn>>,
+}
+
+/// The switchover failed before it was committed (or the destination said
+/// it never happened): resume the guest here.
+fn take_back<G: SourceGuest>(guest: &mut G, e: SenderError) -> SendFailure {
+    guest.stop_dirty_tracking();
+    match guest.unpause() {
+        Ok(()) => fail(FailPhase::BeforeSwitchover)(e),
+        // The guest could not be resumed: it stays paused, memory kept.
+        Err(g) => {
+            tracing::error!("could not resume the guest after a failed switchover: {g}");
+            fail(FailPhase::InDoubt)(e)
+        }
+    }
+}
+
+/// Serve one link until completion or its failure: the pusher on its own
+/// thread sends every page not in `pushed`, the demand server answers
+/// requests here.
+fn serve_link(
+    link: &mut Link,
+    session: &mut SourceSession,
+    map: &Arc<SourceMap>,
+    pushed: &PageBitmap,
+    cfg: &SenderConfig,
+    metrics: &Arc<SenderMetrics>,
+    stats: &mut SourceStats,
+) -> Result<(), SenderError> {
+    let n = map.layout().n_pages();
+    let served = Arc::new(AtomicPageBitmap::new(n));
+    let hint = Arc::new(AtomicU64::new(NO_HINT));
+    let abort = Arc::new(AtomicBool::new(false));
+    let push_failed = Arc::new(AtomicBool::new(false));
+    let push_thread = match link.bulk.take() {
+        Some(conn) => Some(spawn_pusher(
+            Pusher {
+                conn,
+                map: Arc::clone(map),
+                pushed: pushed.clone(),
+                served: Arc::clone(&served),
+                hint: Arc::clone(&hint),
+                abort: Arc::clone(&abort),
+                run_pages: u64::from(cfg.push_run_pages.max(1)),
+                metrics: Arc::clone(metrics),
+            },
+            &push_failed,
+            cfg,
+        )?),
+        None => None,
+    };
+    let mut demand = Demand {
+        conn: &mut *link.control,
+        session,
+        map,
+        served: &served,
+        hint: &hint,
+        cfg,
+        metrics,
+        ranges: Vec::new(),
+    };
+    let served_result = demand.serve(&push_failed, stats);
+    abort.store(true, Ordering::Release);
+    let push_result = push_thread.map(JoinHandle::join);
+    match served_result {
+        Err(SenderError::PushStopped) => match push_result {
+            Some(Ok(Err(pe))) => Err(pe),
+            _ => Err(SenderError::PushStopped),
+        },
+        Err(e) => Err(e),
+        Ok(()) => {
+            // The destination confirmed every page; a push error after that is moot.
+            if let Some(Ok(Err(e))) = push_result {
+                tracing::debug!("push ended with {e} after completion");
+            }
+            Ok(())
+        }
+    }
+}
+
+fn spawn_pusher(
+    pusher: Pusher,
+    failed: &Arc<AtomicBool>,
+    cfg: &SenderConfig,
+) -> Result<JoinHandle<Result<u64, SenderError>>, SenderError> {
+    let failed = Arc::clone(failed);
+    let nice = cfg.background_nice.unwrap_or(if cfg.mode == Mode::Postcopy { 0 } else { 10 });
+    std::thread::Builder::new()
+        .name("sender-push".into())
+        .spawn(move || {
+            transport::sched::set_thread_nice(nice);
+            let r = pusher.run();
+            if r.is_err() {
+                failed.store(true, Ordering::Release);
+            }
+            r
+        })
+        .map_err(|e| SenderError::Spawn { what: "sender-push", source: e })
+}
+
+fn report_error(conn: &mut dyn Conn, e: &SenderError) {
+    let code = match e {
+        SenderError::Session(s) => s.code(),
+        _ => ErrorCode::Internal,
+    };
+    let text = format!("source: {}", crate::error::error_chain(e));
+    let _ = conn.send(&Msg::Error { code, message: &text });
+}
+
+fn handshake(control: &mut dyn Conn, session: &mut SourceSession, cfg: &SenderConfig) -> Result<u64, SenderError> {
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    loop {
+        let Some(msg) = control.recv(Wait::Until(deadline))? else {
+            return Err(SenderError::Timeout { what: "the destination's handshake", after: cfg.handshake_timeout });
+        };
+        match session.on_recv(&msg)? {
+            SourceEvent::SendHello(h) => control.send(&Msg::Hello(h))?,
+            SourceEvent::Accepted { session, .. } => return Ok(session),
+            SourceEvent::KeepAlive => {}
+            // The session allows only handshake events here; an error, not a panic, if not.
+            _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "in the handshake" }.into()),
+        }
+    }
+}
+
+fn send_switchover(
+    control: &mut dyn Conn,
+    state: &[u8],
+    outstanding: &PageBitmap,
+    rounds: u32,
+) -> Result<(), SenderError> {
+    control.send(&Msg::GuestState(state))?;
+    let mut enc = Vec::new();
+    for (first_word, chunk) in wire::bitmap_chunks(outstanding.words()) {
+        enc.clear();
+        wire::encode_words(chunk, &mut enc);
+        control.send(&Msg::Outstanding { first_word, words: wire::word_list(&enc) })?;
+    }
+    control.send(&Msg::Switchover { n_outstanding: outstanding.count_ones(), precopy_rounds: rounds })?;
+    Ok(())
+}
+
+fn await_resume(
+    control: &mut dyn Conn,
+    session: &mut SourceSession,
+    cfg: &SenderConfig,
+) -> Result<ResumeTimes, SenderError> {
+    let deadline = Instant::now() + cfg.handshake_timeout;
+    loop {
+        let Some(msg) = control.recv(Wait::Until(deadline))? else {
+            return Err(SenderError::Timeout {
+                what: "the destination to resume the guest",
+                after: cfg.handshake_timeout,
+            });
+        };
+        match session.on_recv(&msg)? {
+            SourceEvent::Resumed(t) => return Ok(t),
+            SourceEvent::KeepAlive => {}
+            _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "awaiting switchover ack" }.into()),
+        }
+    }
+}
