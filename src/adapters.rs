@@ -255,6 +255,14 @@ pub enum SourceAny {
 }
 
 impl SourceAny {
+    /// The guest kind.
+    pub fn kind(&self) -> GuestKind {
+        match self {
+            SourceAny::Workload(_) => GuestKind::Workload,
+            SourceAny::Vm(_) => GuestKind::Vm,
+        }
+    }
+
     /// Counters over the guest's life so far (at the last heartbeat for a VM).
     pub fn accesses(&self) -> u64 {
         match self {
@@ -404,6 +412,17 @@ impl DestAny {
             (_, Some(v)) => v.stats().accesses,
             _ => 0,
         }
+    }
+
+    /// The migrated guest, running here with all memory local, as the
+    /// source of the next migration (back and forth, as the soak does).
+    /// `None` if it was never resumed.
+    pub fn into_source(mut self, pause_timeout: Duration) -> Option<SourceAny> {
+        if let Some(w) = self.workload.take() {
+            return Some(SourceAny::Workload(WorkloadSource::new(w, pause_timeout)));
+        }
+        let vm = self.vm.take()?;
+        Some(SourceAny::Vm(VmSource { mem: Arc::clone(&self.mem), vm: Some(vm), pause_timeout }))
     }
 
     /// Stop the guest and verify every page.

@@ -647,7 +647,8 @@ fn guest_report(g: &GuestSummary, running_on_source: bool) -> GuestReport {
     }
 }
 
-fn guest_name(k: GuestKind) -> String {
+/// The guest kind as reports name it.
+pub fn guest_name(k: GuestKind) -> String {
     match k {
         GuestKind::Workload => "workload".into(),
         GuestKind::Vm => "vm".into(),

@@ -9,6 +9,8 @@
 //! * [`netlab`]: the two-host lab (network namespaces, shaping, delay).
 //! * [`lab`]: `postcopy lab`, grids of migrations.
 //! * [`host`]: what this host's memory allows.
+//! * [`relay`]: a fault-injecting frame relay (tests, `soak --cut-every`).
+//! * [`soak`]: `postcopy soak`, one guest back and forth, judged by itself.
 
 #![deny(unsafe_code)]
 
@@ -19,5 +21,7 @@ pub mod host;
 pub mod lab;
 pub mod netlab;
 pub mod plot;
+pub mod relay;
 pub mod report;
+pub mod soak;
 pub mod timeline;

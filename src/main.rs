@@ -22,6 +22,8 @@ enum Cmd {
     Report(postcopy::compare::ReportArgs),
     /// Run an experiment: a grid of migrations from a TOML spec, repeated, summarised and plotted.
     Lab(postcopy::lab::LabArgs),
+    /// Migrate one guest back and forth, round after round, checking it each time.
+    Soak(postcopy::soak::SoakArgs),
 }
 
 fn main() {
@@ -36,6 +38,7 @@ fn main() {
         Cmd::Source(a) => postcopy::cmd::source(a),
         Cmd::Report(a) => postcopy::compare::report(a),
         Cmd::Lab(a) => postcopy::lab::lab(a),
+        Cmd::Soak(a) => postcopy::soak::soak(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

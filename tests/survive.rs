@@ -13,8 +13,8 @@ use std::time::Duration;
 
 mod common;
 
-use common::relay::{Action, Dir, Relay, Rule};
 use common::{bin, wait_limited};
+use postcopy::relay::{Action, Dir, Relay, Rule};
 use postcopy::report::Report;
 
 /// Migrations use both cores: run them one at a time.
@@ -62,7 +62,7 @@ fn migrate_through(name: &str, guest: &str, mode: &str, rules: Vec<Rule>) -> (Ru
     let d = scratch(name);
     let (dest_report, src_report) = (d.join("dest.json"), d.join("src.json"));
     let (dest, addr) = spawn_dest(&dest_report);
-    let relay = Relay::start(&addr, rules);
+    let relay = Relay::start(&addr, rules).unwrap();
     let src = bin()
         .args(["source", "--connect", &relay.addr, "--guest", guest, "--mem", "128M", "--vcpus", "2"])
         .args(["--mode", mode, "--push-run", "64"])

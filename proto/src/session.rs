@@ -649,6 +649,8 @@ pub struct SourceSession {
     recovery: bool,
     /// The destination acknowledged the switchover at some point.
     acked: bool,
+    /// The destination said it holds every page.
+    completed: bool,
     have: Option<PageBitmap>,
 }
 
@@ -661,6 +663,7 @@ impl SourceSession {
             session: 0,
             recovery: false,
             acked: false,
+            completed: false,
             have: None,
         }
     }
@@ -675,6 +678,12 @@ impl SourceSession {
         self.offer.layout.page_size()
     }
 
+    /// Whether the destination said it holds every page: from then on
+    /// nothing can be lost, only the acknowledgement may be.
+    pub fn completed(&self) -> bool {
+        self.completed
+    }
+
     /// The session cookie the destination handed out (0 before).
     pub fn session_id(&self) -> u64 {
         self.session
@@ -685,13 +694,16 @@ impl SourceSession {
     /// negotiated, or before the switchover was sent (the guest is still
     /// ours), or after completion.
     pub fn on_link_lost(&mut self) -> bool {
-        let resumable = matches!(
-            self.phase,
-            SourcePhase::AwaitSwitchoverAck
-                | SourcePhase::Postcopy
-                | SourcePhase::Reconnecting
-                | SourcePhase::AwaitResumeAck
-        );
+        // After Complete only the acknowledgement is left to deliver: worth
+        // a reconnection, so the destination is not left waiting for it.
+        let resumable = self.completed
+            || matches!(
+                self.phase,
+                SourcePhase::AwaitSwitchoverAck
+                    | SourcePhase::Postcopy
+                    | SourcePhase::Reconnecting
+                    | SourcePhase::AwaitResumeAck
+            );
         if self.recovery && resumable {
             self.phase = SourcePhase::Reconnecting;
             self.have = None;
@@ -781,7 +793,10 @@ impl SourceSession {
                         self.acked = true;
                         SourcePhase::Postcopy
                     }
-                    ResumeState::Complete => SourcePhase::Done,
+                    ResumeState::Complete => {
+                        self.completed = true;
+                        SourcePhase::Done
+                    }
                     ResumeState::NotSwitched if self.acked => {
                         return Err(SessionError::Mismatch(
                             "the destination says no switchover happened after acknowledging one".into(),
@@ -808,6 +823,7 @@ impl SourceSession {
                     return Err(SessionError::Count { what: "pages present at completion", said: *n_present, sent: n });
                 }
                 self.phase = SourcePhase::Done;
+                self.completed = true;
                 Ok(SourceEvent::Complete)
             }
             (p, _) => Err(unexpected(p)),

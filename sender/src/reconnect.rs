@@ -56,9 +56,16 @@ pub(crate) fn reconnect(
     cause: &SenderError,
 ) -> Result<Reattached, SenderError> {
     let started = Instant::now();
-    let deadline = started + cfg.recover_timeout;
+    // After completion the destination waits only a grace for the
+    // acknowledgement (at least 5 s, twice the peer timeout): no longer.
+    let window = if session.completed() {
+        cfg.recover_timeout.min((2 * cfg.peer_timeout).max(Duration::from_secs(5)))
+    } else {
+        cfg.recover_timeout
+    };
+    let deadline = started + window;
     let cause = error_chain(cause);
-    tracing::warn!("link to the destination lost ({cause}); reconnecting for up to {:?}", cfg.recover_timeout);
+    tracing::warn!("link to the destination lost ({cause}); reconnecting for up to {window:?}");
     let mut backoff = FIRST_BACKOFF;
     let mut attempts = 0u32;
     let r = loop {
@@ -68,11 +75,7 @@ pub(crate) fn reconnect(
             Err(e) if e.is_link_failure() => {
                 let now = Instant::now();
                 if now + backoff >= deadline {
-                    break Err(SenderError::RecoveryTimeout {
-                        after: cfg.recover_timeout,
-                        cause,
-                        last: error_chain(&e),
-                    });
+                    break Err(SenderError::RecoveryTimeout { after: window, cause, last: error_chain(&e) });
                 }
                 tracing::debug!(attempts, "reconnection attempt failed: {}", error_chain(&e));
                 std::thread::sleep(backoff);

@@ -1,8 +1,6 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
-pub mod relay;
-
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 

@@ -75,10 +75,10 @@ pub struct Relay {
 
 impl Relay {
     /// Relay connections on a free loopback port to `upstream`, applying `rules`.
-    pub fn start(upstream: &str, rules: Vec<Rule>) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        l.set_nonblocking(true).unwrap();
+    pub fn start(upstream: &str, rules: Vec<Rule>) -> std::io::Result<Relay> {
+        let l = TcpListener::bind("127.0.0.1:0")?;
+        let addr = l.local_addr()?.to_string();
+        l.set_nonblocking(true)?;
         let state = Arc::new(Mutex::new(State {
             rules: rules.into_iter().map(|r| (r, false)).collect(),
             counts: Default::default(),
@@ -92,28 +92,26 @@ impl Relay {
             while !sp.load(Ordering::Relaxed) {
                 match l.accept() {
                     Ok((c, _)) => {
-                        let Ok(u) = TcpStream::connect(&up) else { continue };
-                        c.set_nonblocking(false).unwrap();
-                        let hole = Arc::new(AtomicBool::new(false));
-                        {
-                            let mut s = st.lock();
-                            s.held.streams.push(c.try_clone().unwrap());
-                            s.held.streams.push(u.try_clone().unwrap());
-                            s.held.holes.push(Arc::clone(&hole));
-                        }
-                        for (from, to, dir) in [
-                            (c.try_clone().unwrap(), u.try_clone().unwrap(), Dir::ToDest),
-                            (u.try_clone().unwrap(), c.try_clone().unwrap(), Dir::ToSource),
-                        ] {
-                            let (st, hole) = (Arc::clone(&st), Arc::clone(&hole));
-                            std::thread::spawn(move || pump(from, to, dir, &st, &hole));
+                        if let Err(e) = carry(c, &up, &st) {
+                            tracing::warn!("relay: carrying a connection failed: {e}");
                         }
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
                 }
             }
         });
-        Relay { addr, state, stop }
+        Ok(Relay { addr, state, stop })
+    }
+
+    /// Add a rule (counting continues from the frames already seen).
+    pub fn add_rule(&self, r: Rule) {
+        self.state.lock().rules.push((r, false));
+    }
+
+    /// How many frames went `dir` with `tag` (any Pages kind) so far.
+    pub fn count(&self, dir: Dir, tag: u8) -> u64 {
+        let s = self.state.lock();
+        s.counts.iter().filter(|((d, t, _), _)| *d == (dir == Dir::ToDest) && *t == tag).map(|(_, n)| *n).sum()
     }
 
     /// How many rules fired.
@@ -130,6 +128,29 @@ impl Drop for Relay {
             let _ = t.shutdown(Shutdown::Both);
         }
     }
+}
+
+/// Connect `c` to `up` and pump both ways.
+fn carry(c: TcpStream, up: &str, st: &Arc<Mutex<State>>) -> std::io::Result<()> {
+    let u = TcpStream::connect(up)?;
+    c.set_nonblocking(false)?;
+    // Whole frames go out one write each: Nagle would hold a small one back
+    // for the peer's delayed ACK (40 ms), which is no fault we mean to inject.
+    c.set_nodelay(true)?;
+    u.set_nodelay(true)?;
+    let hole = Arc::new(AtomicBool::new(false));
+    let pairs = [(c.try_clone()?, u.try_clone()?, Dir::ToDest), (u.try_clone()?, c.try_clone()?, Dir::ToSource)];
+    {
+        let mut s = st.lock();
+        s.held.streams.push(c);
+        s.held.streams.push(u);
+        s.held.holes.push(Arc::clone(&hole));
+    }
+    for (from, to, dir) in pairs {
+        let (st, hole) = (Arc::clone(st), Arc::clone(&hole));
+        std::thread::Builder::new().name("relay-pump".into()).spawn(move || pump(from, to, dir, &st, &hole))?;
+    }
+    Ok(())
 }
 
 fn cut(s: &mut State, action: Action) {
