@@ -327,7 +327,7 @@ fn run_round(
                 &pcfg,
                 pm,
             )
-            .map_err(|e| anyhow::Error::new(e))
+            .map_err(anyhow::Error::new)
         })
     };
     let dest = match dest {
