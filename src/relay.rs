@@ -30,6 +30,8 @@ pub enum Action {
     Reset,
     /// Keep every connection open and forward nothing on it any more.
     Blackhole,
+    /// Change nothing: only count (a test acts on `fired`).
+    Mark,
 }
 
 /// Fire `action` at the `nth` frame (from 1) going `dir` with message tag
@@ -172,6 +174,7 @@ fn cut(s: &mut State, action: Action) {
             let kept = std::mem::take(&mut s.held.streams);
             s.blackholed.extend(kept);
         }
+        Action::Mark => {}
     }
 }
 

@@ -53,10 +53,10 @@ pub enum PagerError {
     /// The bulk receiver failed.
     #[error("bulk connection failed")]
     Bulk(#[source] Box<PagerError>),
-    /// The source hung up while guest memory was being prepared; the work
-    /// stopped there.
-    #[error("the source went away while guest memory was being prepared")]
-    SourceGone,
+    /// The source hung up while this side waited on something else (guest
+    /// memory being prepared, the bulk connection); the work stopped there.
+    #[error("the source went away while {0}")]
+    SourceGone(&'static str),
     /// The link broke before switchover and the migration was cancelled
     /// (the guest runs on, on the source).
     #[error("migration cancelled before switchover; the guest runs on the source")]

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use proto::session::{Accepted, DestEvent, DestSession, SessionError};
 use proto::wire::{Msg, ResumeState, ResumeTimes, SourceStats};
 use proto::{LatencyHist, PageBitmap};
@@ -132,21 +133,12 @@ fn prepare_watching<G>(
     fd: BorrowedFd<'_>,
     prepare: impl FnOnce(&AtomicBool) -> Result<G, GuestError>,
 ) -> Result<G, PagerError> {
-    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     let cancel = AtomicBool::new(false);
     let done = AtomicBool::new(false);
     let r = std::thread::scope(|s| {
         let watch = || {
-            // nix names no POLLRDHUP (the peer shut its side; Linux 0x2000),
-            // and its `revents()` is None for a bit it does not know: only
-            // RDHUP is asked for, and HUP and ERR are always reported, so
-            // any event at all means the source is gone.
-            let rdhup = PollFlags::from_bits_retain(0x2000);
             while !done.load(Ordering::Acquire) {
-                let mut fds = [PollFd::new(fd, rdhup)];
-                if let Ok(n) = poll(&mut fds, PollTimeout::from(50u8))
-                    && n > 0
-                {
+                if hung_up(fd, PollTimeout::from(50u8)) {
                     tracing::warn!("the source hung up while guest memory was being prepared: stopping");
                     cancel.store(true, Ordering::Release);
                     return;
@@ -160,9 +152,18 @@ fn prepare_watching<G>(
         r
     });
     if cancel.load(Ordering::Acquire) {
-        return Err(PagerError::SourceGone);
+        return Err(PagerError::SourceGone("guest memory was being prepared"));
     }
     r.map_err(PagerError::Guest)
+}
+
+/// Whether the peer of `fd` shuts its side or the socket fails within
+/// `wait`. nix names no POLLRDHUP (Linux 0x2000), and its `revents()` is
+/// None for a bit it does not know: only RDHUP is asked for, and HUP and ERR
+/// are always reported, so any event at all means the peer is gone.
+fn hung_up(fd: BorrowedFd<'_>, wait: PollTimeout) -> bool {
+    let mut fds = [PollFd::new(fd, PollFlags::from_bits_retain(0x2000))];
+    poll(&mut fds, wait).is_ok_and(|n| n > 0)
 }
 
 /// Stops the background mapper when the run ends.
@@ -224,8 +225,7 @@ impl Run<'_> {
 
         let nice = self.cfg.background_nice.unwrap_or(default_nice(accepted.mode));
         let deadline = Instant::now() + self.cfg.handshake_timeout;
-        let (bulk_conn, bulk_session) =
-            recover::accept_bulk(self.listener, self.session.session(), &layout, self.cfg, deadline)?;
+        let (bulk_conn, bulk_session) = self.accept_first_bulk(&layout, deadline)?;
         let bulk = bulk::spawn(
             bulk_conn,
             bulk_session,
@@ -310,6 +310,29 @@ impl Run<'_> {
             blocktime_ns,
         };
         Ok(Outcome { guest, report })
+    }
+
+    /// Accept the first bulk connection, watching the control connection
+    /// meanwhile: a source that hangs up is not waited for.
+    fn accept_first_bulk(
+        &mut self,
+        layout: &proto::MemLayout,
+        deadline: Instant,
+    ) -> Result<(Box<dyn Conn>, proto::session::DestBulk), PagerError> {
+        loop {
+            let slice = deadline.min(Instant::now() + Duration::from_millis(50));
+            match recover::accept_bulk(self.listener, self.session.session(), layout, self.cfg, slice) {
+                Err(PagerError::Transport(TransportError::Timeout { .. })) if Instant::now() < deadline => {
+                    if hung_up(ctl(&mut self.control)?.readiness(), PollTimeout::ZERO) {
+                        return Err(PagerError::SourceGone("the destination waited for the bulk connection"));
+                    }
+                }
+                Err(PagerError::Transport(TransportError::Timeout { .. })) => {
+                    return Err(PagerError::Timeout { what: "the bulk connection", after: self.cfg.handshake_timeout });
+                }
+                r => return r,
+            }
+        }
     }
 
     fn await_hello(&mut self) -> Result<Accepted, PagerError> {
