@@ -1332,6 +1332,17 @@ mod tests {
     }
 
     #[test]
+    fn an_unknown_error_code_gets_through_as_internal() {
+        // Found by the decode_frame fuzz target: code 0, empty message. The
+        // error must reach the user whatever its code; it re-encodes as
+        // Internal, so only the decoded message round-trips, not the bytes.
+        let f = [5, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
+        let (m, used) = decode_frame(&f, PS).unwrap().unwrap();
+        assert_eq!((m.clone(), used), (Msg::Error { code: ErrorCode::Internal, message: "" }, 12));
+        assert_eq!(decode_frame(&m.to_frame(), PS).unwrap().unwrap().0, m);
+    }
+
+    #[test]
     fn pages_prefix_decodes_alone() {
         let data = vec![1u8; 2 * 4096];
         let f = Msg::Pages { first: PageIdx(10), n_pages: 2, kind: PageKind::Push, data: &data }.to_frame();
