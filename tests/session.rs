@@ -196,7 +196,6 @@ fn demand_does_not_wait_for_the_push() {
     let (src_bulk, dest_bulk) = pair(links.bulk, MemLink::default());
     let pm = Arc::new(PagerMetrics::default());
     let (tx, rx) = mpsc::channel();
-    let guest_slot: Arc<parking_lot::Mutex<Option<guest::GuestStats>>> = Arc::default();
     let pm2 = Arc::clone(&pm);
     let listener = listener_of(dest_bulk);
     let mut dial = dialer(src_bulk, Arc::clone(&listener));
@@ -224,7 +223,6 @@ fn demand_does_not_wait_for_the_push() {
     std::thread::spawn(move || {
         let _ = sender::run(Box::new(src_ctl), &mut dial, &mut src_guest, &scfg, sm2);
     });
-    let _ = guest_slot;
     // Wait until the hot set (128 pages + table) has come in on demand.
     let t0 = Instant::now();
     let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);

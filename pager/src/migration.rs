@@ -446,12 +446,12 @@ impl Run<'_> {
     /// Every precopy round must be installed before the guest runs here.
     fn wait_rounds(&self, bulk: &BulkLink, rounds: u32) -> Result<(), PagerError> {
         let deadline = Instant::now() + self.cfg.peer_timeout;
-        while self.shared.rounds_done() < rounds {
+        // In slices, so that a receiver that failed is noticed.
+        while !self.shared.wait_rounds(rounds, deadline.min(Instant::now() + Duration::from_millis(20))) {
             bulk.check()?;
             if Instant::now() > deadline {
                 return Err(PagerError::Timeout { what: "the last precopy round", after: self.cfg.peer_timeout });
             }
-            std::thread::sleep(Duration::from_micros(200));
         }
         Ok(())
     }

@@ -1,9 +1,10 @@
 //! Flags the fault loop, the bulk receivers and the page mapper share for
 //! the whole run (per-connection flags live in `bulk::BulkLink`).
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::PagerError;
 
@@ -12,7 +13,8 @@ use crate::error::PagerError;
 pub(crate) struct Shared {
     abort: AtomicBool,
     switched: AtomicBool,
-    rounds_done: AtomicU32,
+    rounds_done: Mutex<u32>,
+    round_cv: Condvar,
     failed: AtomicBool,
     error: Mutex<Option<PagerError>>,
 }
@@ -49,9 +51,19 @@ impl Shared {
         self.switched.load(Ordering::Acquire)
     }
     pub(crate) fn round_done(&self) {
-        self.rounds_done.fetch_add(1, Ordering::AcqRel);
+        *self.rounds_done.lock() += 1;
+        self.round_cv.notify_all();
     }
-    pub(crate) fn rounds_done(&self) -> u32 {
-        self.rounds_done.load(Ordering::Acquire)
+    /// Wait until `rounds` precopy rounds are installed or `until` passes;
+    /// returns whether they are. Woken by the receiver, not by polling: the
+    /// wait is inside the downtime.
+    pub(crate) fn wait_rounds(&self, rounds: u32, until: Instant) -> bool {
+        let mut done = self.rounds_done.lock();
+        while *done < rounds {
+            if self.round_cv.wait_until(&mut done, until).timed_out() {
+                return *done >= rounds;
+            }
+        }
+        true
     }
 }

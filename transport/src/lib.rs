@@ -10,12 +10,15 @@
 //!   for deterministic tests of the session logic.
 //! * [`sched`]: the priority of the threads that move bulk data.
 //!
+//! * [`conformance`]: the properties every `Conn` must have, run by each
+//!   implementation's tests.
 //! * [`Listener`]: where a destination takes connections, the first pair and
 //!   those of a source that reconnects after a broken link.
 //!
 //! RDMA (one-sided writes for the push, reads or requests for faults) is not
 //! built yet: it would be a third implementation behind a cargo feature.
 
+pub mod conformance;
 mod conn;
 mod frames;
 pub mod mem;

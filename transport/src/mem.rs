@@ -425,6 +425,14 @@ impl crate::Listener for MemListener {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_in_memory_pair_passes_the_conformance_suite() {
+        crate::conformance::run_all(&mut || {
+            let (a, b) = pair(MemLink::default(), MemLink::default());
+            (Box::new(a) as Box<dyn Conn>, Box::new(b) as Box<dyn Conn>)
+        });
+    }
+
     use super::*;
 
     fn complete(n: u64) -> Msg<'static> {

@@ -593,6 +593,17 @@ impl crate::Listener for TcpListen {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tcp_passes_the_conformance_suite() {
+        let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
+        let addr = l.local_addr().to_string();
+        crate::conformance::run_all(&mut || {
+            let a = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap();
+            let b = l.accept(Instant::now() + Duration::from_secs(5)).unwrap();
+            (Box::new(a) as Box<dyn Conn>, Box::new(b) as Box<dyn Conn>)
+        });
+    }
+
     use super::*;
     use crate::conn::IoSpanMut;
 
