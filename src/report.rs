@@ -1,4 +1,5 @@
-//! The JSON report of a run, written by each side and merged by `migrate`.
+//! The JSON report of a run, written by each side and merged by `migrate`,
+//! the pieces each side builds it from, and its human-readable summary.
 //!
 //! Every field has a default so that a report from an older build, or a
 //! one-sided report, still reads back (`postcopy report`, `migrate`).
@@ -6,8 +7,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use proto::wire::{GuestKind, Mode};
 use proto::{LatencyHist, LatencySummary};
 use serde::{Deserialize, Serialize};
+
+use crate::adapters::GuestSummary;
 
 /// Percentiles in microseconds.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -286,6 +290,118 @@ impl Report {
     pub fn clean(&self) -> bool {
         self.status == "ok" && self.guest.violations == 0 && self.guest.verify_ok && self.guest.heartbeats_ok
     }
+}
+
+/// The mode as reports name it.
+pub fn mode_name(m: Mode) -> String {
+    m.name().to_string()
+}
+
+/// The guest section of a report.
+pub fn guest_report(g: &GuestSummary, running_on_source: bool) -> GuestReport {
+    let (stall_lat, stall_hist) = latency_of(&g.stalls);
+    GuestReport {
+        accesses: g.accesses_here,
+        accesses_total: g.accesses_total,
+        loads: g.loads_here,
+        stores: g.stores_here,
+        violations: g.violations,
+        stalls: g.stalls.count(),
+        stall_latency_us: stall_lat,
+        stall_latency_hist: stall_hist,
+        heartbeats: g.heartbeats.clone(),
+        heartbeats_ok: !g.heartbeats.is_empty() && g.heartbeats.iter().all(|&h| h > 0),
+        verified_pages: g.verified_pages,
+        verify_ok: g.verify_ok,
+        problems: g.problems.clone(),
+        running_on_source,
+    }
+}
+
+/// The guest kind as reports name it.
+pub fn guest_name(k: GuestKind) -> String {
+    match k {
+        GuestKind::Workload => "workload".into(),
+        GuestKind::Vm => "vm".into(),
+    }
+}
+
+/// GB/s of `bytes` moved in `ns`.
+pub fn gbps(bytes: u64, ns: u64) -> f64 {
+    if ns == 0 { 0.0 } else { bytes as f64 / ns as f64 }
+}
+
+/// A human-readable summary of a report.
+pub fn summary(r: &Report) -> String {
+    let mut s = String::new();
+    let gib = r.mem_bytes as f64 / f64::from(1u32 << 30);
+    s += &format!(
+        "postcopy {}: {} guest, {gib:.2} GiB, {} vCPU, {}, prefetch {} ({})\n",
+        r.mode, r.guest_kind, r.vcpus, r.pattern, r.prefetch.pages, r.prefetch.mode
+    );
+    s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
+    s += &format!(
+        "  time         total {:.1} ms (setup {:.1} ms), postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, evict {:.2} ms, restore {:.2} ms)\n",
+        r.total_time_ms,
+        r.setup_ms,
+        r.postcopy.time_ms,
+        r.downtime_ms,
+        r.downtime.pause_to_sent_ms,
+        r.downtime.dest_evict_ms,
+        r.downtime.dest_restore_ms
+    );
+    if r.precopy.rounds > 0 {
+        s += &format!(
+            "  precopy      {} rounds, {} pages, {:.1} ms, dirty per round {:?}, stopped: {}; {} pages outstanding\n",
+            r.precopy.rounds,
+            r.precopy.pages_sent,
+            r.precopy.time_ms,
+            r.precopy.dirty_pages,
+            r.precopy.stop_reason,
+            r.outstanding_pages
+        );
+    }
+    s += &format!(
+        "  transferred  {:.3} GB; pushed {} pages ({:.2} GB/s), demand {} pages in {} requests, duplicates {}\n",
+        r.bytes_transferred as f64 / 1e9,
+        r.postcopy.pages_pushed,
+        r.postcopy.push_gbps,
+        r.postcopy.pages_demand,
+        r.postcopy.requests,
+        r.postcopy.pages_duplicate
+    );
+    let f = &r.postcopy.fault_latency_us;
+    s += &format!(
+        "  faults       {} over the network (latency p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us)",
+        r.postcopy.faults.saturating_sub(r.postcopy.faults_local),
+        f.p50,
+        f.p90,
+        f.p99,
+        f.max
+    );
+    if r.postcopy.faults_local > 0 {
+        let l = &r.postcopy.local_fault_latency_us;
+        s += &format!("; {} on held pages (p50 {:.1} us, p99 {:.1} us)", r.postcopy.faults_local, l.p50, l.p99);
+    }
+    s += "\n";
+    if !r.postcopy.vcpu_blocktime_ms.is_empty() {
+        let per: Vec<String> = r.postcopy.vcpu_blocktime_ms.iter().map(|(k, v)| format!("{k} {v:.1}")).collect();
+        s += &format!("  blocked      {:.1} ms in all ({} ms)\n", r.postcopy.blocktime_ms, per.join(", "));
+    }
+    s += &format!(
+        "  guest        {} accesses here, {} violations, {} pages verified ({})",
+        r.guest.accesses,
+        r.guest.violations,
+        r.guest.verified_pages,
+        if r.guest.verify_ok { "ok" } else { "FAILED" },
+    );
+    if r.guest_kind == "vm" {
+        s += &format!(", heartbeats per vCPU {:?}", r.guest.heartbeats);
+    } else {
+        let g = &r.guest.stall_latency_us;
+        s += &format!(", stalls {} (p50 {:.1} us, p99 {:.1} us)", r.guest.stalls, g.p50, g.p99);
+    }
+    s
 }
 
 #[cfg(test)]

@@ -141,6 +141,22 @@ fn regions_prefetch_and_key() {
 }
 
 #[test]
+fn migrate_passes_the_destination_its_own_options() {
+    let _g = SERIAL.lock();
+    let d = scratch("destopts");
+    let report = d.join("bg.json");
+    let (out, r) = migrate(&["--mem", "128M", "--populate", "background", "--max-mem", "1G"], &report);
+    assert_clean(&out, &r);
+    // The destination's own limit reaches it: a guest above it is refused on the hello.
+    let report = d.join("small.json");
+    let (out, r) = migrate(&["--mem", "128M", "--max-mem", "64M"], &report);
+    assert!(!out.status.success());
+    assert_eq!(r.status, "failed");
+    let err = r.error.unwrap_or_default();
+    assert!(err.contains("exceeds the 67108864 bytes this destination accepts"), "{err}");
+}
+
+#[test]
 fn source_killed_mid_run_fails_destination_after_the_recovery_window() {
     let _g = SERIAL.lock();
     let d = scratch("kill");

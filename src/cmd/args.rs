@@ -1,0 +1,610 @@
+//! The command line's argument types and their checks, and each options
+//! group written back as arguments (`to_args`) for child processes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, ValueEnum};
+use guest::{Backing, Pattern, WorkloadConfig, parse_size};
+use pager::{Prefetch, PrefetchMode};
+use proto::wire::Mode;
+use proto::{GuestOffset, MemLayout, PageSize, RegionDesc};
+
+/// Migration mode on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// No precopy: the guest moves first, every page follows.
+    Postcopy,
+    /// Precopy rounds while the guest runs, then switch to postcopy with the
+    /// pages still dirty outstanding.
+    Hybrid,
+    /// Classic precopy: rounds until the dirty set fits the downtime budget
+    /// (or the round limit), then stop-and-copy.
+    Precopy,
+}
+
+impl ModeArg {
+    pub(crate) fn mode(self) -> Mode {
+        match self {
+            ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid,
+            ModeArg::Precopy => Mode::Precopy,
+        }
+    }
+}
+
+/// Destination memory on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum MemoryArg {
+    /// Shared memory (memfd): pages are read from the socket straight into
+    /// the page cache and mapped with UFFDIO_CONTINUE.
+    Shmem,
+    /// Private anonymous memory: pages are installed with UFFDIO_COPY.
+    Anon,
+}
+
+impl MemoryArg {
+    pub(crate) fn backing(self) -> Backing {
+        match self {
+            MemoryArg::Shmem => Backing::Shmem,
+            MemoryArg::Anon => Backing::Anonymous,
+        }
+    }
+}
+
+/// When shared destination memory is allocated, on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PopulateArg {
+    /// Before acknowledging the source (the guest runs on there meanwhile).
+    Before,
+    /// In the background: start at once, push slower.
+    Background,
+}
+
+/// Prefetch placement on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchModeArg {
+    /// The pages after the faulting one.
+    After,
+    /// Centered on the faulting page.
+    Around,
+}
+
+/// Which guest runs, on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GuestArg {
+    /// Threads in this process touching guest memory.
+    Workload,
+    /// A KVM virtual machine running the same stress in machine code.
+    Vm,
+}
+
+/// What the guest is and does (source and migrate).
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct GuestOpts {
+    /// Which guest.
+    #[arg(long, value_enum, default_value = "workload")]
+    pub guest: GuestArg,
+    /// Guest memory size (e.g. 256M, 1G, 1.5G).
+    #[arg(long, default_value = "1G")]
+    pub mem: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// Access pattern: uniform, sequential, hotset:SIZE[:FRACTION], zipf:THETA.
+    #[arg(long, default_value = "uniform")]
+    pub pattern: String,
+    /// Share of accesses that are stores.
+    #[arg(long, default_value_t = 0.75)]
+    pub store_ratio: f64,
+    /// Seed of the guest's generators.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Split memory into this many regions (with holes between them).
+    #[arg(long, default_value_t = 1)]
+    pub regions: u32,
+    /// An access slower than this many microseconds counts as a stall.
+    #[arg(long, default_value_t = 5)]
+    pub stall_threshold_us: u64,
+    /// Accesses per second per vCPU (0: flat out). Lower rates model a guest
+    /// that is not always busy. Workload guest only.
+    #[arg(long, default_value_t = 0)]
+    pub access_rate: u64,
+    /// VM guest: milliseconds between heartbeats on each vCPU's console.
+    #[arg(long, default_value_t = 50)]
+    pub heartbeat_ms: u32,
+}
+
+/// How the migration runs (source and migrate).
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct MigrationOpts {
+    /// Migration mode.
+    #[arg(long, value_enum, default_value = "postcopy")]
+    pub mode: ModeArg,
+    /// Pages requested per fault, the faulting page included (1: no prefetch).
+    #[arg(long)]
+    pub prefetch: Option<u32>,
+    /// Where the prefetch window lies.
+    #[arg(long, value_enum, default_value = "after")]
+    pub prefetch_mode: PrefetchModeArg,
+    /// Pages per background push frame.
+    #[arg(long, default_value_t = 256)]
+    pub push_run: u32,
+    /// File holding a pre-shared key; both sides must use the same.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// A peer silent for this many milliseconds is presumed dead.
+    #[arg(long, default_value_t = 5000)]
+    pub peer_timeout_ms: u64,
+    /// Hybrid: switch to postcopy after this many precopy rounds (default:
+    /// when the dirty set stops shrinking or the time budget runs out).
+    #[arg(long)]
+    pub postcopy_after: Option<u32>,
+    /// Most precopy rounds (precopy: then stop-and-copy anyway).
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Stop precopy when the dirty set could be sent within this many
+    /// milliseconds with the guest paused.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_budget_ms: u64,
+    /// Hybrid: switch rather than let precopy run longer than this.
+    #[arg(long, default_value_t = 60_000)]
+    pub precopy_budget_ms: u64,
+    /// Nice value of the threads moving bulk data (push, its receiver, the
+    /// destination's page mapper), so demand serving preempts them (default:
+    /// 0 in pure postcopy, 10 in hybrid and precopy).
+    #[arg(long)]
+    pub background_nice: Option<i32>,
+    /// Pace the bulk connection (push and precopy) to this rate, e.g. 9gbit:
+    /// below the link's rate, its data never queues at the bottleneck ahead
+    /// of demand replies (default: unpaced).
+    #[arg(long)]
+    pub push_rate: Option<String>,
+    /// After switchover, how long (seconds) a broken link may stay broken
+    /// while the sides reconnect before giving up; 0 disables recovery.
+    #[arg(long, default_value_t = 300)]
+    pub recover_timeout: u64,
+}
+
+impl MigrationOpts {
+    /// `--push-rate` in bytes per second.
+    pub(crate) fn push_rate(&self) -> Result<Option<u64>> {
+        self.push_rate
+            .as_deref()
+            .map(|r| crate::netlab::parse_rate(r).map(|bps| bps / 8))
+            .transpose()
+            .context("--push-rate")
+    }
+
+    pub(crate) fn policy(&self) -> Result<sender::Policy> {
+        if self.postcopy_after.is_some() && self.mode != ModeArg::Hybrid {
+            bail!("--postcopy-after needs --mode hybrid");
+        }
+        if self.postcopy_after == Some(0) || self.max_rounds == 0 {
+            bail!("--postcopy-after and --max-rounds count rounds from 1");
+        }
+        Ok(sender::Policy {
+            postcopy_after: self.postcopy_after,
+            max_rounds: self.max_rounds,
+            downtime_budget: Duration::from_millis(self.downtime_budget_ms),
+            time_budget: Duration::from_millis(self.precopy_budget_ms),
+            ..sender::Policy::default()
+        })
+    }
+}
+
+/// `postcopy dest`.
+#[derive(Args, Clone, Debug)]
+pub struct DestArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    pub listen: String,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Pages requested per fault (overrides what the source asks for).
+    #[arg(long)]
+    pub prefetch: Option<u32>,
+    /// Where the prefetch window lies (with --prefetch).
+    #[arg(long, value_enum, default_value = "after")]
+    pub prefetch_mode: PrefetchModeArg,
+    /// File holding a pre-shared key the source must prove it has.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// The destination's own options (also taken by `migrate`).
+    #[command(flatten)]
+    pub opts: DestOpts,
+    /// Nice value of the bulk receiver and the page mapper (default: 0 in
+    /// pure postcopy, 10 in hybrid and precopy).
+    #[arg(long)]
+    pub background_nice: Option<i32>,
+    /// Keep the guest running this long after the migration, then verify it.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    /// Give up if no source connects within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub accept_timeout_s: u64,
+    /// After switchover, how long (seconds) to wait for a source whose
+    /// link broke to reconnect before giving up; 0 disables recovery.
+    #[arg(long, default_value_t = 300)]
+    pub recover_timeout: u64,
+    /// A source silent for this many milliseconds is presumed dead.
+    #[arg(long, default_value_t = 5000)]
+    pub peer_timeout_ms: u64,
+    /// Print "LISTENING <addr>" on stdout once listening (for scripts).
+    #[arg(long)]
+    pub announce: bool,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Run under `migrate`: no summary (the parent prints the merged one).
+    #[arg(long, hide = true)]
+    pub child: bool,
+    /// Print machine-readable progress lines on stdout (for `migrate`'s bar).
+    #[arg(long, hide = true)]
+    pub progress_lines: bool,
+    /// The destination's time series.
+    #[command(flatten)]
+    pub timeline: TimelineOpts,
+}
+
+/// What the destination's memory is and how much it accepts (`dest`, and
+/// `migrate`, which passes them to its destination).
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct DestOpts {
+    /// What the destination's guest memory is made of.
+    #[arg(long, value_enum, default_value = "shmem")]
+    pub memory: MemoryArg,
+    /// When to allocate shared guest memory.
+    #[arg(long, value_enum, default_value = "before")]
+    pub populate: PopulateArg,
+    /// Refuse a guest larger than this (like 16G), checked on the hello
+    /// before anything is allocated (default: this host's available memory
+    /// when the source connects, less a margin).
+    #[arg(long)]
+    pub max_mem: Option<String>,
+}
+
+/// The destination's time series (`dest`, `migrate`).
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct TimelineOpts {
+    /// Also write the destination's time series as CSV here.
+    #[arg(long)]
+    pub timeline_csv: Option<PathBuf>,
+    /// Sampling tick of the time series, milliseconds (1..=1000).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub tick_ms: u64,
+}
+
+/// `postcopy source`.
+#[derive(Args, Clone, Debug)]
+pub struct SourceArgs {
+    /// Destination address.
+    #[arg(long)]
+    pub connect: String,
+    /// Where to reconnect after a broken link (default: --connect).
+    #[arg(long)]
+    pub recover_addr: Option<String>,
+    /// Guest options.
+    #[command(flatten)]
+    pub guest: GuestOpts,
+    /// Migration options.
+    #[command(flatten)]
+    pub migration: MigrationOpts,
+    /// Write the JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Let the guest run this long before migrating.
+    #[arg(long, default_value_t = 500)]
+    pub run_before_ms: u64,
+    /// After a failed migration, keep the guest running this long, then verify it.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    /// Run under `migrate`: die with it.
+    #[arg(long, hide = true)]
+    pub child: bool,
+}
+
+/// `postcopy migrate`.
+#[derive(Args, Clone, Debug)]
+pub struct MigrateArgs {
+    /// Guest options.
+    #[command(flatten)]
+    pub guest: GuestOpts,
+    /// Migration options.
+    #[command(flatten)]
+    pub migration: MigrationOpts,
+    /// Write the merged JSON report here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Let the guest run this long before migrating.
+    #[arg(long, default_value_t = 500)]
+    pub run_before_ms: u64,
+    /// Keep the guest running this long after the migration, then verify it.
+    #[arg(long, default_value_t = 500)]
+    pub run_after_ms: u64,
+    /// The destination's own options.
+    #[command(flatten)]
+    pub dest: DestOpts,
+    /// No progress line.
+    #[arg(long)]
+    pub quiet: bool,
+    /// The destination's time series.
+    #[command(flatten)]
+    pub timeline: TimelineOpts,
+    /// The link between the two sides: "loopback", or two network
+    /// namespaces joined by a veth pair, "veth[:RATE][:RTT]" (RATE like
+    /// 10gbit, shaped with tc tbf; RTT like 100us, added by a relay).
+    #[arg(long, default_value = "loopback")]
+    pub link: String,
+}
+
+pub(crate) fn read_key(path: &Option<PathBuf>) -> Result<Option<Vec<u8>>> {
+    let Some(p) = path else { return Ok(None) };
+    let k = std::fs::read(p).with_context(|| format!("reading key file {}", p.display()))?;
+    let k: Vec<u8> = k.trim_ascii().to_vec();
+    if k.is_empty() {
+        bail!("key file {} is empty", p.display());
+    }
+    Ok(Some(k))
+}
+
+pub(crate) fn prefetch_of(pages: Option<u32>, mode: PrefetchModeArg) -> Result<Option<Prefetch>> {
+    let Some(pages) = pages else { return Ok(None) };
+    if pages == 0 || pages > 4096 {
+        bail!("--prefetch must be 1..=4096 pages, got {pages}");
+    }
+    let mode = match mode {
+        PrefetchModeArg::After => PrefetchMode::After,
+        PrefetchModeArg::Around => PrefetchMode::Around,
+    };
+    Ok(Some(Prefetch { pages, mode }))
+}
+
+impl GuestOpts {
+    /// The memory layout these options describe.
+    pub fn layout(&self) -> Result<MemLayout> {
+        let bytes = parse_size(&self.mem).map_err(|e| anyhow!("--mem: {e}"))?;
+        let ps = PageSize::Size4K.bytes();
+        if bytes < 16 * ps || bytes % ps != 0 {
+            bail!("--mem must be a multiple of 4 KiB and at least 64 KiB, got {bytes} bytes");
+        }
+        if self.regions == 0 || u64::from(self.regions) > bytes / ps / 16 || self.regions > 64 {
+            bail!("--regions must be 1..=64 and leave each region at least 16 pages");
+        }
+        let n_pages = bytes / ps;
+        let per = n_pages / u64::from(self.regions);
+        let mut regions = Vec::new();
+        let mut guest = 0u64;
+        for i in 0..u64::from(self.regions) {
+            let pages = if i + 1 == u64::from(self.regions) { n_pages - per * i } else { per };
+            regions.push(RegionDesc { guest: GuestOffset(guest), len_bytes: pages * ps });
+            // Leave a 1 GiB-aligned hole after each region, as a VM's memory map would.
+            guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
+        }
+        Ok(MemLayout::new(PageSize::Size4K, regions)?)
+    }
+
+    /// The VM guest's configuration.
+    pub fn vm(&self) -> Result<guest::vm::VmConfig> {
+        let w = self.workload()?;
+        if self.regions != 1 {
+            bail!("the VM guest uses one memory region (--regions 1)");
+        }
+        if self.vcpus > guest::vm::boot::MAX_VCPUS {
+            bail!("the VM guest runs at most {} vCPUs", guest::vm::boot::MAX_VCPUS);
+        }
+        if self.access_rate != 0 {
+            bail!("--access-rate applies to the workload guest only");
+        }
+        let active_pages = match w.pattern {
+            Pattern::Uniform => 0,
+            Pattern::Hotset { bytes, fraction } if fraction >= 1.0 => bytes.div_ceil(4096),
+            p => bail!("the VM guest runs uniform and hotset:SIZE patterns, not {p}"),
+        };
+        // A store when the generator's low 16 bits fall below ratio x 2^16.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let store_threshold = (self.store_ratio * 65536.0).round() as u32;
+        Ok(guest::vm::VmConfig {
+            vcpus: self.vcpus,
+            active_pages,
+            store_threshold,
+            heartbeat_ms: self.heartbeat_ms.max(1),
+            seed: self.seed,
+        })
+    }
+
+    /// Validate the options for the chosen guest.
+    pub fn check(&self) -> Result<()> {
+        self.layout()?;
+        match self.guest {
+            GuestArg::Workload => self.workload().map(drop),
+            GuestArg::Vm => self.vm().map(drop),
+        }
+    }
+
+    /// The workload configuration.
+    pub fn workload(&self) -> Result<WorkloadConfig> {
+        let pattern: Pattern = self.pattern.parse().map_err(|e| anyhow!("--pattern: {e}"))?;
+        if !(0.0..=1.0).contains(&self.store_ratio) {
+            bail!("--store-ratio must be in 0..=1, got {}", self.store_ratio);
+        }
+        if self.vcpus == 0 || self.vcpus > 256 {
+            bail!("--vcpus must be 1..=256, got {}", self.vcpus);
+        }
+        Ok(WorkloadConfig {
+            vcpus: self.vcpus,
+            pattern,
+            store_ratio: self.store_ratio,
+            seed: self.seed,
+            stall_threshold_ns: self.stall_threshold_us * 1000,
+            access_rate: self.access_rate,
+        })
+    }
+}
+
+/// The command-line spelling of a value-enum value.
+fn name_of(v: &impl ValueEnum) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
+}
+
+fn push_opt(a: &mut Vec<String>, flag: &str, v: Option<impl ToString>) {
+    if let Some(v) = v {
+        a.extend([flag.to_string(), v.to_string()]);
+    }
+}
+
+impl GuestOpts {
+    /// These options as command-line arguments: parsing them gives back
+    /// the same options (tested), so a child process sees what we saw.
+    pub fn to_args(&self) -> Vec<String> {
+        [
+            ("--guest", name_of(&self.guest)),
+            ("--mem", self.mem.clone()),
+            ("--vcpus", self.vcpus.to_string()),
+            ("--pattern", self.pattern.clone()),
+            ("--store-ratio", self.store_ratio.to_string()),
+            ("--seed", self.seed.to_string()),
+            ("--regions", self.regions.to_string()),
+            ("--stall-threshold-us", self.stall_threshold_us.to_string()),
+            ("--access-rate", self.access_rate.to_string()),
+            ("--heartbeat-ms", self.heartbeat_ms.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(f, v)| [f.to_string(), v])
+        .collect()
+    }
+}
+
+impl MigrationOpts {
+    /// These options as command-line arguments (see [`GuestOpts::to_args`]).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a: Vec<String> = [
+            ("--mode", name_of(&self.mode)),
+            ("--prefetch-mode", name_of(&self.prefetch_mode)),
+            ("--push-run", self.push_run.to_string()),
+            ("--peer-timeout-ms", self.peer_timeout_ms.to_string()),
+            ("--max-rounds", self.max_rounds.to_string()),
+            ("--downtime-budget-ms", self.downtime_budget_ms.to_string()),
+            ("--precopy-budget-ms", self.precopy_budget_ms.to_string()),
+            ("--recover-timeout", self.recover_timeout.to_string()),
+        ]
+        .into_iter()
+        .flat_map(|(f, v)| [f.to_string(), v])
+        .collect();
+        push_opt(&mut a, "--prefetch", self.prefetch);
+        push_opt(&mut a, "--key-file", self.key_file.as_ref().map(|k| k.display()));
+        push_opt(&mut a, "--postcopy-after", self.postcopy_after);
+        push_opt(&mut a, "--background-nice", self.background_nice);
+        push_opt(&mut a, "--push-rate", self.push_rate.as_ref());
+        a
+    }
+}
+
+impl DestOpts {
+    /// These options as command-line arguments (see [`GuestOpts::to_args`]).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec!["--memory".into(), name_of(&self.memory), "--populate".into(), name_of(&self.populate)];
+        push_opt(&mut a, "--max-mem", self.max_mem.as_ref());
+        a
+    }
+}
+
+impl TimelineOpts {
+    /// The destination's share of these options as command-line arguments
+    /// (the CSV is written by whoever merges the report).
+    pub fn to_args(&self) -> Vec<String> {
+        vec!["--tick-ms".into(), self.tick_ms.to_string()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser, Debug)]
+    struct All {
+        #[command(flatten)]
+        g: GuestOpts,
+        #[command(flatten)]
+        m: MigrationOpts,
+        #[command(flatten)]
+        d: DestOpts,
+    }
+
+    fn parse(args: &[String]) -> All {
+        All::try_parse_from(std::iter::once("postcopy".to_string()).chain(args.iter().cloned())).expect("parses")
+    }
+
+    #[test]
+    fn to_args_parses_back_to_the_same_options() {
+        for line in [
+            vec![],
+            [
+                "--guest",
+                "vm",
+                "--mem",
+                "512M",
+                "--vcpus",
+                "3",
+                "--pattern",
+                "hotset:64M",
+                "--store-ratio",
+                "0.5",
+                "--seed",
+                "9",
+                "--regions",
+                "2",
+                "--stall-threshold-us",
+                "7",
+                "--access-rate",
+                "1000",
+                "--heartbeat-ms",
+                "20",
+                "--mode",
+                "hybrid",
+                "--prefetch",
+                "8",
+                "--prefetch-mode",
+                "around",
+                "--push-run",
+                "64",
+                "--key-file",
+                "/k",
+                "--peer-timeout-ms",
+                "900",
+                "--postcopy-after",
+                "2",
+                "--max-rounds",
+                "4",
+                "--downtime-budget-ms",
+                "50",
+                "--precopy-budget-ms",
+                "999",
+                "--background-nice",
+                "5",
+                "--push-rate",
+                "9gbit",
+                "--recover-timeout",
+                "7",
+                "--memory",
+                "anon",
+                "--populate",
+                "background",
+                "--max-mem",
+                "2G",
+            ]
+            .map(String::from)
+            .to_vec(),
+        ] {
+            let first = parse(&line);
+            let again: Vec<String> = [first.g.to_args(), first.m.to_args(), first.d.to_args()].concat();
+            let second = parse(&again);
+            assert_eq!(first.g, second.g);
+            assert_eq!(first.m, second.m);
+            assert_eq!(first.d, second.d);
+        }
+    }
+}
