@@ -1,338 +1,9 @@
-//! The wire format: frames and messages. This doc is the normative spec.
-//!
-//! # Connections
-//!
-//! The destination listens; the source connects twice:
-//!
-//! * the **control** connection carries the handshake, the switchover, the
-//!   destination's range requests and the source's answers to them (demand
-//!   pages), keep-alives and the completion exchange. Demand pages travel here,
-//!   never behind background data;
-//! * the **bulk** connection carries precopy rounds and the background push,
-//!   one way, source to destination.
-//!
-//! # Sequence
-//!
-//! ```text
-//! control:  D->S ServerHello   S->D Hello   D->S HelloAck
-//! bulk:     S->D BulkHello(session)
-//! bulk:     S->D [Pages(precopy)* PrecopyRound]*            (hybrid/precopy modes)
-//! control:  S->D GuestState Outstanding* Switchover          (guest paused on source)
-//!           D->S SwitchoverAck                               (guest resumed on destination)
-//! control:  D->S RangeRequest*   S->D Pages(demand)*          (interleaved, any order)
-//! bulk:     S->D Pages(push)* PushDone
-//! control:  D->S Complete        S->D CompleteAck            (source may now drop memory)
-//! either:   KeepAlive at any time after the handshake; Error then close at any time.
-//! ```
-//!
-//! # Recovery
-//!
-//! With the `FEATURE_RECOVERY` bit negotiated, a control or bulk connection
-//! that breaks (or goes silent) once the source has sent GuestState does not
-//! end the run: both sides drop both connections, the destination keeps the
-//! guest running and listens, the source reconnects and resumes the session:
-//!
-//! ```text
-//! control:  D->S ServerHello   S->D Resume(session, mac)
-//!           D->S Have*  ResumeAck(state, n_have)
-//! bulk:     S->D BulkHello(session)                          (state Running only)
-//! control:  D->S RangeRequest* (the waiting faults first) ... as in postcopy
-//! ```
-//!
-//! `state` settles what the source could not know: `Running` (the guest
-//! runs on the destination: serve and push what it lacks), `NotSwitched`
-//! (no switchover happened there: the source resumes the guest), `Complete`
-//! (every page is there: the source answers Complete with CompleteAck).
-//!
-//! # Frames
-//!
-//! Every frame is an 8-byte header followed by `body_len` bytes of body. All
-//! integers are little-endian.
-//!
-//! ```text
-//! offset size field
-//! 0      1    tag        message type (below); 0 is invalid
-//! 1      1    flags      must be 0
-//! 2      2    reserved   must be 0
-//! 4      4    body_len   bytes of body that follow; at most the tag's maximum
-//! ```
-//!
-//! # Bodies
-//!
-//! ```text
-//! 1  ServerHello   magic u32, min_version u16, max_version u16, flags u32
-//!                  (bit 0: a pre-shared key is required), nonce [16]
-//! 2  Hello         magic u32, version u16, guest_kind u8, mode u8, features u64,
-//!                  page_size u32, n_regions u16, reserved u16,
-//!                  prefetch_pages u32 (0: the destination decides),
-//!                  prefetch_mode u8 (0 after, 1 around), reserved [3],
-//!                  n_regions x (guest_offset u64, len_bytes u64), mac [32]
-//!                  mac = HMAC-SHA256(key, nonce || body-without-mac), or zeros
-//! 3  HelloAck      session u64, features u64 (the accepted subset)
-//! 4  BulkHello     magic u32, version u16, reserved u16, session u64
-//! 5  Error         code u16, len u16, message [len] (UTF-8, len <= 1024)
-//! 6  KeepAlive     (empty)
-//! 7  GuestState    opaque guest state, <= 16 MiB
-//! 8  Outstanding   first_word u64, words u64 x n (bitmap of outstanding pages,
-//!                  bit i of word w is page 64w+i; n <= 131072)
-//! 9  Switchover    n_outstanding u64 (population count of the bitmap sent),
-//!                  precopy_rounds u32 (rounds sent on the bulk connection; the
-//!                  destination applies them all before resuming), reserved u32
-//! 10 SwitchoverAck restore_ns u64, evict_ns u64, arm_ns u64
-//! 11 RangeRequest  req_id u32, n u32 (1..=4096), n x (first u64, n_pages u32 >= 1)
-//! 12 Pages         first u64, n_pages u32, kind u8, reserved [3],
-//!                  data [n_pages * page_size]; the data is at most 8 MiB
-//! 13 PushDone      n_pushed u64
-//! 14 Complete      n_present u64
-//! 15 CompleteAck   downtime_ns u64, pause_to_sent_ns u64, bytes_sent u64,
-//!                  pages_pushed u64, pages_demand u64, requests u64,
-//!                  push_ns u64 (first push frame to PushDone written)
-//! 16 PrecopyRound  round u32, reserved u32, n_pages u64 (pages sent this round)
-//! 17 Resume        magic u32, version u16, reserved u16, session u64, mac [32]
-//!                  mac = HMAC-SHA256(key, nonce || body-without-mac), or zeros
-//! 18 Have          first_word u64, words u64 x n (bitmap of the pages the
-//!                  destination holds, as in Outstanding; n <= 131072)
-//! 19 ResumeAck     state u8 (1 running, 2 not switched, 3 complete),
-//!                  reserved [7], n_have u64 (population count of the Have bitmap)
-//! ```
-//!
-//! # Versioning
-//!
-//! The destination announces the range of versions it speaks; the source picks
-//! one inside it or gives up with a clear error. A version bump is needed for
-//! any change in a body layout; new message types may only be sent when a
-//! feature bit negotiated in Hello/HelloAck says the peer understands them.
-//! Unknown tags, non-zero flags or reserved fields are rejected.
+//! Message bodies: the decoded form of every message type, decoding from a
+//! frame's body and encoding back. Layouts are in the module doc of `wire`.
 
 use crate::types::{GuestOffset, PageIdx, PageRange, PageSize, RegionDesc};
 
-/// "PCPY" read as a little-endian u32.
-pub const MAGIC: u32 = u32::from_le_bytes(*b"PCPY");
-/// The protocol version this build speaks.
-pub const VERSION: u16 = 1;
-/// Size of the frame header.
-pub const HEADER_LEN: usize = 8;
-/// Size of a Pages body before its data.
-pub const PAGES_PREFIX_LEN: usize = 16;
-/// Largest page payload of one Pages frame.
-pub const MAX_RUN_BYTES: u64 = 8 << 20;
-/// Largest guest state blob.
-pub const MAX_STATE_BYTES: u32 = 16 << 20;
-/// Most ranges in one RangeRequest.
-pub const MAX_REQUEST_RANGES: u32 = 4096;
-/// Most bitmap words in one Outstanding frame.
-pub const MAX_OUTSTANDING_WORDS: u32 = 128 * 1024;
-/// Longest error message.
-pub const MAX_ERROR_LEN: u16 = 1024;
-/// Largest body of any frame: the bound a reader sizes its buffer to.
-pub const MAX_BODY_LEN: u32 = MAX_STATE_BYTES;
-/// Nonce length in ServerHello.
-pub const NONCE_LEN: usize = 16;
-/// MAC length in Hello.
-pub const MAC_LEN: usize = 32;
-/// ServerHello flag: the destination requires a pre-shared key.
-pub const SERVER_FLAG_AUTH_REQUIRED: u32 = 1;
-/// Feature bit: post-copy recovery (Resume, Have, ResumeAck; see the module doc).
-pub const FEATURE_RECOVERY: u64 = 1;
-
-/// Message type tags.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Tag {
-    /// See module doc.
-    ServerHello = 1,
-    /// See module doc.
-    Hello = 2,
-    /// See module doc.
-    HelloAck = 3,
-    /// See module doc.
-    BulkHello = 4,
-    /// See module doc.
-    Error = 5,
-    /// See module doc.
-    KeepAlive = 6,
-    /// See module doc.
-    GuestState = 7,
-    /// See module doc.
-    Outstanding = 8,
-    /// See module doc.
-    Switchover = 9,
-    /// See module doc.
-    SwitchoverAck = 10,
-    /// See module doc.
-    RangeRequest = 11,
-    /// See module doc.
-    Pages = 12,
-    /// See module doc.
-    PushDone = 13,
-    /// See module doc.
-    Complete = 14,
-    /// See module doc.
-    CompleteAck = 15,
-    /// See module doc.
-    PrecopyRound = 16,
-    /// See module doc.
-    Resume = 17,
-    /// See module doc.
-    Have = 18,
-    /// See module doc.
-    ResumeAck = 19,
-}
-
-impl Tag {
-    fn from_u8(v: u8) -> Option<Tag> {
-        Some(match v {
-            1 => Tag::ServerHello,
-            2 => Tag::Hello,
-            3 => Tag::HelloAck,
-            4 => Tag::BulkHello,
-            5 => Tag::Error,
-            6 => Tag::KeepAlive,
-            7 => Tag::GuestState,
-            8 => Tag::Outstanding,
-            9 => Tag::Switchover,
-            10 => Tag::SwitchoverAck,
-            11 => Tag::RangeRequest,
-            12 => Tag::Pages,
-            13 => Tag::PushDone,
-            14 => Tag::Complete,
-            15 => Tag::CompleteAck,
-            16 => Tag::PrecopyRound,
-            17 => Tag::Resume,
-            18 => Tag::Have,
-            19 => Tag::ResumeAck,
-            _ => return None,
-        })
-    }
-
-    /// Largest body this tag may carry.
-    pub fn max_body_len(self) -> u32 {
-        const fn u32_of(v: u64) -> u32 {
-            assert!(v <= u32::MAX as u64);
-            #[allow(clippy::cast_possible_truncation)]
-            let r = v as u32;
-            r
-        }
-        match self {
-            Tag::ServerHello => 28,
-            Tag::Hello => u32_of(32 + 16 * crate::types::MAX_REGIONS as u64 + MAC_LEN as u64),
-            Tag::HelloAck => 16,
-            Tag::BulkHello => 16,
-            Tag::Error => 4 + MAX_ERROR_LEN as u32,
-            Tag::KeepAlive => 0,
-            Tag::GuestState => MAX_STATE_BYTES,
-            Tag::Outstanding => 8 + 8 * MAX_OUTSTANDING_WORDS,
-            Tag::Switchover => 16,
-            Tag::SwitchoverAck => 24,
-            Tag::RangeRequest => 8 + 12 * MAX_REQUEST_RANGES,
-            Tag::Pages => u32_of(PAGES_PREFIX_LEN as u64 + MAX_RUN_BYTES),
-            Tag::PushDone => 8,
-            Tag::Complete => 8,
-            Tag::CompleteAck => 56,
-            Tag::PrecopyRound => 16,
-            Tag::Resume => u32_of(16 + MAC_LEN as u64),
-            Tag::Have => 8 + 8 * MAX_OUTSTANDING_WORDS,
-            Tag::ResumeAck => 16,
-        }
-    }
-}
-
-/// Why bytes could not be decoded. Every variant is a peer error: the caller
-/// reports it and closes the connection.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
-    /// Fewer bytes than the layout needs.
-    #[error("truncated {what}: need {need} bytes, have {have}")]
-    Truncated {
-        /// What was being decoded.
-        what: &'static str,
-        /// Bytes needed.
-        need: usize,
-        /// Bytes present.
-        have: usize,
-    },
-    /// Tag byte names no message.
-    #[error("unknown message tag {0}")]
-    UnknownTag(u8),
-    /// Body longer than the tag allows.
-    #[error("{tag:?} body of {len} bytes exceeds the limit of {max}")]
-    TooLarge {
-        /// The message type.
-        tag: Tag,
-        /// Body length announced.
-        len: u32,
-        /// The limit.
-        max: u32,
-    },
-    /// Flags or reserved bytes not zero.
-    #[error("non-zero reserved field in {0:?}")]
-    Reserved(Tag),
-    /// Magic number wrong: not a postcopy peer.
-    #[error("bad magic {0:#010x}: peer is not a postcopy endpoint")]
-    BadMagic(u32),
-    /// A field has a value outside its domain.
-    #[error("invalid {field} in {tag:?}: {value}")]
-    Invalid {
-        /// The message type.
-        tag: Tag,
-        /// The field.
-        field: &'static str,
-        /// The offending value.
-        value: u64,
-    },
-    /// Body length inconsistent with its own contents.
-    #[error("{tag:?} body is {len} bytes, its fields say {expected}")]
-    LengthMismatch {
-        /// The message type.
-        tag: Tag,
-        /// Body length.
-        len: usize,
-        /// Length implied by the fields.
-        expected: u64,
-    },
-    /// Pages arrived before the page size is known.
-    #[error("pages frame before the page size was negotiated")]
-    NoPageSize,
-}
-
-/// A decoded frame header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FrameHeader {
-    /// Message type.
-    pub tag: Tag,
-    /// Body length, already checked against the tag's maximum.
-    pub body_len: u32,
-}
-
-impl FrameHeader {
-    /// Decode and check a header.
-    pub fn decode(b: &[u8]) -> Result<FrameHeader, DecodeError> {
-        if b.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated { what: "frame header", need: HEADER_LEN, have: b.len() });
-        }
-        let tag = Tag::from_u8(b[0]).ok_or(DecodeError::UnknownTag(b[0]))?;
-        if b[1] != 0 || b[2] != 0 || b[3] != 0 {
-            return Err(DecodeError::Reserved(tag));
-        }
-        let body_len = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
-        let max = tag.max_body_len();
-        if body_len > max {
-            return Err(DecodeError::TooLarge { tag, len: body_len, max });
-        }
-        Ok(FrameHeader { tag, body_len })
-    }
-
-    /// Encode a header.
-    pub fn encode(tag: Tag, body_len: u32) -> [u8; HEADER_LEN] {
-        let l = body_len.to_le_bytes();
-        [tag as u8, 0, 0, 0, l[0], l[1], l[2], l[3]]
-    }
-
-    /// Total frame length.
-    pub fn frame_len(&self) -> usize {
-        HEADER_LEN + self.body_len as usize
-    }
-}
+use super::frame::*;
 
 /// What runs in the guest: the pager and sender do not care, the two ends must agree.
 #[repr(u8)]
@@ -399,7 +70,7 @@ pub enum PageKind {
 }
 
 impl PageKind {
-    fn from_u8(v: u8) -> Option<PageKind> {
+    pub(crate) fn from_u8(v: u8) -> Option<PageKind> {
         match v {
             1 => Some(PageKind::Demand),
             2 => Some(PageKind::Push),
@@ -585,59 +256,59 @@ impl<'a> WordList<'a> {
 /// One decoded message. Variable-length parts borrow the frame's bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Msg<'a> {
-    /// See module doc.
+    /// The destination's opening: versions it speaks, whether it wants a key, the nonce.
     ServerHello(ServerHello),
-    /// See module doc.
+    /// The source's offer: version, guest kind, mode, features, page size, regions, MAC.
     Hello(Hello),
-    /// See module doc.
+    /// The hello accepted: the session cookie and the accepted features.
     HelloAck {
         /// Session cookie the bulk connection must present.
         session: u64,
         /// Accepted features.
         features: u64,
     },
-    /// See module doc.
+    /// The first frame of the bulk connection, binding it to the session.
     BulkHello {
         /// Protocol version.
         version: u16,
         /// Session cookie from HelloAck.
         session: u64,
     },
-    /// See module doc.
+    /// Why the sender stops; it closes after this.
     Error {
         /// What kind of failure.
         code: ErrorCode,
         /// Human-readable reason.
         message: &'a str,
     },
-    /// See module doc.
+    /// Nothing but proof of life.
     KeepAlive,
-    /// See module doc.
+    /// The paused guest's opaque state.
     GuestState(&'a [u8]),
-    /// See module doc.
+    /// A piece of the outstanding-page bitmap.
     Outstanding {
         /// Index of the first bitmap word carried.
         first_word: u64,
         /// The words.
         words: WordList<'a>,
     },
-    /// See module doc.
+    /// The guest is committed to move: its state and outstanding set are complete.
     Switchover {
         /// Pages outstanding in total.
         n_outstanding: u64,
         /// Precopy rounds sent before it on the bulk connection.
         precopy_rounds: u32,
     },
-    /// See module doc.
+    /// The guest runs on the destination now.
     SwitchoverAck(ResumeTimes),
-    /// See module doc.
+    /// Page ranges the destination wants, faulting pages first.
     RangeRequest {
         /// Request id, echoed nowhere; for tracing.
         req_id: u32,
         /// Ranges asked for.
         ranges: RangeList<'a>,
     },
-    /// See module doc.
+    /// A run of pages: demand reply, push or precopy.
     Pages {
         /// First page.
         first: PageIdx,
@@ -648,26 +319,26 @@ pub enum Msg<'a> {
         /// `n_pages * page_size` bytes.
         data: &'a [u8],
     },
-    /// See module doc.
+    /// The background push sent everything it had.
     PushDone {
         /// Pages the push sent.
         n_pushed: u64,
     },
-    /// See module doc.
+    /// The destination holds every page.
     Complete {
         /// Pages the destination holds.
         n_present: u64,
     },
-    /// See module doc.
+    /// The source's figures; it may release the guest now.
     CompleteAck(SourceStats),
-    /// See module doc.
+    /// The end of a precopy round.
     PrecopyRound {
         /// Round number, from 0.
         round: u32,
         /// Pages sent in the round.
         n_pages: u64,
     },
-    /// See module doc.
+    /// A reconnecting source's answer to the server hello (recovery).
     Resume {
         /// Protocol version.
         version: u16,
@@ -676,14 +347,14 @@ pub enum Msg<'a> {
         /// HMAC over the nonce and the body, or zeros.
         mac: [u8; MAC_LEN],
     },
-    /// See module doc.
+    /// A piece of the bitmap of pages the destination holds (recovery).
     Have {
         /// Index of the first bitmap word carried.
         first_word: u64,
         /// The words.
         words: WordList<'a>,
     },
-    /// See module doc.
+    /// Where the destination stands after a reconnection (recovery).
     ResumeAck {
         /// What the destination's side of the session is.
         state: ResumeState,
@@ -1052,7 +723,8 @@ pub fn resume_mac_input(version: u16, session: u64) -> [u8; 16] {
 }
 
 /// The header and fixed prefix of a Pages frame whose data follows separately
-/// (gathered straight from guest memory with `writev`).
+/// (gathered straight from guest memory with `writev`). The one writer of a
+/// Pages prefix: `Msg::encode` uses it too.
 pub fn pages_prefix(
     first: PageIdx,
     n_pages: u32,
@@ -1064,10 +736,17 @@ pub fn pages_prefix(
     let body_len = u32::try_from(PAGES_PREFIX_LEN as u64 + data_len).expect("run within MAX_RUN_BYTES");
     let mut out = [0u8; HEADER_LEN + PAGES_PREFIX_LEN];
     out[..HEADER_LEN].copy_from_slice(&FrameHeader::encode(Tag::Pages, body_len));
-    out[8..16].copy_from_slice(&first.0.to_le_bytes());
-    out[16..20].copy_from_slice(&n_pages.to_le_bytes());
-    out[20] = kind as u8;
+    out[HEADER_LEN..].copy_from_slice(&pages_body_prefix(first, n_pages, kind));
     out
+}
+
+/// A Pages body's fixed prefix: first u64, n_pages u32, kind u8, reserved [3].
+fn pages_body_prefix(first: PageIdx, n_pages: u32, kind: PageKind) -> [u8; PAGES_PREFIX_LEN] {
+    let mut p = [0u8; PAGES_PREFIX_LEN];
+    p[0..8].copy_from_slice(&first.0.to_le_bytes());
+    p[8..12].copy_from_slice(&n_pages.to_le_bytes());
+    p[12] = kind as u8;
+    p
 }
 
 impl Msg<'_> {
@@ -1158,9 +837,7 @@ impl Msg<'_> {
                 out.extend_from_slice(ranges.0);
             }
             Msg::Pages { first, n_pages, kind, data } => {
-                put_u64(out, first.0);
-                put_u32(out, *n_pages);
-                out.extend_from_slice(&[*kind as u8, 0, 0, 0]);
+                out.extend_from_slice(&pages_body_prefix(*first, *n_pages, *kind));
                 out.extend_from_slice(data);
             }
             Msg::PushDone { n_pushed } => put_u64(out, *n_pushed),
@@ -1241,250 +918,4 @@ pub fn bitmap_chunks(words: &[u64]) -> impl Iterator<Item = (u64, &[u64])> {
 pub fn word_list(bytes: &[u8]) -> WordList<'_> {
     debug_assert_eq!(bytes.len() % 8, 0);
     WordList(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    const PS: Option<PageSize> = Some(PageSize::Size4K);
-
-    fn roundtrip(m: &Msg<'_>) {
-        let frame = m.to_frame();
-        let (back, used) = decode_frame(&frame, PS).expect("decodes").expect("complete");
-        assert_eq!(used, frame.len());
-        assert_eq!(&back, m);
-        // Every strict prefix is "need more", never an error or a panic.
-        for cut in 0..frame.len() {
-            assert_eq!(decode_frame(&frame[..cut], PS), Ok(None), "prefix {cut} of {:?}", m.tag());
-        }
-        // A body cut short inside a correct header is Truncated or LengthMismatch
-        // (an opaque guest state has no inner length: any length is a state).
-        if frame.len() > HEADER_LEN && m.tag() != Tag::GuestState {
-            let h = FrameHeader::decode(&frame).unwrap();
-            let short = &frame[HEADER_LEN..frame.len() - 1];
-            let mut h2 = h;
-            h2.body_len -= 1;
-            assert!(decode(h2, short, PS).is_err(), "{:?} accepted a short body", m.tag());
-        }
-    }
-
-    fn hello() -> Hello {
-        Hello {
-            version: VERSION,
-            guest_kind: GuestKind::Vm,
-            mode: Mode::Hybrid,
-            features: 0,
-            page_size: PageSize::Size4K,
-            prefetch_pages: 8,
-            prefetch_around: true,
-            regions: vec![
-                RegionDesc { guest: GuestOffset(0), len_bytes: 1 << 30 },
-                RegionDesc { guest: GuestOffset(1 << 32), len_bytes: 1 << 20 },
-            ],
-            mac: [7; MAC_LEN],
-        }
-    }
-
-    #[test]
-    fn every_message_round_trips() {
-        let mut rb = Vec::new();
-        encode_ranges(&[PageRange::new(PageIdx(5), 3), PageRange::new(PageIdx(1 << 40), 1)], &mut rb);
-        let mut wb = Vec::new();
-        encode_words(&[1, u64::MAX, 0], &mut wb);
-        let data = vec![0xab; 2 * 4096];
-        let msgs = vec![
-            Msg::ServerHello(ServerHello { min_version: 1, max_version: 3, flags: 1, nonce: [9; NONCE_LEN] }),
-            Msg::Hello(hello()),
-            Msg::HelloAck { session: 0xdead_beef, features: 3 },
-            Msg::BulkHello { version: 1, session: 42 },
-            Msg::Error { code: ErrorCode::Auth, message: "bad key: é" },
-            Msg::KeepAlive,
-            Msg::GuestState(b"state bytes"),
-            Msg::Outstanding { first_word: 17, words: word_list(&wb) },
-            Msg::Switchover { n_outstanding: 12345, precopy_rounds: 3 },
-            Msg::SwitchoverAck(ResumeTimes { restore_ns: 1, evict_ns: 2, arm_ns: 3 }),
-            Msg::RangeRequest { req_id: 9, ranges: range_list(&rb) },
-            Msg::Pages { first: PageIdx(77), n_pages: 2, kind: PageKind::Demand, data: &data },
-            Msg::PushDone { n_pushed: 99 },
-            Msg::Complete { n_present: 100 },
-            Msg::CompleteAck(SourceStats {
-                downtime_ns: 1,
-                pause_to_sent_ns: 2,
-                bytes_sent: 3,
-                pages_pushed: 4,
-                pages_demand: 5,
-                requests: 6,
-                push_ns: 7,
-            }),
-            Msg::PrecopyRound { round: 3, n_pages: 1000 },
-            Msg::Resume { version: 1, session: 0x1234, mac: [3; MAC_LEN] },
-            Msg::Have { first_word: 2, words: word_list(&wb) },
-            Msg::ResumeAck { state: ResumeState::NotSwitched, n_have: 65 },
-        ];
-        let mut seen = std::collections::HashSet::new();
-        for m in &msgs {
-            roundtrip(m);
-            seen.insert(m.tag() as u8);
-        }
-        assert_eq!(seen.len(), 19, "a message type lacks a round-trip case");
-    }
-
-    #[test]
-    fn an_unknown_error_code_gets_through_as_internal() {
-        // Found by the decode_frame fuzz target: code 0, empty message. The
-        // error must reach the user whatever its code; it re-encodes as
-        // Internal, so only the decoded message round-trips, not the bytes.
-        let f = [5, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0];
-        let (m, used) = decode_frame(&f, PS).unwrap().unwrap();
-        assert_eq!((m.clone(), used), (Msg::Error { code: ErrorCode::Internal, message: "" }, 12));
-        assert_eq!(decode_frame(&m.to_frame(), PS).unwrap().unwrap().0, m);
-    }
-
-    #[test]
-    fn pages_prefix_decodes_alone() {
-        let data = vec![1u8; 2 * 4096];
-        let f = Msg::Pages { first: PageIdx(10), n_pages: 2, kind: PageKind::Push, data: &data }.to_frame();
-        let h = FrameHeader::decode(&f).unwrap();
-        let got = decode_pages_prefix(h, &f[HEADER_LEN..HEADER_LEN + PAGES_PREFIX_LEN], PS).unwrap();
-        assert_eq!(got, (PageIdx(10), 2, PageKind::Push));
-        // A header whose length disagrees with n_pages.
-        let mut h2 = h;
-        h2.body_len += 4096;
-        assert!(decode_pages_prefix(h2, &f[HEADER_LEN..HEADER_LEN + PAGES_PREFIX_LEN], PS).is_err());
-        assert!(decode_pages_prefix(h, &f[HEADER_LEN..HEADER_LEN + 8], PS).is_err());
-        assert_eq!(decode_pages_prefix(h, &f[HEADER_LEN..HEADER_LEN + 16], None), Err(DecodeError::NoPageSize));
-    }
-
-    #[test]
-    fn pages_prefix_matches_encode() {
-        let data = vec![1u8; 3 * 4096];
-        let m = Msg::Pages { first: PageIdx(10), n_pages: 3, kind: PageKind::Push, data: &data };
-        let frame = m.to_frame();
-        let prefix = pages_prefix(PageIdx(10), 3, PageKind::Push, PageSize::Size4K);
-        assert_eq!(&frame[..prefix.len()], &prefix[..]);
-    }
-
-    #[test]
-    fn rejects_unknown_reserved_and_oversized() {
-        assert_eq!(FrameHeader::decode(&[0, 0, 0, 0, 0, 0, 0, 0]), Err(DecodeError::UnknownTag(0)));
-        assert_eq!(FrameHeader::decode(&[200, 0, 0, 0, 0, 0, 0, 0]), Err(DecodeError::UnknownTag(200)));
-        assert_eq!(FrameHeader::decode(&[6, 1, 0, 0, 0, 0, 0, 0]), Err(DecodeError::Reserved(Tag::KeepAlive)));
-        assert!(matches!(FrameHeader::decode(&[6, 0, 0, 0, 1, 0, 0, 0]), Err(DecodeError::TooLarge { .. })));
-        let huge = FrameHeader::encode(Tag::Pages, u32::MAX);
-        assert!(matches!(FrameHeader::decode(&huge), Err(DecodeError::TooLarge { .. })));
-        assert!(matches!(decode_frame(&huge, PS), Err(DecodeError::TooLarge { .. })));
-    }
-
-    #[test]
-    fn rejects_inconsistent_bodies() {
-        // Pages whose n_pages disagrees with its data.
-        let data = vec![0u8; 4096];
-        let mut f = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data }.to_frame();
-        f[16] = 2; // n_pages = 2
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::LengthMismatch { .. })));
-        // Pages before the page size is known.
-        let f = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data }.to_frame();
-        assert_eq!(decode_frame(&f, None), Err(DecodeError::NoPageSize));
-        // A run larger than MAX_RUN_BYTES with 2 MiB pages.
-        let mut f = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data }.to_frame();
-        f[16..20].copy_from_slice(&5u32.to_le_bytes());
-        assert!(matches!(decode_frame(&f, Some(PageSize::Size2M)), Err(DecodeError::Invalid { .. })));
-        // Zero-length range.
-        let mut rb = Vec::new();
-        encode_ranges(&[PageRange::new(PageIdx(1), 1)], &mut rb);
-        let mut f = Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }.to_frame();
-        f[HEADER_LEN + 16..HEADER_LEN + 20].copy_from_slice(&0u32.to_le_bytes());
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { .. })));
-        // A range count larger than the body.
-        let mut f = Msg::RangeRequest { req_id: 1, ranges: range_list(&rb) }.to_frame();
-        f[HEADER_LEN + 4..HEADER_LEN + 8].copy_from_slice(&2u32.to_le_bytes());
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Truncated { .. })));
-        // Trailing garbage after a fixed-size body.
-        let mut f = Msg::Complete { n_present: 1 }.to_frame();
-        f.push(0);
-        f[4] = 9;
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::TooLarge { .. })));
-        // Wrong magic, bad mode, too many regions.
-        let mut f = Msg::Hello(hello()).to_frame();
-        f[HEADER_LEN] ^= 1;
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::BadMagic(_))));
-        let mut f = Msg::Hello(hello()).to_frame();
-        f[HEADER_LEN + 7] = 9;
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { field: "mode", .. })));
-        let mut f = Msg::Hello(hello()).to_frame();
-        f[HEADER_LEN + 20..HEADER_LEN + 22].copy_from_slice(&65u16.to_le_bytes());
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { field: "n_regions", .. })));
-        // Inverted version range.
-        let mut f =
-            Msg::ServerHello(ServerHello { min_version: 1, max_version: 1, flags: 0, nonce: [0; 16] }).to_frame();
-        f[HEADER_LEN + 4] = 5;
-        assert!(matches!(decode_frame(&f, PS), Err(DecodeError::Invalid { .. })));
-    }
-
-    #[test]
-    fn error_message_is_bounded_and_lossy_utf8_survives() {
-        let long = "x".repeat(5000);
-        let f = Msg::Error { code: ErrorCode::Internal, message: &long }.to_frame();
-        let (m, _) = decode_frame(&f, PS).unwrap().unwrap();
-        assert!(matches!(m, Msg::Error { message, .. } if message.len() == 1024));
-        let mut f = Msg::Error { code: ErrorCode::Protocol, message: "abc" }.to_frame();
-        f[HEADER_LEN + 5] = 0xff;
-        let (m, _) = decode_frame(&f, PS).unwrap().unwrap();
-        assert_eq!(m, Msg::Error { code: ErrorCode::Protocol, message: "a" });
-    }
-
-    proptest! {
-        #[test]
-        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
-            let _ = decode_frame(&bytes, PS);
-            let _ = decode_frame(&bytes, None);
-        }
-
-        #[test]
-        fn decode_never_panics_with_valid_header(tag in 1u8..=19, body in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let mut f = vec![tag, 0, 0, 0];
-            f.extend_from_slice(&u32::try_from(body.len()).unwrap().to_le_bytes());
-            f.extend_from_slice(&body);
-            let _ = decode_frame(&f, PS);
-        }
-
-        #[test]
-        fn ranges_round_trip(ranges in proptest::collection::vec((any::<u64>(), 1u32..), 1..50), id in any::<u32>()) {
-            let rs: Vec<_> = ranges.iter().map(|(f, n)| PageRange::new(PageIdx(*f), u64::from(*n))).collect();
-            let mut b = Vec::new();
-            encode_ranges(&rs, &mut b);
-            let m = Msg::RangeRequest { req_id: id, ranges: range_list(&b) };
-            let f = m.to_frame();
-            let (back, _) = decode_frame(&f, PS).unwrap().unwrap();
-            match back {
-                Msg::RangeRequest { req_id, ranges } => {
-                    prop_assert_eq!(req_id, id);
-                    prop_assert_eq!(ranges.iter().collect::<Vec<_>>(), rs);
-                }
-                other => prop_assert!(false, "decoded as {:?}", other.tag()),
-            }
-        }
-
-        #[test]
-        fn pages_round_trip(first in any::<u64>(), n in 1u32..8, kind in 1u8..=3, fill in any::<u8>()) {
-            let data = vec![fill; n as usize * 4096];
-            let kind = PageKind::from_u8(kind).unwrap();
-            let m = Msg::Pages { first: PageIdx(first), n_pages: n, kind, data: &data };
-            let f = m.to_frame();
-            let (back, used) = decode_frame(&f, PS).unwrap().unwrap();
-            prop_assert_eq!(used, f.len());
-            prop_assert_eq!(back, m);
-        }
-
-        #[test]
-        fn hello_round_trip(n in 1usize..=64, version in any::<u16>(), features in any::<u64>(), mac in any::<[u8; 32]>()) {
-            let regions = (0..n as u64).map(|i| RegionDesc { guest: GuestOffset(i << 32), len_bytes: (i + 1) * 4096 }).collect();
-            let m = Msg::Hello(Hello { version, guest_kind: GuestKind::Workload, mode: Mode::Postcopy, features, page_size: PageSize::Size2M, prefetch_pages: version.into(), prefetch_around: false, regions, mac });
-            let f = m.to_frame();
-            let (back, _) = decode_frame(&f, PS).unwrap().unwrap();
-            prop_assert_eq!(back, m);
-        }
-    }
 }
