@@ -442,8 +442,9 @@ impl DestAny {
 // only the guest's vCPUs touch the guest view, and only after `resume`;
 // nothing here writes the alias (populating maps pages, it changes none).
 unsafe impl DestGuest for DestAny {
-    fn regions(&self) -> Vec<HostAddr> {
-        regions_of(&self.mem)
+    fn regions(&self) -> Vec<proto::ViewAddr> {
+        // Our own memory: the guest's view is this process's mapping.
+        regions_of(&self.mem).into_iter().map(|h| proto::ViewAddr(h.0)).collect()
     }
 
     fn alias_regions(&self) -> Option<Vec<HostAddr>> {

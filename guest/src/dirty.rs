@@ -13,8 +13,7 @@
 //!
 //! Neither WP_ASYNC nor PAGEMAP_SCAN is in the `userfaultfd` crate (nor in
 //! libc/nix): the crate creates the descriptor and registers the ranges; the
-//! scan is a raw ioctl through `nix` with `#[repr(C)]` structs checked for
-//! size. Kernel behaviour relied on (checked on 6.18, see the tests):
+//! scan is a raw ioctl whose ABI lives in our `uffd` crate. Kernel behaviour relied on (checked on 6.18, see the tests):
 //! * always pass PM_SCAN_CHECK_WPASYNC: without it a scan over a range not
 //!   registered this way silently returns nothing;
 //! * when the output vector fills, `walk_end` is the first page *not*
@@ -32,44 +31,10 @@ use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
 use crate::memory::GuestMemory;
 
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-
-const PM_SCAN_WP_MATCHING: u64 = 1;
-const PM_SCAN_CHECK_WPASYNC: u64 = 2;
-const PAGE_IS_WRITTEN: u64 = 2;
-
-/// Kernel ABI: `struct pm_scan_arg`.
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
-
-/// Kernel ABI: `struct page_region`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-const _: () = assert!(std::mem::size_of::<PageRegion>() == 24);
-
-// PAGEMAP_SCAN = _IOWR('f', 16, struct pm_scan_arg)
-nix::ioctl_readwrite!(pagemap_scan, b'f', 16, PmScanArg);
+use uffd::{
+    FEATURE_WP_ASYNC as UFFD_FEATURE_WP_ASYNC, FEATURE_WP_UNPOPULATED as UFFD_FEATURE_WP_UNPOPULATED, PAGE_IS_WRITTEN,
+    PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING, PageRegion, PmScanArg, pagemap_scan,
+};
 
 /// Regions per scan call: above 512 the kernel's `walk_end` can lag.
 const VEC_LEN: usize = 512;

@@ -42,7 +42,7 @@ use crate::metrics::{PagerMetrics, Phase};
 use crate::planner;
 use crate::recover;
 use crate::shared::Shared;
-use crate::uffd::{Fault, MSG_LEN};
+use crate::uffd::{Fault, MSG_LEN, OtherEvent};
 
 /// Longest the loop sleeps without looking at its timers.
 const TICK: Duration = Duration::from_millis(20);
@@ -83,6 +83,7 @@ struct LoopState {
     inflight: VecDeque<(Instant, PageRange)>,
     msg_buf: Vec<u8>,
     faults: Vec<Fault>,
+    other: Vec<OtherEvent>,
     pages: Vec<PageIdx>,
     ranges: Vec<PageRange>,
     enc: Vec<u8>,
@@ -109,6 +110,7 @@ impl FaultLoop<'_> {
             inflight: VecDeque::new(),
             msg_buf: vec![0; 128 * MSG_LEN],
             faults: Vec::with_capacity(128),
+            other: Vec::new(),
             pages: Vec::with_capacity(128),
             ranges: Vec::with_capacity(256),
             enc: Vec::with_capacity(4096),
@@ -324,7 +326,17 @@ impl FaultLoop<'_> {
 
     fn handle_faults(&mut self, st: &mut LoopState) -> Result<(), PagerError> {
         st.faults.clear();
-        self.inst.uffd().read_faults(&mut st.msg_buf, &mut st.faults)?;
+        st.other.clear();
+        self.inst.uffd().read_events(&mut st.msg_buf, &mut st.faults, &mut st.other)?;
+        if !st.other.is_empty() {
+            // Read and reported, never dropped. This engine enables none of
+            // them; a handed-over descriptor may (a balloon's REMOVE).
+            let seen = PagerMetrics::get(&self.metrics.events_other);
+            PagerMetrics::add(&self.metrics.events_other, st.other.len() as u64);
+            if seen < 10 {
+                tracing::warn!("userfaultfd events other than faults: {:?}", st.other);
+            }
+        }
         if st.faults.is_empty() {
             return Ok(());
         }

@@ -1,6 +1,6 @@
 //! What the pager needs from the guest it serves, whoever built it.
 
-use proto::{HostAddr, PageRange};
+use proto::{HostAddr, PageRange, ViewAddr};
 
 /// A failure reported by the guest side.
 pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
@@ -21,8 +21,8 @@ pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
 /// the alias and maps them into the guest's view.
 #[allow(unsafe_code)]
 pub unsafe trait DestGuest {
-    /// Where each region's memory starts.
-    fn regions(&self) -> Vec<HostAddr>;
+    /// Where each region's memory starts, in the guest's view.
+    fn regions(&self) -> Vec<ViewAddr>;
 
     /// Where each region's alias starts, for shared memory; `None` for
     /// anonymous memory.
@@ -35,4 +35,14 @@ pub unsafe trait DestGuest {
     /// Drop pages held from precopy that were dirtied again on the source, so
     /// the guest faults on them.
     fn evict(&self, pages: PageRange) -> Result<(), GuestError>;
+
+    /// The guest's own userfaultfd, if its VMM created one, negotiated its
+    /// API and registered every region with it (MISSING; MINOR too with an
+    /// alias), as Firecracker hands one to a page-fault handler. The pager
+    /// then uses it as it is; by default it creates and registers its own.
+    /// `regions()` may then be addresses in the VMM's process: the pager
+    /// only passes them to the kernel through this descriptor.
+    fn take_userfaultfd(&mut self) -> Option<std::os::fd::OwnedFd> {
+        None
+    }
 }

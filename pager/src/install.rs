@@ -39,7 +39,7 @@ use std::time::Instant;
 use parking_lot::Mutex;
 use proto::session::DestBulk;
 use proto::wire::PageKind;
-use proto::{AtomicPageBitmap, HostAddr, MemLayout, PageIdx, PageRange};
+use proto::{AtomicPageBitmap, HostAddr, MemLayout, PageIdx, PageRange, ViewAddr};
 use transport::{IoSpanMut, PagePlacer, PlaceError};
 
 use crate::metrics::PagerMetrics;
@@ -63,16 +63,45 @@ pub struct PendingFault {
     pub local: bool,
 }
 
-/// Where guest memory lives in this process, by layout region.
-#[derive(Clone, Debug)]
-pub struct GuestMap {
-    layout: MemLayout,
-    bases: Vec<HostAddr>,
+/// An address type a [`GuestMap`] hands out: [`ViewAddr`] for the guest's
+/// view (maybe another process's, never dereferenced), [`HostAddr`] for the
+/// alias this process writes.
+pub trait MapAddr: Copy {
+    /// From a raw address.
+    fn at(raw: usize) -> Self;
+    /// The raw address.
+    fn raw(self) -> usize;
 }
 
-impl GuestMap {
+impl MapAddr for ViewAddr {
+    fn at(raw: usize) -> Self {
+        ViewAddr(raw)
+    }
+    fn raw(self) -> usize {
+        self.0
+    }
+}
+
+impl MapAddr for HostAddr {
+    fn at(raw: usize) -> Self {
+        HostAddr(raw)
+    }
+    fn raw(self) -> usize {
+        self.0
+    }
+}
+
+/// Where guest memory lives, by layout region: the guest's view
+/// (`GuestMap<ViewAddr>`) or the alias (`GuestMap<HostAddr>`).
+#[derive(Clone, Debug)]
+pub struct GuestMap<A: MapAddr = ViewAddr> {
+    layout: MemLayout,
+    bases: Vec<A>,
+}
+
+impl<A: MapAddr> GuestMap<A> {
     /// A map of `layout` whose regions start at `bases`.
-    pub fn new(layout: MemLayout, bases: Vec<HostAddr>) -> Self {
+    pub fn new(layout: MemLayout, bases: Vec<A>) -> Self {
         assert_eq!(layout.regions().len(), bases.len(), "one base per region");
         GuestMap { layout, bases }
     }
@@ -83,24 +112,24 @@ impl GuestMap {
     }
 
     /// Region bases and lengths.
-    pub fn spans(&self) -> impl Iterator<Item = (HostAddr, usize)> + '_ {
+    pub fn spans(&self) -> impl Iterator<Item = (A, usize)> + '_ {
         self.bases.iter().zip(self.layout.regions()).map(|(b, r)| (*b, usize::try_from(r.len_bytes).expect("mapped")))
     }
 
-    /// Host address of `page` (in range).
+    /// Address of `page` (in range).
     #[inline]
-    pub fn host_addr(&self, page: PageIdx) -> HostAddr {
+    pub fn addr(&self, page: PageIdx) -> A {
         let (i, within) = self.layout.locate(page).expect("validated page");
-        self.bases[i].offset_by(usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
+        A::at(self.bases[i].raw() + usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
     }
 
-    /// Page holding host address `addr`, if it is guest memory.
+    /// Page holding address `addr`, if it is guest memory.
     #[inline]
-    pub fn page_of(&self, addr: HostAddr) -> Option<PageIdx> {
+    pub fn page_of(&self, addr: A) -> Option<PageIdx> {
         let shift = self.layout.page_size().shift();
         for (i, (b, r)) in self.bases.iter().zip(self.layout.regions()).enumerate() {
-            let off = addr.0.wrapping_sub(b.0) as u64;
-            if addr.0 >= b.0 && off < r.len_bytes {
+            let off = addr.raw().wrapping_sub(b.raw()) as u64;
+            if addr.raw() >= b.raw() && off < r.len_bytes {
                 return Some(PageIdx(self.layout.region_pages(i).first.0 + (off >> shift)));
             }
         }
@@ -114,7 +143,7 @@ enum Backend {
     /// Anonymous memory: UFFDIO_COPY.
     Copy,
     /// Shared memory: write through `alias`, then UFFDIO_CONTINUE.
-    Continue { alias: GuestMap, claimed: AtomicPageBitmap },
+    Continue { alias: GuestMap<HostAddr>, claimed: AtomicPageBitmap },
 }
 
 /// Installs pages into guest memory and tracks what is present.
@@ -122,6 +151,7 @@ enum Backend {
 pub struct Installer {
     uffd: Userfault,
     map: GuestMap,
+    view_is_local: bool,
     backend: Backend,
     /// Set at switchover: from then on the guest runs here.
     postcopy: AtomicBool,
@@ -148,11 +178,14 @@ fn for_each_run(base: u64, mut mask: u64, mut f: impl FnMut(PageRange)) {
 impl Installer {
     /// An installer over `map`, whose memory is registered with `uffd`
     /// (missing mode if `alias` is `None`, minor mode otherwise, with `alias`
-    /// mapping the same pages writably and populated).
+    /// mapping the same pages writably and populated). `view_is_local` says
+    /// whether the guest's view is this process's memory (not a VMM's): only
+    /// then may a later precopy round rewrite a page already installed.
     pub fn new(
         uffd: Userfault,
         map: GuestMap,
         alias: Option<Vec<HostAddr>>,
+        view_is_local: bool,
         metrics: std::sync::Arc<PagerMetrics>,
     ) -> Self {
         let n = map.layout().n_pages();
@@ -166,6 +199,7 @@ impl Installer {
         Installer {
             uffd,
             map,
+            view_is_local,
             backend,
             postcopy: AtomicBool::new(false),
             present: AtomicPageBitmap::new(n),
@@ -310,7 +344,7 @@ impl Installer {
         &self,
         outcome: CopyOutcome,
         op: &'static str,
-        dst: HostAddr,
+        dst: ViewAddr,
         len: usize,
         retries: &mut u32,
     ) -> Result<(usize, u64), UffdError> {
@@ -353,9 +387,20 @@ impl Installer {
                 if self.present.get(PageIdx(at)) {
                     if precopy {
                         // A page sent again by a later precopy round: the
-                        // guest does not run here yet, so overwrite it.
-                        let dst = self.map.host_addr(PageIdx(at));
-                        // SAFETY: `dst` is a present page of guest memory
+                        // guest does not run here yet, so overwrite it; but
+                        // only in our own memory (a VMM's is not ours to
+                        // write, and the kernel cannot install a page twice).
+                        let dst = self.map.addr(PageIdx(at));
+                        if !self.view_is_local {
+                            return Err(UffdError::Install {
+                                op: "precopy rewrite (the guest's memory is not in this process)",
+                                addr: dst.0,
+                                len_bytes: ps,
+                                source: nix::errno::Errno::EEXIST,
+                            });
+                        }
+                        // SAFETY: the view is this process's memory
+                        // (`view_is_local`); `dst` is a present page of it
                         // (mapped, writable by the DestGuest contract) that no
                         // vCPU touches before switchover.
                         unsafe { std::ptr::copy_nonoverlapping(data[off..].as_ptr(), dst.0 as *mut u8, ps) };
@@ -368,7 +413,7 @@ impl Installer {
                 // The longest stretch not known present, within this region.
                 let stop = self.present.next_with_below(at, end, true).map_or(end, |p| p.0);
                 let len = usize::try_from(stop - at).expect("within run") * ps;
-                let dst = self.map.host_addr(PageIdx(at));
+                let dst = self.map.addr(PageIdx(at));
                 // SAFETY: `dst..dst+len` lies in one region of guest memory that
                 // the DestGuest contract keeps mapped and registered with this
                 // uffd; the source bytes are `data[off..off + len]`.
@@ -431,7 +476,7 @@ impl Installer {
                 }
                 let stop = self.present.next_with_below(at, piece.end(), true).map_or(piece.end(), |p| p.0);
                 let len = usize::try_from(stop - at).expect("within run") * ps;
-                let dst = self.map.host_addr(PageIdx(at));
+                let dst = self.map.addr(PageIdx(at));
                 // SAFETY: a page-aligned stretch of one region of the guest's
                 // view, registered for minor faults with this uffd.
                 let outcome = unsafe { self.uffd.cont(dst, len) }?;
@@ -451,7 +496,7 @@ impl Installer {
         &self,
         run: PageRange,
         data: &[u8],
-        alias: &GuestMap,
+        alias: &GuestMap<HostAddr>,
         claimed: &AtomicPageBitmap,
     ) -> Result<(u64, u64), UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
@@ -462,7 +507,7 @@ impl Installer {
             for (_, piece) in self.map.layout().split_by_region(mine) {
                 let off = usize::try_from(piece.first.0 - run.first.0).expect("within run") * ps;
                 let len = usize::try_from(piece.n_pages).expect("bounded") * ps;
-                let dst = alias.host_addr(piece.first);
+                let dst = alias.addr(piece.first);
                 // SAFETY: `dst..dst+len` is inside one region's alias mapping
                 // (populated, writable by the DestGuest contract); this thread
                 // holds the claim on these pages, so no one else writes them
@@ -622,7 +667,7 @@ impl PagePlacer for BulkPlacer<'_> {
                 push(HostAddr(scratch as usize + off), r.first.0 - at);
             }
             for (_, piece) in self.inst.map.layout().split_by_region(*r) {
-                push(alias.host_addr(piece.first), piece.n_pages);
+                push(alias.addr(piece.first), piece.n_pages);
             }
             at = r.end();
         }
@@ -689,6 +734,10 @@ mod tests {
     }
 
     fn fixture(shmem: bool) -> Fixture {
+        fixture_with(shmem, true)
+    }
+
+    fn fixture_with(shmem: bool, view_is_local: bool) -> Fixture {
         let layout = MemLayout::single(PageSize::Size4K, N * PG as u64).unwrap();
         let metrics = Arc::new(PagerMetrics::default());
         let len = usize::try_from(N).unwrap() * PG;
@@ -703,7 +752,7 @@ mod tests {
         } else {
             (MmapOptions::new().len(len).map_anon().unwrap().into(), None, None)
         };
-        let base = HostAddr(guest.as_mut_ptr() as usize);
+        let base = ViewAddr(guest.as_mut_ptr() as usize);
         let uffd = Userfault::new(shmem).unwrap();
         if shmem {
             uffd.register_shared(base, len).unwrap();
@@ -711,7 +760,8 @@ mod tests {
             uffd.register(base, len).unwrap();
         }
         let alias_bases = alias.as_ref().map(|a| vec![HostAddr(a.as_mut_ptr() as usize)]);
-        let inst = Installer::new(uffd, GuestMap::new(layout, vec![base]), alias_bases, Arc::clone(&metrics));
+        let map = GuestMap::new(layout, vec![base]);
+        let inst = Installer::new(uffd, map, alias_bases, view_is_local, Arc::clone(&metrics));
         Fixture { inst, metrics, guest, _alias: alias, _file: file }
     }
 
@@ -755,6 +805,18 @@ mod tests {
             assert_eq!(read(&f, 25), 1 ^ 25);
             assert_eq!(read(&f, 5), 2 ^ 5);
         }
+    }
+
+    #[test]
+    fn a_view_that_is_not_ours_is_never_written_directly() {
+        // The guest's view belongs to another process (a handed-over
+        // userfaultfd): a second precopy copy of an installed page would
+        // need a direct write there, so it is refused instead.
+        let f = fixture_with(false, false);
+        f.inst.install(PageIdx(0), &page_data(0, 4, 1), PageKind::Precopy).unwrap();
+        let e = f.inst.install(PageIdx(2), &page_data(2, 1, 2), PageKind::Precopy).unwrap_err();
+        assert!(e.to_string().contains("not in this process"), "{e}");
+        assert_eq!(read(&f, 2), page_data(2, 1, 1)[0], "the first copy stands");
     }
 
     #[test]
@@ -824,7 +886,7 @@ mod tests {
         // ours would be), without the installer's knowledge.
         let src = vec![9u8; PG];
         // SAFETY: page 5 of the registered fixture mapping.
-        unsafe { f.inst.uffd().copy(f.inst.map().host_addr(PageIdx(5)), src.as_ptr(), PG, true) }.unwrap();
+        unsafe { f.inst.uffd().copy(f.inst.map().addr(PageIdx(5)), src.as_ptr(), PG, true) }.unwrap();
         assert_eq!(f.inst.install(PageIdx(0), &page_data(0, 10, 1), PageKind::Push).unwrap(), 9);
         assert!(get(&f.metrics.install_retries) > 0, "EAGAIN after copying pages 0..5");
         assert_eq!(get(&f.metrics.pages_duplicate), 1);

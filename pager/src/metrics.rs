@@ -53,6 +53,9 @@ pub struct PagerMetrics {
     pub pages_total: AtomicU64,
     /// Missing-page fault events read from userfaultfd.
     pub faults: AtomicU64,
+    /// Other userfaultfd events read (REMOVE, UNMAP, REMAP, FORK): none is
+    /// enabled on a descriptor the engine creates.
+    pub events_other: AtomicU64,
     /// Fault events whose page was already installed when read.
     pub faults_resolved_early: AtomicU64,
     /// RangeRequest frames sent.

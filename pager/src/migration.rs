@@ -207,16 +207,25 @@ impl Run<'_> {
         // Register all of guest memory before the guest can run: every page is
         // missing until installed.
         let alias = guest.alias_regions();
-        let uffd = Userfault::new(alias.is_some())?;
         let map = GuestMap::new(layout.clone(), guest.regions());
-        for (base, len) in map.spans() {
-            if alias.is_some() {
-                uffd.register_shared(base, len)?;
-            } else {
-                uffd.register(base, len)?;
+        let handed_over = guest.take_userfaultfd();
+        let view_is_local = handed_over.is_none();
+        let uffd = match handed_over {
+            // A VMM's own descriptor, its regions registered by the VMM.
+            Some(fd) => Userfault::from_handed_over(fd),
+            None => {
+                let uffd = Userfault::new(alias.is_some())?;
+                for (base, len) in map.spans() {
+                    if alias.is_some() {
+                        uffd.register_shared(base, len)?;
+                    } else {
+                        uffd.register(base, len)?;
+                    }
+                }
+                uffd
             }
-        }
-        let inst = Arc::new(Installer::new(uffd, map, alias, Arc::clone(&self.metrics)));
+        };
+        let inst = Arc::new(Installer::new(uffd, map, alias, view_is_local, Arc::clone(&self.metrics)));
         let setup_time = t_setup.elapsed();
         self.metrics.pages_total.store(layout.n_pages(), Ordering::Relaxed);
         self.metrics.set_phase(Phase::Precopy);

@@ -6,8 +6,9 @@
 //! page cache (minor fault) or not yet (missing fault). Both are resolved the
 //! same way: write the page through the alias, then UFFDIO_CONTINUE, which
 //! maps it and wakes the waiters of either kind (checked on 6.18). Fault messages are read here as
-//! raw 32-byte `uffd_msg`s (parsed with explicit offsets, no unsafe). Page
-//! installation wraps UFFDIO_COPY and UFFDIO_CONTINUE directly through `nix`,
+//! raw 32-byte `uffd_msg`s (parsed by the `uffd` crate, which owns the raw
+//! ABI: every event type, so non-fault events are reported, not dropped).
+//! Page installation wraps UFFDIO_COPY and UFFDIO_CONTINUE directly,
 //! because the crate loses the partial-copy count: on this kernel (checked on
 //! 6.18) a copy that runs into a present page *after* copying some pages
 //! fails with EAGAIN and a positive `copy`; one that starts on a present page
@@ -20,44 +21,13 @@ use std::ffi::c_void;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use nix::errno::Errno;
-use proto::HostAddr;
+use proto::ViewAddr;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
-/// Kernel ABI: `struct uffdio_copy`.
-#[repr(C)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-const _: () = assert!(std::mem::size_of::<UffdioCopy>() == 40);
-
-/// Kernel ABI: `struct uffdio_continue`.
-#[repr(C)]
-struct UffdioContinue {
-    start: u64,
-    len: u64,
-    mode: u64,
-    mapped: i64,
-}
-const _: () = assert!(std::mem::size_of::<UffdioContinue>() == 32);
-
-const UFFDIO: u8 = 0xAA;
-const UFFDIO_COPY_MODE_DONTWAKE: u64 = 1;
-nix::ioctl_readwrite!(ioctl_copy, UFFDIO, 0x03, UffdioCopy);
-nix::ioctl_readwrite!(ioctl_continue, UFFDIO, 0x07, UffdioContinue);
-
-/// UFFD_FEATURE_MINOR_SHMEM (not in the crate's flags).
-const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
-/// UFFD_FEATURE_MISSING_SHMEM.
-const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+use ::uffd::{COPY_MODE_DONTWAKE, Event, FEATURE_MINOR_SHMEM, FEATURE_MISSING_SHMEM, UffdioContinue, UffdioCopy};
 
 /// Size of one `struct uffd_msg`.
-pub const MSG_LEN: usize = 32;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+pub const MSG_LEN: usize = ::uffd::MSG_LEN;
 
 /// Why a userfaultfd operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -138,12 +108,18 @@ pub enum CopyOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fault {
     /// Faulting address (not page-aligned).
-    pub addr: HostAddr,
+    pub addr: ViewAddr,
     /// Whether it was a write.
     pub write: bool,
     /// Faulting thread id (UFFD_FEATURE_THREAD_ID).
     pub tid: u32,
 }
+
+/// An event other than a page fault (REMOVE, UNMAP, REMAP, FORK): never
+/// enabled on a descriptor this engine creates, possible on one a VMM hands
+/// over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OtherEvent(pub Event);
 
 /// A userfaultfd registered for missing faults.
 #[derive(Debug)]
@@ -151,7 +127,7 @@ pub struct Userfault {
     uffd: Uffd,
 }
 
-fn classify(copied: i64, errno: Errno, op: &'static str, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
+fn classify(copied: i64, errno: Errno, op: &'static str, dst: ViewAddr, len: usize) -> Result<CopyOutcome, UffdError> {
     let done = usize::try_from(copied).unwrap_or(0);
     match errno {
         Errno::EEXIST => Ok(CopyOutcome::Exists { copied: done }),
@@ -180,9 +156,20 @@ impl Userfault {
         Ok(Userfault { uffd })
     }
 
+    /// A userfaultfd created, negotiated and registered by someone else (a
+    /// VMM handing over its guest's descriptor): used as it is, its API
+    /// already negotiated (a second UFFDIO_API would fail).
+    pub fn from_handed_over(fd: std::os::fd::OwnedFd) -> Userfault {
+        use std::os::fd::{FromRawFd, IntoRawFd};
+        // SAFETY: `fd` is an owned, open descriptor whose ownership moves
+        // into the `Uffd` (closed on its drop, exactly once).
+        let uffd = unsafe { Uffd::from_raw_fd(fd.into_raw_fd()) };
+        Userfault { uffd }
+    }
+
     /// Register `[addr, addr + len)` of shared memory for missing and minor
     /// faults.
-    pub fn register_shared(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
+    pub fn register_shared(&self, addr: ViewAddr, len_bytes: usize) -> Result<(), UffdError> {
         self.uffd
             .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MISSING | RegisterMode::MINOR)
             .map(drop)
@@ -190,7 +177,7 @@ impl Userfault {
     }
 
     /// Register `[addr, addr + len)` for missing faults.
-    pub fn register(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
+    pub fn register(&self, addr: ViewAddr, len_bytes: usize) -> Result<(), UffdError> {
         self.uffd
             .register_with_mode(addr.0 as *mut c_void, len_bytes, RegisterMode::MISSING)
             .map(drop)
@@ -198,7 +185,7 @@ impl Userfault {
     }
 
     /// Unregister a range (blocked threads, if any, are woken and retry without it).
-    pub fn unregister(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
+    pub fn unregister(&self, addr: ViewAddr, len_bytes: usize) -> Result<(), UffdError> {
         self.uffd.unregister(addr.0 as *mut c_void, len_bytes).map_err(|source| UffdError::Unregister {
             addr: addr.0,
             len_bytes,
@@ -207,14 +194,19 @@ impl Userfault {
     }
 
     /// Wake threads waiting on `[addr, addr + len)`.
-    pub fn wake(&self, addr: HostAddr, len_bytes: usize) -> Result<(), UffdError> {
+    pub fn wake(&self, addr: ViewAddr, len_bytes: usize) -> Result<(), UffdError> {
         self.uffd.wake(addr.0 as *mut c_void, len_bytes).map_err(|source| UffdError::Wake { addr: addr.0, source })
     }
 
     /// Read every pending message without blocking, appending page faults to
-    /// `out`. Returns how many messages were read (other events are ignored:
-    /// none are enabled).
-    pub fn read_faults(&self, buf: &mut [u8], out: &mut Vec<Fault>) -> Result<usize, UffdError> {
+    /// `out` and any other event to `other`. Returns how many messages were
+    /// read.
+    pub fn read_events(
+        &self,
+        buf: &mut [u8],
+        out: &mut Vec<Fault>,
+        other: &mut Vec<OtherEvent>,
+    ) -> Result<usize, UffdError> {
         debug_assert!(buf.len() >= MSG_LEN && buf.len().is_multiple_of(MSG_LEN));
         let mut total = 0;
         loop {
@@ -225,14 +217,14 @@ impl Userfault {
                 Err(e) => return Err(UffdError::Read(e)),
             };
             for m in buf[..n - n % MSG_LEN].chunks_exact(MSG_LEN) {
-                if m[0] != UFFD_EVENT_PAGEFAULT {
-                    continue;
+                let m: &[u8; MSG_LEN] = m.try_into().expect("chunks of MSG_LEN");
+                match ::uffd::parse(m) {
+                    Event::Fault { addr, write, tid } => {
+                        let addr = usize::try_from(addr).expect("64-bit host");
+                        out.push(Fault { addr: ViewAddr(addr), write, tid });
+                    }
+                    e => other.push(OtherEvent(e)),
                 }
-                let flags = u64::from_ne_bytes(m[8..16].try_into().expect("8 bytes"));
-                let addr = u64::from_ne_bytes(m[16..24].try_into().expect("8 bytes"));
-                let tid = u32::from_ne_bytes(m[24..28].try_into().expect("4 bytes"));
-                let addr = usize::try_from(addr).expect("64-bit host");
-                out.push(Fault { addr: HostAddr(addr), write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0, tid });
                 total += 1;
             }
             if n < buf.len() {
@@ -248,17 +240,17 @@ impl Userfault {
     /// `[dst, dst + len)` must be page-aligned, inside a range registered with
     /// this userfaultfd and owned by the caller's guest (the kernel writes it);
     /// `[src, src + len)` must be readable.
-    pub unsafe fn copy(&self, dst: HostAddr, src: *const u8, len: usize, wake: bool) -> Result<CopyOutcome, UffdError> {
+    pub unsafe fn copy(&self, dst: ViewAddr, src: *const u8, len: usize, wake: bool) -> Result<CopyOutcome, UffdError> {
         let mut c = UffdioCopy {
             dst: dst.0 as u64,
             src: src as u64,
             len: len as u64,
-            mode: if wake { 0 } else { UFFDIO_COPY_MODE_DONTWAKE },
+            mode: if wake { 0 } else { COPY_MODE_DONTWAKE },
             copy: 0,
         };
         // SAFETY: the fd is a live userfaultfd; `c` is a valid uffdio_copy the
         // kernel reads and updates; the caller guarantees both ranges.
-        match unsafe { ioctl_copy(self.uffd.as_raw_fd(), &raw mut c) } {
+        match unsafe { ::uffd::ioctl_copy(self.uffd.as_raw_fd(), &raw mut c) } {
             Ok(_) => Ok(CopyOutcome::Done),
             Err(e) => classify(c.copy, e, "UFFDIO_COPY", dst, len),
         }
@@ -271,10 +263,10 @@ impl Userfault {
     /// # Safety
     /// `[dst, dst + len)` must be page-aligned, inside a range registered for
     /// minor faults with this userfaultfd and owned by the caller's guest.
-    pub unsafe fn cont(&self, dst: HostAddr, len: usize) -> Result<CopyOutcome, UffdError> {
+    pub unsafe fn cont(&self, dst: ViewAddr, len: usize) -> Result<CopyOutcome, UffdError> {
         let mut c = UffdioContinue { start: dst.0 as u64, len: len as u64, mode: 0, mapped: 0 };
         // SAFETY: live fd, valid struct, caller-guaranteed range.
-        match unsafe { ioctl_continue(self.uffd.as_raw_fd(), &raw mut c) } {
+        match unsafe { ::uffd::ioctl_continue(self.uffd.as_raw_fd(), &raw mut c) } {
             Ok(_) => Ok(CopyOutcome::Done),
             Err(e) => classify(c.mapped, e, "UFFDIO_CONTINUE", dst, len),
         }
@@ -298,7 +290,7 @@ mod tests {
     fn copy_reports_present_pages_and_partial_copies() {
         let n = 8;
         let m = MmapOptions::new().len(n * PG).map_anon().unwrap();
-        let base = HostAddr(m.as_ptr() as usize);
+        let base = ViewAddr(m.as_ptr() as usize);
         let u = Userfault::new(false).unwrap();
         u.register(base, n * PG).unwrap();
         let src = vec![0x5au8; n * PG];
@@ -322,7 +314,56 @@ mod tests {
         // No faults happened: all of the above was installed from outside.
         let mut buf = [0u8; 64 * MSG_LEN];
         let mut faults = Vec::new();
-        assert_eq!(u.read_faults(&mut buf, &mut faults).unwrap(), 0);
+        assert_eq!(u.read_events(&mut buf, &mut faults, &mut Vec::new()).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_handed_over_descriptor_serves_and_reports_remove_events() {
+        // A "VMM" creates the descriptor with REMOVE events on, registers its
+        // memory and hands the descriptor over, as Firecracker does.
+        let n = 4;
+        let m = MmapOptions::new().len(n * PG).map_anon().unwrap();
+        let base = ViewAddr(m.as_ptr() as usize);
+        let theirs = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(FeatureFlags::EVENT_REMOVE)
+            .create()
+            .unwrap();
+        theirs.register(m.as_ptr() as *mut c_void, n * PG).unwrap();
+        // What SCM_RIGHTS delivers: a descriptor of our own for the same
+        // userfaultfd. (Not `into_raw_fd`: in userfaultfd 0.9 it returns the
+        // number and then closes it in `Drop`.)
+        let fd = nix::unistd::dup(theirs.as_fd()).unwrap();
+        drop(theirs);
+        let u = Userfault::from_handed_over(fd);
+        let src = vec![0x33u8; 2 * PG];
+        // SAFETY: inside the registered mapping `m`, which outlives the call.
+        let r = unsafe { u.copy(base, src.as_ptr(), 2 * PG, true) }.unwrap();
+        assert_eq!(r, CopyOutcome::Done);
+        assert!(m[..2 * PG].iter().all(|&b| b == 0x33));
+        // A balloon drops page 1: the descriptor's owner must hear of it.
+        // REMOVE is synchronous: madvise returns only once the event is read,
+        // so it runs on a thread of its own.
+        let page1 = m.as_ptr() as usize + PG;
+        let balloon = std::thread::spawn(move || {
+            let ptr = std::ptr::NonNull::new(page1 as *mut c_void).unwrap();
+            // SAFETY: page 1 of the mapping `m`, which outlives this thread
+            // (joined below); nothing holds a reference into it.
+            unsafe { nix::sys::mman::madvise(ptr, PG, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.unwrap();
+        });
+        let (mut buf, mut faults, mut other) = ([0u8; 8 * MSG_LEN], Vec::new(), Vec::new());
+        let t0 = std::time::Instant::now();
+        while other.is_empty() {
+            assert!(t0.elapsed() < std::time::Duration::from_secs(10), "no REMOVE event");
+            u.read_events(&mut buf, &mut faults, &mut other).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        balloon.join().unwrap();
+        assert!(faults.is_empty());
+        let (start, end) = (base.0 as u64 + PG as u64, base.0 as u64 + 2 * PG as u64);
+        assert_eq!(other, vec![OtherEvent(Event::Remove { start, end })]);
     }
 
     #[test]
@@ -334,7 +375,7 @@ mod tests {
         file.set_len(4 * PG as u64).unwrap();
         let guest = MmapOptions::new().len(4 * PG).map_raw(&file).unwrap();
         let alias = MmapOptions::new().len(4 * PG).map_raw(&file).unwrap();
-        let base = HostAddr(guest.as_mut_ptr() as usize);
+        let base = ViewAddr(guest.as_mut_ptr() as usize);
         let u = Userfault::new(true).unwrap();
         u.register_shared(base, 4 * PG).unwrap();
         let addr = base.offset_by(2 * PG).0;
@@ -345,7 +386,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         while faults.is_empty() {
             assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no missing fault event");
-            u.read_faults(&mut buf, &mut faults).unwrap();
+            u.read_events(&mut buf, &mut faults, &mut Vec::new()).unwrap();
             std::thread::yield_now();
         }
         // SAFETY: writing one byte of the alias, a live shared mapping.
@@ -363,7 +404,7 @@ mod tests {
         let guest = MmapOptions::new().len(4 * PG).map_raw(&file).unwrap();
         let mut alias = unsafe_map_mut(&file);
         alias.fill(0);
-        let base = HostAddr(guest.as_mut_ptr() as usize);
+        let base = ViewAddr(guest.as_mut_ptr() as usize);
         let u = Userfault::new(true).unwrap();
         u.register_shared(base, 4 * PG).unwrap();
         let addr = base.offset_by(PG).0;
@@ -376,7 +417,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         while faults.is_empty() {
             assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no minor fault event");
-            u.read_faults(&mut buf, &mut faults).unwrap();
+            u.read_events(&mut buf, &mut faults, &mut Vec::new()).unwrap();
             std::thread::yield_now();
         }
         alias[PG..2 * PG].fill(42);
@@ -396,7 +437,7 @@ mod tests {
     #[test]
     fn faults_arrive_with_thread_ids_and_copy_wakes() {
         let m = MmapOptions::new().len(4 * PG).map_anon().unwrap();
-        let base = HostAddr(m.as_ptr() as usize);
+        let base = ViewAddr(m.as_ptr() as usize);
         let u = Userfault::new(false).unwrap();
         u.register(base, 4 * PG).unwrap();
         let addr = base.offset_by(2 * PG + 100).0;
@@ -411,7 +452,7 @@ mod tests {
         let t0 = std::time::Instant::now();
         while faults.is_empty() {
             assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no fault event");
-            u.read_faults(&mut buf, &mut faults).unwrap();
+            u.read_events(&mut buf, &mut faults, &mut Vec::new()).unwrap();
             std::thread::yield_now();
         }
         // The page address: UFFD_FEATURE_EXACT_ADDRESS is not requested.

@@ -2,7 +2,7 @@
 //! follow, with no I/O.
 //!
 //! * [`types`]: the newtypes every crate shares (`PageIdx`, `GuestOffset`,
-//!   `PageSize`, `HostAddr`) and the guest memory layout ([`MemLayout`]).
+//!   `PageSize`, `HostAddr`, `ViewAddr`) and the guest memory layout ([`MemLayout`]).
 //! * [`wire`]: frame header and message encoding/decoding. This module's doc is
 //!   the normative byte-level specification.
 //! * [`session`]: sans-IO state machines that decide which message is legal
@@ -21,4 +21,4 @@ pub mod wire;
 
 pub use bitmap::{AtomicPageBitmap, PageBitmap};
 pub use stats::{LatencyHist, LatencySummary};
-pub use types::{GuestOffset, HostAddr, LayoutError, MemLayout, PageIdx, PageRange, PageSize, RegionDesc};
+pub use types::{GuestOffset, HostAddr, LayoutError, MemLayout, PageIdx, PageRange, PageSize, RegionDesc, ViewAddr};

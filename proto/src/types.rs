@@ -53,6 +53,21 @@ impl HostAddr {
     }
 }
 
+/// An address in the guest's own view of its memory: in this process for a
+/// guest the engine runs, in a VMM's process for one whose userfaultfd was
+/// handed over. Only ever passed to the kernel through a userfaultfd, never
+/// dereferenced (it has no way to be). Never on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ViewAddr(pub usize);
+
+impl ViewAddr {
+    /// The address `len_bytes` further on.
+    #[inline]
+    pub fn offset_by(self, len_bytes: usize) -> ViewAddr {
+        ViewAddr(self.0 + len_bytes)
+    }
+}
+
 /// Guest page size. 4 KiB pages and 2 MiB huge pages are supported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PageSize {
