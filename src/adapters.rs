@@ -274,6 +274,12 @@ impl SourceAny {
     /// Stop the guest here and verify it (after a migration that failed
     /// before switchover, the guest must still check out on the source).
     pub fn finish(self) -> GuestSummary {
+        self.finish_from(&mut Vec::new())
+    }
+
+    /// As [`SourceAny::finish`], for a guest verified before: the VM's
+    /// generators are replayed from `checkpoints` (updated), not from boot.
+    pub fn finish_from(self, checkpoints: &mut Vec<guest::vm::GenCheckpoint>) -> GuestSummary {
         match self {
             SourceAny::Workload(w) => {
                 let mem = Arc::clone(&w.mem);
@@ -281,7 +287,7 @@ impl SourceAny {
             }
             SourceAny::Vm(mut v) => {
                 let vm = v.vm.take().expect("present until taken");
-                finish_vm(vm, &v.mem)
+                finish_vm(vm, &v.mem, checkpoints)
             }
         }
     }
@@ -316,7 +322,7 @@ fn finish_workload(w: Workload, mem: &GuestMemory) -> GuestSummary {
     }
 }
 
-fn finish_vm(vm: Vm, mem: &GuestMemory) -> GuestSummary {
+fn finish_vm(vm: Vm, mem: &GuestMemory, checkpoints: &mut Vec<guest::vm::GenCheckpoint>) -> GuestSummary {
     let tids = vm.vcpu_tids();
     let c = vm.config();
     let pattern = match c.active_pages {
@@ -325,7 +331,12 @@ fn finish_vm(vm: Vm, mem: &GuestMemory) -> GuestSummary {
     };
     let store_ratio = f64::from(c.store_threshold) / 65536.0;
     let r = vm.stop();
-    let verify = r.state.as_ref().map(|s| guest::vm::verify(mem, s));
+    let verify = r.state.as_ref().map(|s| {
+        guest::vm::verify_from(mem, s, checkpoints).map(|(v, next)| {
+            *checkpoints = next;
+            v
+        })
+    });
     let mut problems: Vec<String> = r.error.iter().cloned().collect();
     let (verified_pages, verify_ok) = match &verify {
         Some(Ok(v)) => {
@@ -431,7 +442,7 @@ impl DestAny {
             return finish_workload(w, &self.mem);
         }
         if let Some(v) = self.vm.take() {
-            return finish_vm(v, &self.mem);
+            return finish_vm(v, &self.mem, &mut Vec::new());
         }
         GuestSummary { problems: vec!["the guest was never resumed".into()], ..GuestSummary::default() }
     }

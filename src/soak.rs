@@ -183,6 +183,9 @@ pub fn soak(args: &SoakArgs) -> Result<i32> {
     };
     let t0 = Instant::now();
     let mut last_accesses = 0;
+    // Where each VM vCPU's generator was last verified: each round replays
+    // only its own accesses.
+    let mut checkpoints = Vec::new();
     for i in 0..args.count {
         let mode = modes[i as usize % modes.len()];
         let cut = args.cut_every > 0 && (i + 1) % args.cut_every == 0;
@@ -193,7 +196,8 @@ pub fn soak(args: &SoakArgs) -> Result<i32> {
             direction: if i % 2 == 0 { "A->B".into() } else { "B->A".into() },
             ..SoakRound::default()
         };
-        let (outcome, next) = run_round(guest, mode, cut, peer_timeout, recover_timeout, pause_timeout, &mut round);
+        let t = Timeouts { peer: peer_timeout, recover: recover_timeout, pause: pause_timeout };
+        let (outcome, next) = run_round(guest, mode, cut, t, &mut round, &mut checkpoints);
         let failed = outcome.is_err() || round.violations > 0 || round.accesses_total <= last_accesses;
         if let Err(e) = &outcome {
             round.error = Some(format!("{e:#}"));
@@ -236,20 +240,20 @@ pub fn soak(args: &SoakArgs) -> Result<i32> {
                         .with_context(|| format!("writing {}", keep.display()))?;
                 }
                 if let Some(g) = rest {
-                    finish_into(g, &mut report);
+                    finish_into(g, &mut report, &mut checkpoints);
                 }
                 return write(args, report, t0).map(|()| 1);
             }
         }
     }
-    finish_into(guest, &mut report);
+    finish_into(guest, &mut report, &mut checkpoints);
     let ok = report.failed_rounds == 0 && report.final_verify_ok && report.violations == 0;
     write(args, report, t0)?;
     Ok(if ok { 0 } else { 1 })
 }
 
-fn finish_into(g: SourceAny, report: &mut SoakReport) {
-    let s = g.finish();
+fn finish_into(g: SourceAny, report: &mut SoakReport, checkpoints: &mut Vec<guest::vm::GenCheckpoint>) {
+    let s = g.finish_from(checkpoints);
     report.final_verify_ok = s.verify_ok && s.violations == 0;
     report.final_verified_pages = s.verified_pages;
     report.violations = report.violations.max(s.violations);
@@ -281,16 +285,23 @@ fn write(args: &SoakArgs, mut report: SoakReport, t0: Instant) -> Result<()> {
 /// One migration of `guest`. Returns the outcome and the guest to go on
 /// with: the destination's on success, the source's when the migration
 /// failed before switchover (it runs on there), none when it is lost.
+/// The soak's timeouts.
+#[derive(Clone, Copy)]
+struct Timeouts {
+    peer: Duration,
+    recover: Duration,
+    pause: Duration,
+}
+
 fn run_round(
     mut guest: SourceAny,
     mode: Mode,
     cut: bool,
-    peer_timeout: Duration,
-    recover_timeout: Duration,
-    pause_timeout: Duration,
+    t: Timeouts,
     round: &mut SoakRound,
+    checkpoints: &mut Vec<guest::vm::GenCheckpoint>,
 ) -> (Result<()>, Option<SourceAny>) {
-    let opts = TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() };
+    let opts = TcpOptions { send_timeout: t.peer, ..TcpOptions::default() };
     let listener = match TcpListen::bind("127.0.0.1:0", opts.clone()) {
         Ok(l) => l,
         Err(e) => return (Err(e.into()), Some(guest)),
@@ -309,8 +320,8 @@ fn run_round(
     let pm = Arc::new(PagerMetrics::default());
     let pcfg = PagerConfig {
         expect: DestExpect { max_mem_bytes: crate::host::default_max_mem().ok(), ..Default::default() },
-        peer_timeout,
-        recover_timeout,
+        peer_timeout: t.peer,
+        recover_timeout: t.recover,
         ..PagerConfig::default()
     };
     let dest = {
@@ -336,8 +347,8 @@ fn run_round(
     };
     let scfg = SenderConfig {
         mode,
-        peer_timeout,
-        recover_timeout,
+        peer_timeout: t.peer,
+        recover_timeout: t.recover,
         policy: sender::Policy { postcopy_after: Some(1), ..Default::default() },
         ..SenderConfig::default()
     };
@@ -367,22 +378,22 @@ fn run_round(
             round.faults = f.count;
             // The copy the guest left here, frozen at the pause: every page
             // against the state that was sent, generators replayed.
-            let frozen: GuestSummary = guest.finish();
+            let frozen: GuestSummary = guest.finish_from(checkpoints);
             round.accesses_total = frozen.accesses_total;
             round.violations = frozen.violations;
             round.verified_pages = frozen.verified_pages;
             if !frozen.verify_ok {
                 let e = anyhow!("the frozen copy failed verification: {}", frozen.problems.join("; "));
-                return (Err(e), d.guest.into_source(pause_timeout));
+                return (Err(e), d.guest.into_source(t.pause));
             }
-            match d.guest.into_source(pause_timeout) {
+            match d.guest.into_source(t.pause) {
                 Some(g) => (Ok(()), Some(g)),
                 None => (Err(anyhow!("the destination never resumed the guest")), None),
             }
         }
         (Err(e), Ok(d)) => {
             // The guest runs on the destination: go on with it there.
-            (Err(e.context("source")), d.guest.into_source(pause_timeout))
+            (Err(e.context("source")), d.guest.into_source(t.pause))
         }
         (Err(e), Err(_)) => {
             let before = e.to_string().contains(&format!("{:?}", FailPhase::BeforeSwitchover));

@@ -711,27 +711,60 @@ impl Drop for Vm {
 /// part of the next xorshift step (rbx holds one of its two intermediate
 /// values) or after all of it, with that access's store written or not.
 /// A lost or repeated step fits none of these.
+/// Where a vCPU's generator was last verified to be: after `n` accesses it
+/// held `x`, and the vCPU had made `stores` stores. The next verification
+/// replays only the accesses since (a guest migrated a thousand times would
+/// otherwise replay its whole life every time).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GenCheckpoint {
+    /// Accesses.
+    pub n: u64,
+    /// Generator state after them.
+    pub x: u64,
+    /// Stores among them.
+    pub stores: u64,
+}
+
+#[cfg(test)]
 fn check_position(i: u32, c: &VmConfig, s: &StampLayout, r: &kvm_regs, exact: bool) -> Result<(), String> {
-    let mut x = boot_regs(i, c, s).rbx;
-    let mut stores = 0;
+    check_position_from(i, c, s, r, exact, None).map(drop)
+}
+
+/// Replay vCPU `i`'s generator from `from` (or from boot) to its `r14`
+/// accesses and check `rbx`/`rbp` against it; returns the new checkpoint.
+fn check_position_from(
+    i: u32,
+    c: &VmConfig,
+    s: &StampLayout,
+    r: &kvm_regs,
+    exact: bool,
+    from: Option<GenCheckpoint>,
+) -> Result<GenCheckpoint, String> {
+    let start = from.unwrap_or(GenCheckpoint { n: 0, x: boot_regs(i, c, s).rbx, stores: 0 });
+    if r.r14 < start.n {
+        return Err(format!("vCPU {i}: {} accesses, fewer than the {} verified before", r.r14, start.n));
+    }
+    let mut x = start.x;
+    let mut stores = start.stores;
     let store = |x: u64| u64::from((x & 0xffff) < u64::from(c.store_threshold));
     let step = |x: u64| {
         let x1 = x ^ (x << 13);
         let x2 = x1 ^ (x1 >> 7);
         (x1, x2, x2 ^ (x2 << 17))
     };
-    for _ in 0..r.r14 {
+    for _ in start.n..r.r14 {
         x = step(x).2;
         stores += store(x);
     }
+    let here = GenCheckpoint { n: r.r14, x, stores };
     if r.rbx == x && r.rbp == stores {
-        return Ok(());
+        return Ok(here);
     }
     let (x1, x2, x3) = step(x);
     let inside = (r.rbx == x1 || r.rbx == x2) && r.rbp == stores
         || r.rbx == x3 && (r.rbp == stores || r.rbp == stores + store(x3));
     if !exact && inside {
-        return Ok(());
+        return Ok(here);
     }
     Err(format!(
         "vCPU {i}: rbx {:#x} rbp {} after {} accesses (violations {}, rip {:#x}) do not follow the generator ({stores} stores)",
@@ -742,6 +775,17 @@ fn check_position(i: u32, c: &VmConfig, s: &StampLayout, r: &kvm_regs, exact: bo
 /// Verify every page of a stopped VM guest whose final state is `state`: the
 /// boot area against its image, the data pages and table by their stamps.
 pub fn verify(mem: &GuestMemory, state: &VmState) -> Result<VerifyReport, VmError> {
+    verify_from(mem, state, &[]).map(|(r, _)| r)
+}
+
+/// As [`verify`], replaying each vCPU's generator only from `from` (one
+/// checkpoint per vCPU from an earlier verification of the same guest, or
+/// none: from boot). Returns the report and the checkpoints to go on from.
+pub fn verify_from(
+    mem: &GuestMemory,
+    state: &VmState,
+    from: &[GenCheckpoint],
+) -> Result<(VerifyReport, Vec<GenCheckpoint>), VmError> {
     let s = layout_of(mem)?;
     let mut r = stamp::verify(mem, s, state.total_stores());
     // The heartbeat interval depends on the host's TSC rate: take it from
@@ -759,12 +803,18 @@ pub fn verify(mem: &GuestMemory, state: &VmState) -> Result<VerifyReport, VmErro
     // Each vCPU's counters follow its generator: no access was lost or
     // repeated across pauses, saves and restores (the state may have been
     // taken by a kick inside an access, hence not `exact`).
+    let mut next = Vec::with_capacity(state.vcpus.len());
     for (i, v) in (0u32..).zip(&state.vcpus) {
-        if let Err(e) = check_position(i, &state.config, &s, &v.regs, false) {
-            r.problems.push(e);
+        let from = from.get(i as usize).copied();
+        match check_position_from(i, &state.config, &s, &v.regs, false, from) {
+            Ok(c) => next.push(c),
+            Err(e) => {
+                r.problems.push(e);
+                next.push(from.unwrap_or_default());
+            }
         }
     }
-    Ok(r)
+    Ok((r, next))
 }
 
 #[cfg(test)]
@@ -860,6 +910,16 @@ mod tests {
         assert!(r2.heartbeats[0] > 0, "the console kept printing");
         let v = verify(&m2, &fin).unwrap();
         assert!(v.ok(), "{:?}", v.problems);
+        // Replaying from the first pause's checkpoint agrees with replaying
+        // from boot, and a checkpoint from a position the generator never
+        // reached is caught.
+        let (_, at_pause) = verify_from(&m, &st, &[]).unwrap();
+        assert_eq!(at_pause[0].n, st.vcpus[0].regs.r14);
+        let (v2, at_end) = verify_from(&m2, &fin, &at_pause).unwrap();
+        assert!(v2.ok(), "{:?}", v2.problems);
+        assert_eq!(at_end, verify_from(&m2, &fin, &[]).unwrap().1);
+        let wrong = [GenCheckpoint { x: at_pause[0].x ^ 1, ..at_pause[0] }];
+        assert!(!verify_from(&m2, &fin, &wrong).unwrap().0.ok(), "a wrong checkpoint must not pass");
         // The TSC went on from the saved value rather than restarting.
         let tsc = |s: &VcpuSnapshot| s.msrs.iter().find(|(i, _)| *i == 0x10).map(|(_, v)| *v).unwrap();
         assert!(tsc(&fin.vcpus[0]) > tsc(&st.vcpus[0]));
