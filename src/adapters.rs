@@ -159,7 +159,8 @@ unsafe impl SourceGuest for WorkloadSource {
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, sender::GuestError> {
-        Ok(self.workload().pause(self.pause_timeout)?.encode())
+        let st = self.workload().pause(self.pause_timeout).map_err(|e| sender::GuestError::Pause(Box::new(e)))?;
+        Ok(st.encode())
     }
 
     fn unpause(&mut self) -> Result<(), sender::GuestError> {
@@ -168,14 +169,14 @@ unsafe impl SourceGuest for WorkloadSource {
     }
 
     fn start_dirty_tracking(&mut self) -> Result<(), sender::GuestError> {
-        self.tracker = Some(guest::dirty::DirtyTracker::start(&self.mem)?);
+        let t = guest::dirty::DirtyTracker::start(&self.mem).map_err(|e| sender::GuestError::Tracking(Box::new(e)))?;
+        self.tracker = Some(t);
         Ok(())
     }
 
     fn collect_dirty(&mut self, into: &mut PageBitmap) -> Result<(), sender::GuestError> {
-        let t = self.tracker.as_mut().ok_or("dirty tracking was not started")?;
-        t.collect(into)?;
-        Ok(())
+        let t = self.tracker.as_mut().ok_or_else(|| sender::GuestError::Tracking("tracking was not started".into()))?;
+        t.collect(into).map(drop).map_err(|e| sender::GuestError::Tracking(Box::new(e)))
     }
 
     fn stop_dirty_tracking(&mut self) {
@@ -222,7 +223,8 @@ unsafe impl SourceGuest for VmSource {
     }
 
     fn pause(&mut self) -> Result<Vec<u8>, sender::GuestError> {
-        Ok(self.vm().pause(self.pause_timeout)?.encode())
+        let st = self.vm().pause(self.pause_timeout).map_err(|e| sender::GuestError::Pause(Box::new(e)))?;
+        Ok(st.encode())
     }
 
     fn unpause(&mut self) -> Result<(), sender::GuestError> {
@@ -231,12 +233,11 @@ unsafe impl SourceGuest for VmSource {
     }
 
     fn start_dirty_tracking(&mut self) -> Result<(), sender::GuestError> {
-        Ok(self.vm().start_dirty_log()?)
+        self.vm().start_dirty_log().map_err(|e| sender::GuestError::Tracking(Box::new(e)))
     }
 
     fn collect_dirty(&mut self, into: &mut PageBitmap) -> Result<(), sender::GuestError> {
-        self.vm().collect_dirty(into)?;
-        Ok(())
+        self.vm().collect_dirty(into).map(drop).map_err(|e| sender::GuestError::Tracking(Box::new(e)))
     }
 
     fn stop_dirty_tracking(&mut self) {
@@ -463,20 +464,25 @@ unsafe impl DestGuest for DestAny {
     }
 
     fn resume(&mut self, state: &[u8]) -> Result<(), pager::GuestError> {
+        let resume = |e: Box<dyn std::error::Error + Send + Sync>| pager::GuestError::Resume(e);
         match self.kind {
             GuestKind::Workload => {
-                let st = WorkloadState::decode(state)?;
-                self.workload = Some(Workload::resume(Arc::clone(&self.mem), &st)?);
+                let st = WorkloadState::decode(state).map_err(|e| resume(Box::new(e)))?;
+                self.workload = Some(Workload::resume(Arc::clone(&self.mem), &st).map_err(|e| resume(Box::new(e)))?);
             }
             GuestKind::Vm => {
-                let st = VmState::decode(state)?;
-                self.vm = Some(Vm::restore(Arc::clone(&self.mem), &st)?);
+                let st = VmState::decode(state).map_err(|e| resume(Box::new(e)))?;
+                self.vm = Some(Vm::restore(Arc::clone(&self.mem), &st).map_err(|e| resume(Box::new(e)))?);
             }
         }
         Ok(())
     }
 
     fn evict(&self, pages: PageRange) -> Result<(), pager::GuestError> {
-        Ok(self.mem.evict(pages)?)
+        self.mem.evict(pages).map_err(|e| pager::GuestError::Evict {
+            first: pages.first.0,
+            n_pages: pages.n_pages,
+            source: Box::new(e),
+        })
     }
 }

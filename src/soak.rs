@@ -333,7 +333,7 @@ fn run_round(
                 &listener,
                 |acc, cancel| {
                     DestAny::new(kind, acc.layout.clone(), Backing::Anonymous, Populate::Before, cancel)
-                        .map_err(|e| Box::new(e) as pager::GuestError)
+                        .map_err(|e| pager::GuestError::Memory(Box::new(e)))
                 },
                 &pcfg,
                 pm,

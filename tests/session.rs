@@ -107,7 +107,7 @@ fn migrate(
                         postcopy::adapters::Populate::Before,
                         cancel,
                     )
-                    .map_err(|e| Box::new(e) as pager::GuestError)
+                    .map_err(|e| pager::GuestError::Memory(Box::new(e)))
                 },
                 &pcfg,
                 pm,
@@ -211,7 +211,7 @@ fn demand_does_not_wait_for_the_push() {
                     postcopy::adapters::Populate::Background,
                     cancel,
                 )
-                .map_err(|e| Box::new(e) as pager::GuestError)
+                .map_err(|e| pager::GuestError::Memory(Box::new(e)))
             },
             &pcfg,
             pm2,
@@ -370,6 +370,41 @@ fn a_lost_switchover_ack_is_settled_by_the_resume() {
 }
 
 #[test]
+fn a_bulk_link_lost_before_the_last_round_lands_cancels_and_the_source_takes_the_guest_back() {
+    // Hybrid, one precopy round: the bulk connection swallows everything
+    // from the round's end marker on (32 MiB = 32 frames of 1 MiB after the
+    // BulkHello). The Switchover reaches the destination, which cannot
+    // resume without the round: it cancels, the source (in doubt) asks, is
+    // told "not switched", and resumes the guest. Neither side runs it twice.
+    let links = Links { bulk: MemLink { blackhole_after: Some(33), ..Default::default() }, ..Default::default() };
+    let t = |ms| Duration::from_millis(ms);
+    let pcfg = PagerConfig { peer_timeout: t(600), recover_timeout: t(10_000), ..Default::default() };
+    let scfg = SenderConfig {
+        mode: proto::wire::Mode::Hybrid,
+        policy: sender::Policy { postcopy_after: Some(1), ..Default::default() },
+        peer_timeout: t(600),
+        handshake_timeout: t(3000),
+        recover_timeout: t(10_000),
+        ..Default::default()
+    };
+    let o = migrate(32, wcfg("uniform", 1), links, pcfg, scfg, Duration::from_secs(60));
+    let d = o.dest.err().expect("the destination must not run the guest").to_string();
+    assert!(d.contains("cancelled before switchover"), "{d}");
+    let f = o.src.expect_err("the source must say so");
+    assert_eq!(f.phase, FailPhase::BeforeSwitchover, "{f}");
+    assert!(matches!(f.error, sender::SenderError::NotSwitched), "{:?}", f.error);
+    // The guest runs on here, and checks out.
+    let w = o.src_guest.into_workload();
+    let a0 = w.stats().accesses;
+    let t0 = Instant::now();
+    while w.stats().accesses < a0 + 10_000 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "guest not running on the source");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(w.stop().total.violations, 0);
+}
+
+#[test]
 fn disconnect_after_switchover_fails_both_sides_quickly() {
     // The control link dies after a few frames from the source: after the
     // switchover, during demand serving.
@@ -484,7 +519,7 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
                 postcopy::adapters::Populate::Background,
                 cancel,
             )
-            .map_err(|e| Box::new(e) as pager::GuestError)
+            .map_err(|e| pager::GuestError::Memory(Box::new(e)))
         },
         &pcfg,
         pm,
@@ -589,7 +624,7 @@ fn hybrid(backing: guest::Backing, hide: bool) -> (GuestSummary, Arc<PagerMetric
                         postcopy::adapters::Populate::Before,
                         cancel,
                     )
-                    .map_err(|e| Box::new(e) as pager::GuestError)
+                    .map_err(|e| pager::GuestError::Memory(Box::new(e)))
                 },
                 &PagerConfig::default(),
                 pm,

@@ -22,8 +22,8 @@ pub enum PagerError {
     #[error("userfaultfd failed")]
     Uffd(#[from] UffdError),
     /// The guest failed.
-    #[error("guest failed: {0}")]
-    Guest(GuestError),
+    #[error("the guest failed")]
+    Guest(#[source] GuestError),
     /// A thread could not be started.
     #[error("starting thread {what} failed")]
     Spawn {
@@ -93,7 +93,9 @@ impl PagerError {
     pub(crate) fn is_link_failure(&self) -> bool {
         match self {
             PagerError::Transport(t) => t.is_link_failure(),
-            PagerError::PeerSilent(_) => true,
+            // Waiting on the source for a step (a precopy round, the
+            // completion acknowledgement) is silence too.
+            PagerError::PeerSilent(_) | PagerError::Timeout { .. } => true,
             PagerError::Bulk(inner) => inner.is_link_failure(),
             _ => false,
         }

@@ -200,8 +200,9 @@ impl FaultLoop<'_> {
         }
         let Some(p) = &st.paused else { return Ok(Flow::Continue) };
         let paused_for = p.since.elapsed();
-        if st.complete_sent.is_some() && paused_for > self.cfg.completion_grace() {
-            // Every page is here: nothing is lost without the acknowledgement.
+        if (st.complete_sent.is_some() || self.inst.complete()) && paused_for > self.cfg.completion_grace() {
+            // Every page is here (sent Complete or not): nothing is lost
+            // without the source, which had a grace to come back.
             tracing::warn!("the source did not come back to acknowledge completion; every page is here, finishing");
             self.end_pause(st);
             return Ok(Flow::Finished(None));

@@ -2,8 +2,27 @@
 
 use proto::{HostAddr, PageRange, ViewAddr};
 
-/// A failure reported by the guest side.
-pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
+/// What the guest side failed at (its own error is the source).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// Creating or preparing guest memory.
+    #[error("preparing guest memory failed")]
+    Memory(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Restoring the guest's state and starting its vCPUs.
+    #[error("resuming the guest failed")]
+    Resume(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Dropping pages from the guest's view.
+    #[error("evicting pages {first}..+{n_pages} failed")]
+    Evict {
+        /// First page.
+        first: u64,
+        /// Pages.
+        n_pages: u64,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
 
 /// The destination's view of a guest.
 ///

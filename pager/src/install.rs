@@ -588,8 +588,11 @@ impl Installer {
 
     /// The pages this side holds: present, or held from precopy.
     pub fn have(&self) -> proto::PageBitmap {
+        // Held first: the mapper sets present before clearing held, so a
+        // page moving between the two is seen in one of them.
+        let held = self.held.snapshot();
         let mut have = self.present.snapshot();
-        have.union_with(&self.held.snapshot());
+        have.union_with(&held);
         have
     }
 }
@@ -639,7 +642,7 @@ impl PagePlacer for BulkPlacer<'_> {
         kind: PageKind,
         spans: &mut Vec<IoSpanMut<'b>>,
     ) -> Result<(), PlaceError> {
-        self.session.check_pages(first, n_pages, kind)?;
+        self.session.check_pages(first, n_pages, kind).map_err(PlaceError::refused)?;
         let ps = self.inst.map.layout().page_size().bytes_usize();
         let run = PageRange::new(first, u64::from(n_pages));
         let len = n_pages as usize * ps;
@@ -686,7 +689,7 @@ impl PagePlacer for BulkPlacer<'_> {
                     return Ok(());
                 }
                 let ps = self.inst.map.layout().page_size().bytes_usize();
-                self.inst.install_copy(run, &self.scratch[..n_pages as usize * ps])?
+                self.inst.install_copy(run, &self.scratch[..n_pages as usize * ps]).map_err(PlaceError::failed)?
             }
             Backend::Continue { claimed, .. } => {
                 if !ok {
@@ -700,7 +703,7 @@ impl PagePlacer for BulkPlacer<'_> {
                 }
                 let (mut newly, mut held) = (0, 0);
                 for r in &self.mine {
-                    let (n, h) = self.inst.written(*r)?;
+                    let (n, h) = self.inst.written(*r).map_err(PlaceError::failed)?;
                     newly += n;
                     held += h;
                 }

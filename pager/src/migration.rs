@@ -250,9 +250,12 @@ impl Run<'_> {
         });
         let (state, outstanding) = match pre {
             Ok(v) => v,
-            Err(e) if e.is_link_failure() && self.session.recovery() && self.session.got_state() => {
+            Err(e) if e.is_link_failure() && self.session.recovery() => {
+                // The guest will not run here, whatever arrived: the source
+                // may be in doubt and come back to ask.
                 drop(bulk);
                 self.control = None;
+                self.session.cancel();
                 return Err(self.settle_cancelled(e));
             }
             Err(e) => return Err(e),
@@ -403,21 +406,36 @@ impl Run<'_> {
     /// switchover arrived here. The source may have sent it and now be in
     /// doubt: wait (up to the recovery window) for it to come back and tell
     /// it that no switchover happened, so it resumes the guest; then end.
+    ///
+    /// The window is the recovery timeout once the guest state is here (the
+    /// source has paused the guest); before that only a short one (the
+    /// source may have paused and be sending it), so that a source that
+    /// died in precopy is not waited for long. After an answer the
+    /// destination keeps answering for a grace, in case that answer was
+    /// lost with another break.
     fn settle_cancelled(&mut self, cause: PagerError) -> PagerError {
-        let window = self.cfg.recover_timeout;
+        let window = if self.session.got_state() {
+            self.cfg.recover_timeout
+        } else {
+            self.cfg.recover_timeout.min(2 * self.cfg.peer_timeout + Duration::from_secs(1))
+        };
         tracing::warn!(
-            "link to the source lost during switchover ({}); waiting up to {window:?} to tell it the guest stays there",
+            "link to the source lost before switchover ({}); waiting up to {window:?} to tell it the guest stays there",
             crate::error::error_chain(&cause)
         );
-        let deadline = Instant::now() + window;
+        let mut deadline = Instant::now() + window;
+        let mut answered = false;
         while let Ok(mut conn) = self.listener.accept(deadline) {
             let empty = || PageBitmap::new(0);
             match recover::resume_handshake(&mut *conn, &mut self.session, self.cfg, empty) {
                 Ok(ResumeState::NotSwitched) => {
                     tracing::warn!("the source reconnected and was told to keep the guest");
-                    break;
+                    if !answered {
+                        answered = true;
+                        deadline = deadline.min(Instant::now() + self.cfg.completion_grace());
+                    }
                 }
-                Ok(state) => tracing::error!("resume answered {state:?} before switchover"),
+                Ok(state) => tracing::error!("resume answered {state:?} after a cancellation"),
                 Err(e) => tracing::warn!("refused a reconnecting connection: {}", crate::error::error_chain(&e)),
             }
         }
@@ -496,7 +514,6 @@ impl Run<'_> {
         Ok(ResumeTimes {
             restore_ns: u64::try_from(t2.duration_since(t1).as_nanos()).unwrap_or(u64::MAX),
             evict_ns: u64::try_from(t1.duration_since(t0).as_nanos()).unwrap_or(u64::MAX),
-            arm_ns: 0,
         })
     }
 }

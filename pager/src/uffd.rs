@@ -109,8 +109,6 @@ pub enum CopyOutcome {
 pub struct Fault {
     /// Faulting address (not page-aligned).
     pub addr: ViewAddr,
-    /// Whether it was a write.
-    pub write: bool,
     /// Faulting thread id (UFFD_FEATURE_THREAD_ID).
     pub tid: u32,
 }
@@ -219,9 +217,9 @@ impl Userfault {
             for m in buf[..n - n % MSG_LEN].chunks_exact(MSG_LEN) {
                 let m: &[u8; MSG_LEN] = m.try_into().expect("chunks of MSG_LEN");
                 match ::uffd::parse(m) {
-                    Event::Fault { addr, write, tid } => {
+                    Event::Fault { addr, tid, .. } => {
                         let addr = usize::try_from(addr).expect("64-bit host");
-                        out.push(Fault { addr: ViewAddr(addr), write, tid });
+                        out.push(Fault { addr: ViewAddr(addr), tid });
                     }
                     e => other.push(OtherEvent(e)),
                 }
@@ -457,7 +455,6 @@ mod tests {
         }
         // The page address: UFFD_FEATURE_EXACT_ADDRESS is not requested.
         assert_eq!(faults[0].addr.0, addr & !(PG - 1));
-        assert!(!faults[0].write);
         let src = vec![9u8; PG];
         // SAFETY: page-aligned destination inside the registered mapping.
         let r = unsafe { u.copy(base.offset_by(2 * PG), src.as_ptr(), PG, true) }.unwrap();

@@ -398,6 +398,14 @@ impl DestSession {
         self.recovery
     }
 
+    /// The guest will not run here (the link broke before it was resumed):
+    /// from now on a reconnecting source is told "not switched", and a
+    /// Switchover arriving late is refused.
+    pub fn cancel(&mut self) {
+        self.phase = DestPhase::Done;
+        self.cancelled = true;
+    }
+
     /// Whether the source has sent the guest state (it pauses the guest
     /// first): from then on a broken link leaves it in doubt, and it may
     /// come back to ask.

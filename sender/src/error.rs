@@ -17,8 +17,8 @@ pub enum SenderError {
     #[error("session with the destination failed")]
     Session(#[from] SessionError),
     /// The guest failed.
-    #[error("guest failed: {0}")]
-    Guest(GuestError),
+    #[error("the guest failed")]
+    Guest(#[source] GuestError),
     /// A thread could not be started.
     #[error("starting thread {what} failed")]
     Spawn {

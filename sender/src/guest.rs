@@ -3,8 +3,19 @@
 use proto::wire::GuestKind;
 use proto::{HostAddr, MemLayout, PageBitmap};
 
-/// A failure reported by the guest side.
-pub type GuestError = Box<dyn std::error::Error + Send + Sync>;
+/// What the guest side failed at (its own error is the source).
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// Pausing the vCPUs and taking the state.
+    #[error("pausing the guest failed")]
+    Pause(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Letting the vCPUs run again.
+    #[error("resuming the guest here failed")]
+    Unpause(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Starting dirty tracking or collecting what was written.
+    #[error("dirty tracking failed")]
+    Tracking(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
 
 /// The source's view of a guest.
 ///

@@ -184,12 +184,13 @@ pub fn run<G: SourceGuest>(
     let after = || fail(FailPhase::AfterSwitchover);
     let mut state = settled.unwrap_or(ResumeState::Running);
     loop {
-        if state == ResumeState::Complete {
+        let served = if state == ResumeState::Complete {
             // The destination holds every page and only waits for this.
-            acknowledge(&mut *link.control, &mut stats, &metrics).map_err(after())?;
-            break;
-        }
-        let served = match serve_link(&mut link, &mut session, &map, &pushed, cfg, &metrics, &mut stats) {
+            acknowledge(&mut *link.control, &mut stats, &metrics)
+        } else {
+            serve_link(&mut link, &mut session, &map, &pushed, cfg, &metrics, &mut stats)
+        };
+        let served = match served {
             Ok(()) => break,
             Err(e) => e,
         };

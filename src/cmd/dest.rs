@@ -78,7 +78,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         &listener,
         |acc, cancel| {
             DestAny::new(acc.guest_kind, acc.layout.clone(), args.opts.memory.backing(), populate, cancel)
-                .map_err(|e| Box::new(e) as pager::GuestError)
+                .map_err(|e| pager::GuestError::Memory(Box::new(e)))
         },
         &cfg,
         Arc::clone(&metrics),

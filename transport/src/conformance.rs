@@ -103,7 +103,7 @@ impl PagePlacer for Collect {
         spans: &mut Vec<IoSpanMut<'a>>,
     ) -> Result<(), PlaceError> {
         if self.refuse {
-            return Err(format!("refused {first:?}").into());
+            return Err(PlaceError::refused(format!("refused {first:?}")));
         }
         self.chunk = vec![0; n_pages as usize * 4096];
         // Two spans per run: the placer may scatter.

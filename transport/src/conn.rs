@@ -188,8 +188,29 @@ impl<'a> IoSpanMut<'a> {
     }
 }
 
-/// A placer's refusal or failure.
-pub type PlaceError = Box<dyn std::error::Error + Send + Sync>;
+/// Why a placer did not take a Pages frame.
+#[derive(Debug, thiserror::Error)]
+pub enum PlaceError {
+    /// The frame is not acceptable (out of range, out of order, a kind not
+    /// legal now): the peer broke the protocol.
+    #[error("frame refused")]
+    Refused(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Putting the pages in place failed here (installing them, say).
+    #[error("placing the pages failed")]
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl PlaceError {
+    /// A refusal for `why`.
+    pub fn refused(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        PlaceError::Refused(why.into())
+    }
+
+    /// A local failure for `why`.
+    pub fn failed(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        PlaceError::Failed(why.into())
+    }
+}
 
 /// Decides where the data of each received Pages frame goes, so it can be
 /// read from the socket straight into guest memory.

@@ -325,7 +325,7 @@ impl Conn for MemConn {
             if given != chunk.len() {
                 drop(spans);
                 let _ = placer.placed(at, n, kind, false);
-                let source = format!("placer gave {given} bytes for {}", chunk.len()).into();
+                let source = crate::PlaceError::failed(format!("placer gave {given} bytes for {}", chunk.len()));
                 return Err(TransportError::Refused { peer, source });
             }
             let mut off = 0;

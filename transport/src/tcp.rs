@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use proto::wire::{self, FrameHeader, HEADER_LEN, Msg, PAGES_PREFIX_LEN, PageKind, Tag};
 use proto::{PageIdx, PageSize};
 
-use crate::conn::{Conn, IoSpan, PagePlacer, Placed, TransportError, Wait, poll_fd};
+use crate::conn::{Conn, IoSpan, PagePlacer, PlaceError, Placed, TransportError, Wait, poll_fd};
 use crate::frames::RecvBuf;
 
 /// Tunables of one TCP connection.
@@ -56,6 +56,10 @@ pub struct TcpConn {
     sent: u64,
     received: u64,
     send_timeout: Duration,
+    /// A send failed, perhaps half way through a frame: nothing more may be
+    /// written, or the next frame's bytes would complete the cut one into
+    /// something the peer decodes (an Error header finishing a Switchover).
+    tx_broken: bool,
     /// The last read returned less than it could take: the socket was empty
     /// then, so a waiting receive polls before reading (saving a read that
     /// would only say EAGAIN).
@@ -119,6 +123,7 @@ impl TcpConn {
             sent: 0,
             received: 0,
             send_timeout: opts.send_timeout,
+            tx_broken: false,
             drained: false,
         })
     }
@@ -164,6 +169,17 @@ impl TcpConn {
     /// Write every byte of `iov`, waiting for room at most `send_timeout` at a
     /// time (the clock restarts whenever bytes move).
     fn write_all_vectored(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
+        if self.tx_broken {
+            return Err(TransportError::Closed { peer: self.peer.clone(), mid_frame: true });
+        }
+        let r = self.write_all_vectored_once(iov);
+        if r.is_err() {
+            self.tx_broken = true;
+        }
+        r
+    }
+
+    fn write_all_vectored_once(&mut self, iov: &mut [libc::iovec]) -> Result<(), TransportError> {
         let mut first = 0;
         let mut stalled_since: Option<Instant> = None;
         while first < iov.len() {
@@ -341,7 +357,7 @@ impl TcpConn {
         let result = if given != data_len {
             Err(TransportError::Refused {
                 peer: peer.clone(),
-                source: format!("placer gave {given} bytes for {data_len}").into(),
+                source: PlaceError::failed(format!("placer gave {given} bytes for {data_len}")),
             })
         } else {
             // Bytes already buffered first, then straight from the socket.
@@ -657,7 +673,7 @@ mod tests {
             let at = usize::try_from(first.0).unwrap() * 4096;
             let len = n as usize * 4096;
             if at + len > self.mem.len() {
-                return Err("out of range".into());
+                return Err(crate::PlaceError::refused("out of range"));
             }
             // Two spans, to exercise gathering.
             let (a, b) = self.mem[at..at + len].split_at_mut(len / 2);
@@ -781,6 +797,14 @@ mod tests {
         let blob = vec![0u8; 1 << 20];
         let r = (0..200).try_for_each(|_| b.send(&Msg::GuestState(&blob)));
         assert!(matches!(r, Err(TransportError::SendTimeout { .. })), "{r:?}");
+        // The failed frame may be cut anywhere: nothing more goes out, or
+        // the next frame's bytes would complete it into something else.
+        let sent = b.bytes_sent();
+        assert!(matches!(b.send(&Msg::KeepAlive), Err(TransportError::Closed { mid_frame: true, .. })));
+        let page = vec![0u8; 4096];
+        b.set_page_size(PageSize::Size4K);
+        assert!(b.send_pages(PageIdx(0), 1, PageKind::Push, &[IoSpan::from_slice(&page)]).is_err());
+        assert_eq!(b.bytes_sent(), sent, "nothing was written after the failure");
         drop(a);
     }
 

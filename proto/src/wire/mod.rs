@@ -78,7 +78,7 @@
 //! 9  Switchover    n_outstanding u64 (population count of the bitmap sent),
 //!                  precopy_rounds u32 (rounds sent on the bulk connection; the
 //!                  destination applies them all before resuming), reserved u32
-//! 10 SwitchoverAck restore_ns u64, evict_ns u64, arm_ns u64
+//! 10 SwitchoverAck restore_ns u64, evict_ns u64, reserved u64 (0)
 //! 11 RangeRequest  req_id u32, n u32 (1..=4096), n x (first u64, n_pages u32 >= 1)
 //! 12 Pages         first u64, n_pages u32, kind u8, reserved [3],
 //!                  data [n_pages * page_size]; the data is at most 8 MiB

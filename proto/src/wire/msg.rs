@@ -202,8 +202,6 @@ pub struct ResumeTimes {
     pub restore_ns: u64,
     /// Evicting outstanding pages it held from precopy.
     pub evict_ns: u64,
-    /// Registering/arming userfaultfd and resuming the guest.
-    pub arm_ns: u64,
 }
 
 /// The ranges of a request, decoded lazily (validated at decode time, so
@@ -551,7 +549,13 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
             Msg::Switchover { n_outstanding, precopy_rounds }
         }
         Tag::SwitchoverAck => {
-            Msg::SwitchoverAck(ResumeTimes { restore_ns: rd.u64()?, evict_ns: rd.u64()?, arm_ns: rd.u64()? })
+            let t = ResumeTimes { restore_ns: rd.u64()?, evict_ns: rd.u64()? };
+            // Once `arm_ns`, always 0 (memory is registered before the
+            // hello is acknowledged): reserved now, kept for the layout.
+            if rd.u64()? != 0 {
+                return Err(DecodeError::Reserved(tag));
+            }
+            Msg::SwitchoverAck(t)
         }
         Tag::RangeRequest => {
             let req_id = rd.u32()?;
@@ -829,7 +833,7 @@ impl Msg<'_> {
             Msg::SwitchoverAck(t) => {
                 put_u64(out, t.restore_ns);
                 put_u64(out, t.evict_ns);
-                put_u64(out, t.arm_ns);
+                put_u64(out, 0);
             }
             Msg::RangeRequest { req_id, ranges } => {
                 put_u32(out, *req_id);

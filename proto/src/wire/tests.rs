@@ -60,7 +60,7 @@ fn every_message_round_trips() {
         Msg::GuestState(b"state bytes"),
         Msg::Outstanding { first_word: 17, words: word_list(&wb) },
         Msg::Switchover { n_outstanding: 12345, precopy_rounds: 3 },
-        Msg::SwitchoverAck(ResumeTimes { restore_ns: 1, evict_ns: 2, arm_ns: 3 }),
+        Msg::SwitchoverAck(ResumeTimes { restore_ns: 1, evict_ns: 2 }),
         Msg::RangeRequest { req_id: 9, ranges: range_list(&rb) },
         Msg::Pages { first: PageIdx(77), n_pages: 2, kind: PageKind::Demand, data: &data },
         Msg::PushDone { n_pushed: 99 },
