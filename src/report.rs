@@ -404,6 +404,87 @@ pub fn summary(r: &Report) -> String {
     s
 }
 
+impl Report {
+    /// The destination's report of a finished run: what the pager measured
+    /// (`pr`, `metrics`), and the guest as it was stopped and verified (`g`).
+    /// The time series is the caller's to add.
+    pub fn destination(
+        pr: &pager::PagerReport,
+        metrics: &pager::PagerMetrics,
+        g: &GuestSummary,
+        kind: GuestKind,
+        vcpu_failure: Option<String>,
+    ) -> Report {
+        let layout = &pr.accepted.layout;
+        let (fault_lat, fault_hist) = latency_of(&pr.fault_latency);
+        let blocktime: u64 = pr.blocktime_ns.iter().map(|(_, ns)| ns).sum();
+        let vcpu_name = |tid: u32| {
+            g.vcpu_tids.iter().position(|&t| t == tid).map_or_else(|| format!("tid-{tid}"), |i| format!("vcpu{i}"))
+        };
+        Report {
+            status: "ok".into(),
+            error: vcpu_failure,
+            side: "destination".into(),
+            mode: mode_name(pr.accepted.mode),
+            guest_kind: guest_name(kind),
+            mem_bytes: layout.len_bytes(),
+            page_size: layout.page_size().bytes(),
+            regions: layout.regions().len(),
+            vcpus: g.vcpus,
+            pattern: g.pattern.clone(),
+            store_ratio: g.store_ratio,
+            prefetch: PrefetchReport {
+                pages: pr.prefetch.pages,
+                mode: match pr.prefetch.mode {
+                    pager::PrefetchMode::After => "after".into(),
+                    pager::PrefetchMode::Around => "around".into(),
+                },
+            },
+            total_time_ms: ms(pr.total_time),
+            setup_ms: ms(pr.setup_time),
+            completion_confirmed: pr.completion_confirmed,
+            downtime_ms: ns_ms(pr.source.downtime_ns),
+            downtime: DowntimeParts {
+                pause_to_sent_ms: ns_ms(pr.source.pause_to_sent_ns),
+                dest_evict_ms: ns_ms(pr.resume.evict_ns),
+                dest_restore_ms: ns_ms(pr.resume.restore_ns),
+            },
+            bytes_transferred: pr.source.bytes_sent,
+            outstanding_pages: pr.outstanding_pages,
+            precopy: PrecopyReport {
+                pages_sent: pager::PagerMetrics::get(&metrics.pages_precopy),
+                pages_evicted: pager::PagerMetrics::get(&metrics.pages_evicted),
+                ..PrecopyReport::default()
+            },
+            postcopy: PostcopyReport {
+                pages_total: layout.n_pages(),
+                pages_pushed: pager::PagerMetrics::get(&metrics.pages_push),
+                pages_requested: pager::PagerMetrics::get(&metrics.pages_requested),
+                pages_demand: pager::PagerMetrics::get(&metrics.pages_demand),
+                pages_duplicate: pager::PagerMetrics::get(&metrics.pages_duplicate),
+                pages_rerequested: pager::PagerMetrics::get(&metrics.pages_rerequested),
+                requests: pager::PagerMetrics::get(&metrics.requests),
+                faults: pager::PagerMetrics::get(&metrics.faults),
+                faults_local: pager::PagerMetrics::get(&metrics.faults_local),
+                pages_mapped_local: pager::PagerMetrics::get(&metrics.pages_mapped_local),
+                local_fault_latency_us: latency_of(&pr.fault_latency_local).0,
+                faults_resolved_early: pager::PagerMetrics::get(&metrics.faults_resolved_early),
+                time_ms: ms(pr.postcopy_time),
+                push_time_ms: ns_ms(pr.source.push_ns),
+                push_gbps: gbps(pr.source.pages_pushed * layout.page_size().bytes(), pr.source.push_ns),
+                fault_latency_us: fault_lat,
+                fault_latency_hist: fault_hist,
+                blocktime_ms: ns_ms(blocktime),
+                vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (vcpu_name(*tid), ns_ms(*ns))).collect(),
+                recoveries: pager::PagerMetrics::get(&metrics.recoveries),
+                paused_ms: ns_ms(pager::PagerMetrics::get(&metrics.paused_ns)),
+            },
+            guest: guest_report(g, false),
+            ..Default::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

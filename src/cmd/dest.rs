@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use guest::parse_size;
-use pager::{PagerConfig, PagerMetrics, PrefetchMode};
+use pager::{PagerConfig, PagerMetrics};
 use proto::session::DestExpect;
 use transport::tcp::{TcpListen, TcpOptions};
 
@@ -14,10 +14,7 @@ use super::args::{DestArgs, PopulateArg, prefetch_of, read_key};
 use super::migrate::die_with_parent;
 use super::progress::{Progress, progress_lines};
 use crate::adapters::{DestAny, Populate};
-use crate::report::{
-    DowntimeParts, PostcopyReport, PrecopyReport, PrefetchReport, Report, gbps, guest_name, guest_report, latency_of,
-    mode_name, ms, ns_ms, summary,
-};
+use crate::report::{Report, ms, summary};
 
 /// Run the destination. Returns the process exit code.
 pub fn dest(args: &DestArgs) -> Result<i32> {
@@ -117,75 +114,9 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     std::thread::sleep(Duration::from_millis(args.run_after_ms));
     let vcpu_failure = outcome.guest.error();
     let g = outcome.guest.finish();
-    let layout = &pr.accepted.layout;
-    let (fault_lat, fault_hist) = latency_of(&pr.fault_latency);
-    let blocktime: u64 = pr.blocktime_ns.iter().map(|(_, ns)| ns).sum();
-    let vcpu_name = |tid: u32| {
-        g.vcpu_tids.iter().position(|&t| t == tid).map_or_else(|| format!("tid-{tid}"), |i| format!("vcpu{i}"))
-    };
-    let mut report = Report {
-        status: "ok".into(),
-        error: vcpu_failure,
-        side: "destination".into(),
-        mode: mode_name(pr.accepted.mode),
-        guest_kind: guest_name(kind),
-        mem_bytes: layout.len_bytes(),
-        page_size: layout.page_size().bytes(),
-        regions: layout.regions().len(),
-        vcpus: g.vcpus,
-        pattern: g.pattern.clone(),
-        store_ratio: g.store_ratio,
-        prefetch: PrefetchReport {
-            pages: pr.prefetch.pages,
-            mode: match pr.prefetch.mode {
-                PrefetchMode::After => "after".into(),
-                PrefetchMode::Around => "around".into(),
-            },
-        },
-        total_time_ms: ms(pr.total_time),
-        setup_ms: ms(pr.setup_time),
-        completion_confirmed: pr.completion_confirmed,
-        downtime_ms: ns_ms(pr.source.downtime_ns),
-        downtime: DowntimeParts {
-            pause_to_sent_ms: ns_ms(pr.source.pause_to_sent_ns),
-            dest_evict_ms: ns_ms(pr.resume.evict_ns),
-            dest_restore_ms: ns_ms(pr.resume.restore_ns),
-        },
-        bytes_transferred: pr.source.bytes_sent,
-        outstanding_pages: pr.outstanding_pages,
-        precopy: PrecopyReport {
-            pages_sent: PagerMetrics::get(&metrics.pages_precopy),
-            pages_evicted: PagerMetrics::get(&metrics.pages_evicted),
-            ..PrecopyReport::default()
-        },
-        postcopy: PostcopyReport {
-            pages_total: layout.n_pages(),
-            pages_pushed: PagerMetrics::get(&metrics.pages_push),
-            pages_requested: PagerMetrics::get(&metrics.pages_requested),
-            pages_demand: PagerMetrics::get(&metrics.pages_demand),
-            pages_duplicate: PagerMetrics::get(&metrics.pages_duplicate),
-            pages_rerequested: PagerMetrics::get(&metrics.pages_rerequested),
-            requests: PagerMetrics::get(&metrics.requests),
-            faults: PagerMetrics::get(&metrics.faults),
-            faults_local: PagerMetrics::get(&metrics.faults_local),
-            pages_mapped_local: PagerMetrics::get(&metrics.pages_mapped_local),
-            local_fault_latency_us: latency_of(&pr.fault_latency_local).0,
-            faults_resolved_early: PagerMetrics::get(&metrics.faults_resolved_early),
-            time_ms: ms(pr.postcopy_time),
-            push_time_ms: ns_ms(pr.source.push_ns),
-            push_gbps: gbps(pr.source.pages_pushed * layout.page_size().bytes(), pr.source.push_ns),
-            fault_latency_us: fault_lat,
-            fault_latency_hist: fault_hist,
-            blocktime_ms: ns_ms(blocktime),
-            vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (vcpu_name(*tid), ns_ms(*ns))).collect(),
-            recoveries: PagerMetrics::get(&metrics.recoveries),
-            paused_ms: ns_ms(PagerMetrics::get(&metrics.paused_ns)),
-        },
-        guest: guest_report(&g, false),
-        timeline_tick_ms: ms(tick),
-        timeline,
-        ..Default::default()
-    };
+    let mut report = Report::destination(pr, &metrics, &g, kind, vcpu_failure);
+    report.timeline_tick_ms = ms(tick);
+    report.timeline = timeline;
     if report.error.is_some() {
         report.status = "failed".into();
     }
