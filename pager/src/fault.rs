@@ -200,10 +200,17 @@ impl FaultLoop<'_> {
         }
         let Some(p) = &st.paused else { return Ok(Flow::Continue) };
         let paused_for = p.since.elapsed();
-        if (st.complete_sent.is_some() || self.inst.complete()) && paused_for > self.cfg.completion_grace() {
-            // Every page is here (sent Complete or not): nothing is lost
-            // without the source, which had a grace to come back.
+        if st.complete_sent.is_some() && paused_for > self.cfg.completion_grace() {
+            // The source heard Complete or will ask within its own grace:
+            // nothing is lost without its acknowledgement.
             tracing::warn!("the source did not come back to acknowledge completion; every page is here, finishing");
+            self.end_pause(st);
+            return Ok(Flow::Finished(None));
+        }
+        if paused_for > self.cfg.recover_timeout && self.inst.complete() {
+            // Every page arrived before Complete could be sent: the source
+            // (which does not know) had the whole window to come back.
+            tracing::warn!("the source did not come back; every page is here, finishing without its figures");
             self.end_pause(st);
             return Ok(Flow::Finished(None));
         }

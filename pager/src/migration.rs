@@ -414,26 +414,36 @@ impl Run<'_> {
     /// destination keeps answering for a grace, in case that answer was
     /// lost with another break.
     fn settle_cancelled(&mut self, cause: PagerError) -> PagerError {
+        // Before the state, the source may still be waiting for the
+        // acknowledgement: it gives up on a silent destination after twice
+        // the peer timeout and a second (see the sender's `await_resume`).
         let window = if self.session.got_state() {
             self.cfg.recover_timeout
         } else {
-            self.cfg.recover_timeout.min(2 * self.cfg.peer_timeout + Duration::from_secs(1))
+            self.cfg.recover_timeout.min(3 * self.cfg.peer_timeout + Duration::from_secs(1))
         };
         tracing::warn!(
             "link to the source lost before switchover ({}); waiting up to {window:?} to tell it the guest stays there",
             crate::error::error_chain(&cause)
         );
         let mut deadline = Instant::now() + window;
-        let mut answered = false;
-        while let Ok(mut conn) = self.listener.accept(deadline) {
+        while Instant::now() < deadline {
+            let mut conn = match self.listener.accept(deadline) {
+                Ok(c) => c,
+                Err(TransportError::Timeout { .. }) => break,
+                Err(e) => {
+                    // EMFILE, ECONNABORTED and the like: keep waiting.
+                    tracing::warn!("accepting a reconnection failed: {}", crate::error::error_chain(&e));
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
             let empty = || PageBitmap::new(0);
             match recover::resume_handshake(&mut *conn, &mut self.session, self.cfg, empty) {
                 Ok(ResumeState::NotSwitched) => {
                     tracing::warn!("the source reconnected and was told to keep the guest");
-                    if !answered {
-                        answered = true;
-                        deadline = deadline.min(Instant::now() + self.cfg.completion_grace());
-                    }
+                    // Keep answering for a grace, in case the answer was lost.
+                    deadline = Instant::now() + self.cfg.completion_grace();
                 }
                 Ok(state) => tracing::error!("resume answered {state:?} after a cancellation"),
                 Err(e) => tracing::warn!("refused a reconnecting connection: {}", crate::error::error_chain(&e)),
@@ -471,13 +481,22 @@ impl Run<'_> {
     }
 
     /// Every precopy round must be installed before the guest runs here.
-    fn wait_rounds(&self, bulk: &BulkLink, rounds: u32) -> Result<(), PagerError> {
-        let deadline = Instant::now() + self.cfg.peer_timeout;
+    /// The wait ends when the bulk link is silent for the peer timeout (not
+    /// after a fixed time: the last round may still be arriving), and keeps
+    /// the source, which waits for the acknowledgement, hearing from us.
+    fn wait_rounds(&mut self, bulk: &BulkLink, rounds: u32) -> Result<(), PagerError> {
+        let started = Instant::now();
+        let mut last_tx = Instant::now();
         // In slices, so that a receiver that failed is noticed.
-        while !self.shared.wait_rounds(rounds, deadline.min(Instant::now() + Duration::from_millis(20))) {
+        while !self.shared.wait_rounds(rounds, Instant::now() + Duration::from_millis(20)) {
             bulk.check()?;
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            if now.duration_since(bulk.last_rx().max(started)) > self.cfg.peer_timeout {
                 return Err(PagerError::Timeout { what: "the last precopy round", after: self.cfg.peer_timeout });
+            }
+            if now.duration_since(last_tx) >= self.cfg.keepalive {
+                ctl(&mut self.control)?.send(&Msg::KeepAlive)?;
+                last_tx = now;
             }
         }
         Ok(())

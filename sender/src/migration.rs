@@ -170,6 +170,10 @@ pub fn run<G: SourceGuest>(
                 }
             }
         }
+        // The destination reports an error before acknowledging: it never
+        // resumed the guest (it acknowledges before anything else can fail
+        // there, and its frames arrive in order), so the guest is ours again.
+        Err(e @ SenderError::Session(SessionError::Peer { .. })) => return Err(take_back(guest, e)),
         Err(e) => {
             report_error(&mut *link.control, &e);
             return Err(fail(FailPhase::InDoubt)(e));
@@ -183,6 +187,9 @@ pub fn run<G: SourceGuest>(
     // destination confirms every page; a broken link is reconnected.
     let after = || fail(FailPhase::AfterSwitchover);
     let mut state = settled.unwrap_or(ResumeState::Running);
+    // Once the destination said Complete, only the acknowledgement is left:
+    // one bound for all attempts to deliver it, not one per reconnection.
+    let mut ack_deadline: Option<Instant> = None;
     loop {
         let served = if state == ResumeState::Complete {
             // The destination holds every page and only waits for this.
@@ -197,6 +204,14 @@ pub fn run<G: SourceGuest>(
         if !(served.is_link_failure() && session.on_link_lost()) {
             report_error(&mut *link.control, &served);
             return Err(fail(FailPhase::AfterSwitchover)(served));
+        }
+        if session.completed() {
+            let grace = cfg.recover_timeout.min((2 * cfg.peer_timeout).max(Duration::from_secs(5)));
+            let d = *ack_deadline.get_or_insert_with(|| Instant::now() + grace);
+            if Instant::now() >= d {
+                tracing::warn!("every page is on the destination; its completion acknowledgement was not delivered");
+                break;
+            }
         }
         let r: Reattached = match reconnect(dial, &mut session, cfg, &metrics, &served) {
             Ok(r) => r,
@@ -374,17 +389,24 @@ fn send_switchover(
     Ok(())
 }
 
+/// Wait for the switchover acknowledgement. The destination keeps talking
+/// meanwhile (keep-alives while it waits for the last precopy round), so
+/// silence for twice the peer timeout and a second means a broken link,
+/// well before the overall limit; the destination lingers that long (and
+/// more) to answer a source that comes back in doubt.
 fn await_resume(
     control: &mut dyn Conn,
     session: &mut SourceSession,
     cfg: &SenderConfig,
 ) -> Result<ResumeTimes, SenderError> {
-    let deadline = Instant::now() + cfg.handshake_timeout;
+    let limit = Instant::now() + cfg.handshake_timeout;
+    let silence = 2 * cfg.peer_timeout + Duration::from_secs(1);
     loop {
+        let deadline = limit.min(Instant::now() + silence);
         let Some(msg) = control.recv(Wait::Until(deadline))? else {
             return Err(SenderError::Timeout {
                 what: "the destination to resume the guest",
-                after: cfg.handshake_timeout,
+                after: if Instant::now() >= limit { cfg.handshake_timeout } else { silence },
             });
         };
         match session.on_recv(&msg)? {
