@@ -405,6 +405,58 @@ fn a_bulk_link_lost_before_the_last_round_lands_cancels_and_the_source_takes_the
 }
 
 #[test]
+fn an_error_before_the_acknowledgement_gives_the_guest_back_to_the_source() {
+    // The destination refuses the switchover (a miscounted outstanding set)
+    // before resuming anything and says so; the source, reading an Error
+    // where the acknowledgement should be, resumes the guest itself.
+    let layout = MemLayout::single(PageSize::Size4K, 8 << 20).unwrap();
+    let w = Workload::boot(Arc::new(GuestMemory::new(layout).unwrap()), wcfg("uniform", 1)).unwrap();
+    let mut src_guest = WorkloadSource::new(w, Duration::from_secs(5));
+    let (src_ctl, dest_ctl) = pair(MemLink::default(), MemLink::default());
+    let (src_bulk, dest_bulk) = pair(MemLink::default(), MemLink::default());
+    let listener = listener_of(dest_bulk);
+    let (tx, rx) = mpsc::channel();
+    {
+        let listener = Arc::clone(&listener);
+        std::thread::spawn(move || {
+            let r = pager::run(
+                Box::new(dest_ctl),
+                &*listener,
+                |acc, cancel| {
+                    DestAny::new(
+                        acc.guest_kind,
+                        acc.layout.clone(),
+                        guest::Backing::Shmem,
+                        postcopy::adapters::Populate::Before,
+                        cancel,
+                    )
+                    .map_err(|e| pager::GuestError::Memory(Box::new(e)))
+                },
+                &PagerConfig::default(),
+                Arc::new(PagerMetrics::default()),
+            );
+            let _ = tx.send(r.map(|_| ()).map_err(|e| format!("{e:?}")));
+        });
+    }
+    let mut dial = dialer(src_bulk, Arc::clone(&listener));
+    let control: Box<dyn Conn> = Box::new(HideOutstanding(src_ctl, Lie::Miscount));
+    let f =
+        sender::run(control, &mut dial, &mut src_guest, &SenderConfig::default(), Arc::new(SenderMetrics::default()))
+            .expect_err("the switchover was refused");
+    assert_eq!(f.phase, FailPhase::BeforeSwitchover, "{f}");
+    let d = rx.recv_timeout(LIMIT).expect("destination hung").expect_err("the destination refused");
+    assert!(d.contains("outstanding pages") && d.contains("Count"), "{d}");
+    let w = src_guest.into_workload();
+    let a0 = w.stats().accesses;
+    let t0 = Instant::now();
+    while w.stats().accesses < a0 + 10_000 {
+        assert!(t0.elapsed() < Duration::from_secs(10), "guest not running on the source");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(w.stop().total.violations, 0);
+}
+
+#[test]
 fn disconnect_after_switchover_fails_both_sides_quickly() {
     // The control link dies after a few frames from the source: after the
     // switchover, during demand serving.
@@ -537,16 +589,29 @@ fn prefetch_and_regions_do_not_change_the_outcome() {
 /// it drops Outstanding frames and rewrites Switchover to name no page. A
 /// destination fooled this way keeps its stale precopy copies, and the guest
 /// must notice.
-struct HideOutstanding(transport::mem::MemConn);
+/// A source control connection that lies in its switchover: it hides the
+/// outstanding set (`Hide`), or miscounts it (`Miscount`, which the
+/// destination refuses before resuming anything).
+struct HideOutstanding(transport::mem::MemConn, Lie);
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lie {
+    Hide,
+    Miscount,
+}
 
 impl Conn for HideOutstanding {
     fn send(&mut self, msg: &proto::wire::Msg<'_>) -> Result<(), transport::TransportError> {
-        match msg {
-            proto::wire::Msg::Outstanding { .. } => Ok(()),
-            proto::wire::Msg::Switchover { precopy_rounds, .. } => {
-                self.0.send(&proto::wire::Msg::Switchover { n_outstanding: 0, precopy_rounds: *precopy_rounds })
+        use proto::wire::Msg;
+        match (msg, self.1) {
+            (Msg::Outstanding { .. }, Lie::Hide) => Ok(()),
+            (Msg::Switchover { precopy_rounds, .. }, Lie::Hide) => {
+                self.0.send(&Msg::Switchover { n_outstanding: 0, precopy_rounds: *precopy_rounds })
             }
-            m => self.0.send(m),
+            (Msg::Switchover { n_outstanding, precopy_rounds }, Lie::Miscount) => {
+                self.0.send(&Msg::Switchover { n_outstanding: n_outstanding + 1, precopy_rounds: *precopy_rounds })
+            }
+            (m, _) => self.0.send(m),
         }
     }
     fn send_pages(
@@ -632,7 +697,7 @@ fn hybrid(backing: guest::Backing, hide: bool) -> (GuestSummary, Arc<PagerMetric
             let _ = tx.send(r.map_err(|e| e.to_string()));
         });
     }
-    let control: Box<dyn Conn> = if hide { Box::new(HideOutstanding(src_ctl)) } else { Box::new(src_ctl) };
+    let control: Box<dyn Conn> = if hide { Box::new(HideOutstanding(src_ctl, Lie::Hide)) } else { Box::new(src_ctl) };
     let mut dial = dialer(src_bulk, Arc::clone(&listener));
     let scfg = SenderConfig {
         mode: proto::wire::Mode::Hybrid,
