@@ -4,9 +4,9 @@
 //! is prepared stops that work, and a migration that cannot fit on this host
 //! says so before allocating.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 mod common;
@@ -16,17 +16,7 @@ use proto::wire::{ErrorCode, GuestKind, Hello, MAC_LEN, Mode, Msg, VERSION, deco
 use proto::{GuestOffset, PageSize, RegionDesc};
 
 fn spawn_dest(extra: &[&str]) -> (Child, String) {
-    let mut child = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
-    (child, addr)
+    common::spawn_quiet_dest(extra)
 }
 
 fn hello(len_bytes: u64) -> Vec<u8> {

@@ -6,7 +6,6 @@
 //! out the recovery window and says what was lost; never a hang, never a
 //! silent exit 0.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -25,17 +24,7 @@ enum Victim {
 }
 
 fn spawn_dest() -> (Child, String) {
-    let mut child = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
-        .args(["--peer-timeout-ms", "1000", "--recover-timeout", "3", "--run-after-ms", "200"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
-    (child, addr)
+    common::spawn_quiet_dest(&["--peer-timeout-ms", "1000", "--recover-timeout", "3", "--run-after-ms", "200"])
 }
 
 /// Run a migration through a relay that freezes it at `rule`, kill the

@@ -6,7 +6,6 @@
 //! violations and every page verified, or (before switchover) with the
 //! guest running on, verified, on the source.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -35,18 +34,9 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 fn spawn_dest(report: &Path) -> (Child, String) {
-    let mut child = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
-        .args(["--peer-timeout-ms", "1000", "--recover-timeout", "30", "--run-after-ms", "300", "--report"])
-        .arg(report)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
-    (child, addr)
+    let report = report.to_str().expect("utf-8 path");
+    let timeouts = ["--peer-timeout-ms", "1000", "--recover-timeout", "30", "--run-after-ms", "300"];
+    common::spawn_quiet_dest(&[&timeouts[..], &["--report", report]].concat())
 }
 
 struct Run {

@@ -1,7 +1,8 @@
 //! Helpers shared by the end-to-end tests.
 #![allow(dead_code)]
 
-use std::process::{Command, Output, Stdio};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `postcopy` binary.
@@ -50,4 +51,20 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
         })
         .collect()
+}
+
+/// Start `postcopy dest` (quiet, announcing) on a free loopback port with
+/// `extra` options; returns it and the address it listens on.
+pub fn spawn_quiet_dest(extra: &[&str]) -> (Child, String) {
+    let mut child = bin()
+        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
+    (child, addr)
 }
