@@ -116,6 +116,14 @@ impl Relay {
         s.counts.iter().filter(|((d, t, _), _)| *d == (dir == Dir::ToDest) && *t == tag).map(|(_, n)| *n).sum()
     }
 
+    /// Every frame count so far, sorted: ((to the destination, tag, Pages
+    /// kind), frames). For messages from tests that say where a run stopped.
+    pub fn counts(&self) -> Vec<((bool, u8, u8), u64)> {
+        let mut v: Vec<_> = self.state.lock().counts.iter().map(|(k, n)| (*k, *n)).collect();
+        v.sort();
+        v
+    }
+
     /// How many rules fired.
     pub fn fired(&self) -> u64 {
         self.state.lock().fired

@@ -42,8 +42,27 @@ fn kill_at(mode: &str, rule: Rule, victim: Victim) -> (Output, Duration) {
         .spawn()
         .unwrap();
     let t0 = Instant::now();
+    let mut src = src;
+    let mut dest = dest;
     while relay.fired() == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(60), "{rule:?}: the migration never reached the phase");
+        // Either side ending first, or the phase never coming, fails at once
+        // and says what each side printed.
+        let ended = src.try_wait().unwrap().is_some() || dest.try_wait().unwrap().is_some();
+        if ended || t0.elapsed() > Duration::from_secs(60) {
+            let _ = src.kill();
+            let _ = dest.kill();
+            let s = src.wait_with_output().unwrap();
+            let d = dest.wait_with_output().unwrap();
+            panic!(
+                "{rule:?}: the migration never reached the phase (after {:?}, counts {:?})\nsource {}:\n{}\ndest {}:\n{}",
+                t0.elapsed(),
+                relay.counts(),
+                s.status,
+                String::from_utf8_lossy(&s.stderr),
+                d.status,
+                String::from_utf8_lossy(&d.stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
     let (mut dead, survivor) = match victim {

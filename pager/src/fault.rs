@@ -257,17 +257,23 @@ impl FaultLoop<'_> {
         match state {
             ResumeState::Running => {
                 let deadline = now + self.cfg.resume_step_timeout();
-                let bulk = recover::accept_bulk(self.listener, self.session.session(), &layout, self.cfg, deadline)
-                    .and_then(|(c, s)| {
-                        bulk::spawn(
-                            c,
-                            s,
-                            Arc::clone(self.inst),
-                            Arc::clone(self.shared),
-                            Arc::clone(self.metrics),
-                            self.nice,
-                        )
-                    });
+                let bulk = recover::accept_bulk(
+                    self.listener,
+                    self.session.session(),
+                    &layout,
+                    deadline,
+                    self.cfg.resume_step_timeout(),
+                )
+                .and_then(|(c, s)| {
+                    bulk::spawn(
+                        c,
+                        s,
+                        Arc::clone(self.inst),
+                        Arc::clone(self.shared),
+                        Arc::clone(self.metrics),
+                        self.nice,
+                    )
+                });
                 match bulk {
                     Ok(b) => self.bulk = Some(b),
                     Err(e) => {

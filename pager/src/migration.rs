@@ -333,7 +333,8 @@ impl Run<'_> {
     ) -> Result<(Box<dyn Conn>, proto::session::DestBulk), PagerError> {
         loop {
             let slice = deadline.min(Instant::now() + Duration::from_millis(50));
-            match recover::accept_bulk(self.listener, self.session.session(), layout, self.cfg, slice) {
+            match recover::accept_bulk(self.listener, self.session.session(), layout, slice, self.cfg.handshake_timeout)
+            {
                 Err(PagerError::Transport(TransportError::Timeout { .. })) if Instant::now() < deadline => {
                     if hung_up(ctl(&mut self.control)?.readiness(), PollTimeout::ZERO) {
                         return Err(PagerError::SourceGone("the destination waited for the bulk connection"));
