@@ -23,5 +23,6 @@ pub mod netlab;
 pub mod plot;
 pub mod relay;
 pub mod report;
+pub mod snapshot;
 pub mod soak;
 pub mod timeline;

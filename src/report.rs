@@ -91,6 +91,11 @@ pub struct PrecopyReport {
 pub struct PostcopyReport {
     /// Pages in the guest.
     pub pages_total: u64,
+    /// Pages the guest's owner dropped (a VMM's balloon: REMOVE events);
+    /// they read as zeros and are never sent.
+    pub pages_removed: u64,
+    /// Faults on dropped pages, answered with zeros without a request.
+    pub faults_zero: u64,
     /// Pages installed from the background push.
     pub pages_pushed: u64,
     /// Pages named in range requests.
@@ -323,6 +328,7 @@ pub fn guest_name(k: GuestKind) -> String {
     match k {
         GuestKind::Workload => "workload".into(),
         GuestKind::Vm => "vm".into(),
+        GuestKind::Snapshot => "snapshot".into(),
     }
 }
 
@@ -469,6 +475,8 @@ impl Report {
                 pages_mapped_local: pager::PagerMetrics::get(&metrics.pages_mapped_local),
                 local_fault_latency_us: latency_of(&pr.fault_latency_local).0,
                 faults_resolved_early: pager::PagerMetrics::get(&metrics.faults_resolved_early),
+                pages_removed: pager::PagerMetrics::get(&metrics.pages_removed),
+                faults_zero: pager::PagerMetrics::get(&metrics.faults_zero),
                 time_ms: ms(pr.postcopy_time),
                 push_time_ms: ns_ms(pr.source.push_ns),
                 push_gbps: gbps(pr.source.pages_pushed * layout.page_size().bytes(), pr.source.push_ns),

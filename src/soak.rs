@@ -362,6 +362,7 @@ fn run_round(
         let r = match &mut guest {
             SourceAny::Workload(g) => sender::run(Box::new(c), &mut dial, g, &scfg, Arc::clone(&sm)),
             SourceAny::Vm(g) => sender::run(Box::new(c), &mut dial, g, &scfg, Arc::clone(&sm)),
+            SourceAny::Snapshot(g) => sender::run(Box::new(c), &mut dial, g, &scfg, Arc::clone(&sm)),
         };
         r.map_err(|f| (f.phase, f)).map_err(|(phase, f)| anyhow::Error::new(f).context(format!("{phase:?}")))
     });

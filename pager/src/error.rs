@@ -20,7 +20,11 @@ pub enum PagerError {
     Session(#[from] SessionError),
     /// userfaultfd failed.
     #[error("userfaultfd failed")]
-    Uffd(#[from] UffdError),
+    Uffd(#[source] UffdError),
+    /// The process that owns guest memory (a VMM that handed over its
+    /// userfaultfd) exited: nothing is left to serve.
+    #[error("the guest's memory is gone: the process that owns it (the VMM) exited")]
+    GuestGone(#[source] UffdError),
     /// The guest failed.
     #[error("the guest failed")]
     Guest(#[source] GuestError),
@@ -78,7 +82,23 @@ pub enum PagerError {
     },
 }
 
+impl From<UffdError> for PagerError {
+    fn from(e: UffdError) -> Self {
+        if e.owner_gone() { PagerError::GuestGone(e) } else { PagerError::Uffd(e) }
+    }
+}
+
 impl PagerError {
+    /// Whether the guest's owner exited (see [`PagerError::GuestGone`]):
+    /// the session ends, and that is nobody's failure here.
+    pub fn guest_gone(&self) -> bool {
+        match self {
+            PagerError::GuestGone(_) => true,
+            PagerError::Bulk(inner) | PagerError::Cancelled(inner) => inner.guest_gone(),
+            _ => false,
+        }
+    }
+
     /// The code the source is told.
     pub(crate) fn code(&self) -> ErrorCode {
         match self {

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use proto::session::{DestEvent, DestSession, SessionError};
 use proto::wire::{self, MAX_REQUEST_RANGES, Msg, PageKind, ResumeState, SourceStats};
-use proto::{PageBitmap, PageIdx, PageRange};
+use proto::{PageBitmap, PageIdx, PageRange, ViewAddr};
 use transport::{Conn, Listener, TransportError, Wait};
 
 use crate::bulk::{self, BulkHandle};
@@ -341,14 +341,32 @@ impl FaultLoop<'_> {
     fn handle_faults(&mut self, st: &mut LoopState) -> Result<(), PagerError> {
         st.faults.clear();
         st.other.clear();
-        self.inst.uffd().read_events(&mut st.msg_buf, &mut st.faults, &mut st.other)?;
+        {
+            // Events are read and acted on before any installer copies again
+            // (see `Installer::events_gate`).
+            let _gate = self.inst.events_gate();
+            self.inst.uffd().read_events(&mut st.msg_buf, &mut st.faults, &mut st.other)?;
+            for e in &st.other {
+                match e.0 {
+                    // A balloon's MADV_DONTNEED (or an unmapped range, which
+                    // faults no more): those pages read as zeros and the
+                    // source's copies of them are never installed.
+                    ::uffd::Event::Remove { start, end } | ::uffd::Event::Unmap { start, end } => {
+                        let (start, end) =
+                            (usize::try_from(start).unwrap_or(usize::MAX), usize::try_from(end).unwrap_or(usize::MAX));
+                        self.inst.remove(ViewAddr(start), ViewAddr(end))?;
+                    }
+                    _ => {}
+                }
+            }
+        }
         if !st.other.is_empty() {
             // Read and reported, never dropped. This engine enables none of
             // them; a handed-over descriptor may (a balloon's REMOVE).
             let seen = PagerMetrics::get(&self.metrics.events_other);
             PagerMetrics::add(&self.metrics.events_other, st.other.len() as u64);
             if seen < 10 {
-                tracing::warn!("userfaultfd events other than faults: {:?}", st.other);
+                tracing::info!("userfaultfd events other than faults: {:?}", st.other);
             }
         }
         if st.faults.is_empty() {
@@ -361,6 +379,11 @@ impl FaultLoop<'_> {
             let Some(page) = self.inst.map().page_of(f.addr) else {
                 return Err(PagerError::StrayFault(f.addr.0));
             };
+            if self.inst.is_removed(page) {
+                // Dropped by the guest's owner: it reads as zeros.
+                self.inst.zero_fault(page)?;
+                continue;
+            }
             let local = self.inst.is_held(page);
             self.inst.add_pending(PendingFault { page, t_read, tid: f.tid, local });
             if local {

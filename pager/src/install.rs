@@ -36,7 +36,7 @@
 use std::sync::atomic::{AtomicBool, Ordering, fence};
 use std::time::Instant;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use proto::session::DestBulk;
 use proto::wire::PageKind;
 use proto::{AtomicPageBitmap, HostAddr, MemLayout, PageIdx, PageRange, ViewAddr};
@@ -123,6 +123,23 @@ impl<A: MapAddr> GuestMap<A> {
         A::at(self.bases[i].raw() + usize::try_from(within << self.layout.page_size().shift()).expect("mapped"))
     }
 
+    /// The page runs (one per region touched) that lie wholly inside the
+    /// address range `[start, end)`.
+    pub fn pages_within(&self, start: A, end: A) -> Vec<PageRange> {
+        let ps = self.layout.page_size().bytes();
+        let mut out = Vec::new();
+        for (i, (b, r)) in self.bases.iter().zip(self.layout.regions()).enumerate() {
+            let lo = (start.raw().max(b.raw()) - b.raw()) as u64;
+            let hi = (end.raw().min(b.raw().saturating_add(usize::try_from(r.len_bytes).expect("mapped")))) as u64;
+            let hi = hi.saturating_sub(b.raw() as u64);
+            let (first, last) = (lo.div_ceil(ps), hi / ps);
+            if end.raw() > b.raw() && last > first {
+                out.push(PageRange::new(PageIdx(self.layout.region_pages(i).first.0 + first), last - first));
+            }
+        }
+        out
+    }
+
     /// Page holding address `addr`, if it is guest memory.
     #[inline]
     pub fn page_of(&self, addr: A) -> Option<PageIdx> {
@@ -161,6 +178,17 @@ pub struct Installer {
     held: AtomicPageBitmap,
     waiting: AtomicPageBitmap,
     pending: Mutex<Vec<PendingFault>>,
+    /// Pages the guest's owner dropped (a balloon's MADV_DONTNEED, reported
+    /// as REMOVE on a handed-over descriptor): they count as present, are
+    /// never written from the source again, and fault back in as zeros.
+    removed: AtomicPageBitmap,
+    /// With a handed-over descriptor (REMOVE events possible): installers
+    /// hold it shared around each check-then-copy, the fault thread
+    /// exclusively around reading events and marking removed pages. Without
+    /// it, a copy landing between the REMOVE being read (the kernel then
+    /// zaps the range) and the pages being marked would put source content
+    /// where the guest must read zeros.
+    gate: Option<RwLock<()>>,
     metrics: std::sync::Arc<PagerMetrics>,
 }
 
@@ -206,7 +234,65 @@ impl Installer {
             held: AtomicPageBitmap::new(n),
             waiting: AtomicPageBitmap::new(n),
             pending: Mutex::new(Vec::new()),
+            removed: AtomicPageBitmap::new(n),
+            gate: (!view_is_local).then(|| RwLock::new(())),
             metrics,
+        }
+    }
+
+    /// Hold while reading userfaultfd events and acting on REMOVE ones (see
+    /// `gate`); `None` when no REMOVE can come (the engine's own descriptor).
+    pub fn events_gate(&self) -> Option<RwLockWriteGuard<'_, ()>> {
+        self.gate.as_ref().map(|g| g.write())
+    }
+
+    /// The guest's owner dropped `[start, end)` (a REMOVE event, read under
+    /// [`Installer::events_gate`]): its pages read as zeros from now on and
+    /// are never written from the source. Returns the pages marked.
+    pub fn remove(&self, start: ViewAddr, end: ViewAddr) -> Result<u64, UffdError> {
+        let mut marked = 0;
+        for r in self.map.pages_within(start, end) {
+            marked += r.n_pages;
+            self.removed.set_range(r);
+            let newly = self.present.set_range(r);
+            PagerMetrics::add(&self.metrics.pages_present, newly);
+            PagerMetrics::add(&self.metrics.pages_removed, r.n_pages);
+            fence(Ordering::SeqCst);
+            if self.waiting.any_in(r) {
+                // Their threads fault again and are answered with zeros.
+                let ps = self.map.layout().page_size().bytes_usize();
+                self.uffd.wake(self.map.addr(r.first), usize::try_from(r.n_pages).expect("mapped") * ps)?;
+                self.complete_waiting(r);
+            }
+        }
+        Ok(marked)
+    }
+
+    /// Whether the guest's owner dropped `page` (it reads as zeros).
+    pub fn is_removed(&self, page: PageIdx) -> bool {
+        self.removed.get(page)
+    }
+
+    /// Answer a fault on a removed page with a zero page. A retry the kernel
+    /// asks for (the range is changing again) wakes the thread, which faults
+    /// anew.
+    pub fn zero_fault(&self, page: PageIdx) -> Result<(), UffdError> {
+        let ps = self.map.layout().page_size().bytes_usize();
+        let dst = self.map.addr(page);
+        PagerMetrics::add(&self.metrics.faults_zero, 1);
+        let outcome = if ps == 4096 {
+            // SAFETY: `dst` is one page of registered guest memory (the
+            // DestGuest contract keeps it mapped).
+            unsafe { self.uffd.zeropage(dst, ps) }?
+        } else {
+            // Huge pages have no UFFDIO_ZEROPAGE: copy zeros.
+            let zeros = vec![0u8; ps];
+            // SAFETY: as above; `zeros` is readable for `ps` bytes.
+            unsafe { self.uffd.copy(dst, zeros.as_ptr(), ps, true) }?
+        };
+        match outcome {
+            CopyOutcome::Done => Ok(()),
+            CopyOutcome::Exists { .. } | CopyOutcome::Again { .. } => self.uffd.wake(dst, ps),
         }
     }
 
@@ -384,6 +470,7 @@ impl Installer {
             let mut retries = 0;
             while at < end {
                 let off = usize::try_from(at - run.first.0).expect("within run") * ps;
+                let guard = self.gate.as_ref().map(|g| g.read());
                 if self.present.get(PageIdx(at)) {
                     if precopy {
                         // A page sent again by a later precopy round: the
@@ -418,10 +505,17 @@ impl Installer {
                 // the DestGuest contract keeps mapped and registered with this
                 // uffd; the source bytes are `data[off..off + len]`.
                 let outcome = unsafe { self.uffd.copy(dst, data[off..off + len].as_ptr(), len, true) }?;
+                let again = matches!(outcome, CopyOutcome::Again { .. });
                 let (copied, skip) = self.settle(outcome, "UFFDIO_COPY", dst, len, &mut retries)?;
                 let copied_pages = (copied / ps) as u64;
                 if copied_pages > 0 {
                     newly += self.present.set_range(PageRange::new(PageIdx(at), copied_pages));
+                }
+                drop(guard);
+                if again && self.gate.is_some() {
+                    // The range is changing (a REMOVE not yet read): let the
+                    // fault thread read it, then look again.
+                    std::thread::sleep(std::time::Duration::from_micros(50));
                 }
                 if skip > 0 {
                     // Installed by the other thread, which sets the bit itself.

@@ -31,6 +31,7 @@ pub mod planner;
 mod recover;
 mod shared;
 mod uffd;
+pub mod vmm;
 
 pub use config::{PagerConfig, default_nice};
 pub use error::PagerError;

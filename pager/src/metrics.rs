@@ -56,6 +56,10 @@ pub struct PagerMetrics {
     /// Other userfaultfd events read (REMOVE, UNMAP, REMAP, FORK): none is
     /// enabled on a descriptor the engine creates.
     pub events_other: AtomicU64,
+    /// Pages the guest's owner dropped (REMOVE events: a balloon).
+    pub pages_removed: AtomicU64,
+    /// Faults on dropped pages, answered with zeros.
+    pub faults_zero: AtomicU64,
     /// Fault events whose page was already installed when read.
     pub faults_resolved_early: AtomicU64,
     /// RangeRequest frames sent.

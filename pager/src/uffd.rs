@@ -271,6 +271,34 @@ impl Userfault {
     }
 }
 
+impl Userfault {
+    /// Map the zero page at `[dst, dst + len)` (anonymous memory registered
+    /// for missing faults) and wake waiters: what a page dropped by the
+    /// guest's own MADV_DONTNEED must read as.
+    ///
+    /// # Safety
+    /// `[dst, dst + len)` must be page-aligned, inside a range registered with
+    /// this userfaultfd and owned by the caller's guest.
+    pub unsafe fn zeropage(&self, dst: ViewAddr, len: usize) -> Result<CopyOutcome, UffdError> {
+        let mut z = ::uffd::UffdioZeropage { start: dst.0 as u64, len: len as u64, mode: 0, zeropage: 0 };
+        // SAFETY: live fd, valid struct, caller-guaranteed range.
+        match unsafe { ::uffd::ioctl_zeropage(self.uffd.as_raw_fd(), &raw mut z) } {
+            Ok(_) => Ok(CopyOutcome::Done),
+            Err(e) => classify(z.zeropage, e, "UFFDIO_ZEROPAGE", dst, len),
+        }
+    }
+}
+
+impl UffdError {
+    /// Whether the memory's owner is gone: the process that created the
+    /// descriptor exited (the kernel answers ESRCH once its address space is
+    /// torn down). A VMM that exits ends its session; this is not a fault
+    /// of ours or of the source's.
+    pub fn owner_gone(&self) -> bool {
+        matches!(self, UffdError::Install { source: Errno::ESRCH, .. })
+    }
+}
+
 impl AsFd for Userfault {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.uffd.as_fd()

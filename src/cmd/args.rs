@@ -212,6 +212,17 @@ pub struct DestArgs {
     /// File holding a pre-shared key the source must prove it has.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
+    /// Serve a VMM's guest memory instead of a guest of our own: listen on
+    /// this Unix socket for Firecracker's page-fault handler handshake (the
+    /// regions as JSON, the VMM's userfaultfd attached); the source must
+    /// serve the VMM's snapshot memory (`source --memory-file`).
+    #[arg(long)]
+    pub vmm_uffd_socket: Option<PathBuf>,
+    /// What to do with the VMM when its memory cannot be served (the source
+    /// is gone for good): kill it (its vCPUs would otherwise wait forever),
+    /// or leave it.
+    #[arg(long, value_enum, default_value = "kill", requires = "vmm_uffd_socket")]
+    pub vmm_on_failure: VmmOnFailure,
     /// The destination's own options (also taken by `migrate`).
     #[command(flatten)]
     pub opts: DestOpts,
@@ -247,6 +258,15 @@ pub struct DestArgs {
     /// The destination's time series.
     #[command(flatten)]
     pub timeline: TimelineOpts,
+}
+
+/// What `dest --vmm-uffd-socket` does with a VMM it cannot serve.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmOnFailure {
+    /// SIGKILL it, through a pidfd taken at the handshake.
+    Kill,
+    /// Leave it (its faulting vCPUs wait until someone ends it).
+    Leave,
 }
 
 /// What the destination's memory is and how much it accepts (`dest`, and
@@ -286,6 +306,18 @@ pub struct SourceArgs {
     /// Where to reconnect after a broken link (default: --connect).
     #[arg(long)]
     pub recover_addr: Option<String>,
+    /// Serve pages from this snapshot memory file (a Firecracker full
+    /// snapshot's memory file) instead of a running guest; pure post-copy,
+    /// to a `dest --vmm-uffd-socket`.
+    #[arg(long)]
+    pub memory_file: Option<PathBuf>,
+    /// The memory file's regions, OFFSET:SIZE[,OFFSET:SIZE...] (default: one
+    /// region over the whole file).
+    #[arg(long, requires = "memory_file")]
+    pub file_regions: Option<String>,
+    /// Page size of the memory file's guest: 4K, or 2M (hugetlbfs).
+    #[arg(long, default_value = "4K", requires = "memory_file")]
+    pub file_page_size: String,
     /// Guest options.
     #[command(flatten)]
     pub guest: GuestOpts,

@@ -1,19 +1,23 @@
 //! `postcopy dest`: listen, receive the guest, serve its faults, verify it.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use guest::parse_size;
+use pager::vmm::{VmmGuest, VmmListener, VmmPeer};
 use pager::{PagerConfig, PagerMetrics};
 use proto::session::DestExpect;
+use proto::wire::{GuestKind, Mode};
 use transport::tcp::{TcpListen, TcpOptions};
 
-use super::args::{DestArgs, PopulateArg, prefetch_of, read_key};
+use super::args::{DestArgs, PopulateArg, VmmOnFailure, prefetch_of, read_key};
 use super::migrate::die_with_parent;
 use super::progress::{Progress, progress_lines};
-use crate::adapters::{DestAny, Populate};
+use crate::adapters::{DestAny, GuestSummary, Populate};
 use crate::report::{Report, ms, summary};
 
 /// Run the destination. Returns the process exit code.
@@ -25,6 +29,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
     let max_mem = args.opts.max_mem.as_deref().map(parse_size).transpose().map_err(|e| anyhow!("--max-mem: {e}"))?;
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
+    let vmm = args.vmm_uffd_socket.as_deref().map(VmmListener::bind).transpose()?;
     let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
         .with_context(|| format!("listening on {}", args.listen))?;
     if args.announce {
@@ -70,19 +75,59 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         PopulateArg::Before => Populate::Before,
         PopulateArg::Background => Populate::Background,
     };
-    let outcome = pager::run(
-        Box::new(control),
-        &listener,
-        |acc, cancel| {
-            DestAny::new(acc.guest_kind, acc.layout.clone(), args.opts.memory.backing(), populate, cancel)
-                .map_err(|e| pager::GuestError::Memory(Box::new(e)))
-        },
-        &cfg,
-        Arc::clone(&metrics),
-    );
+    // A VMM's peer pidfd, kept out here to end it if its memory cannot be served.
+    let vmm_peer: RefCell<Option<(VmmPeer, Option<OwnedFd>)>> = RefCell::new(None);
+    let outcome = match &vmm {
+        None => pager::run(
+            Box::new(control),
+            &listener,
+            |acc, cancel| {
+                if acc.guest_kind == GuestKind::Snapshot {
+                    return Err(pager::GuestError::Memory(
+                        "the source serves a VMM's snapshot memory: run the destination with --vmm-uffd-socket".into(),
+                    ));
+                }
+                DestAny::new(acc.guest_kind, acc.layout.clone(), args.opts.memory.backing(), populate, cancel)
+                    .map_err(|e| pager::GuestError::Memory(Box::new(e)))
+            },
+            &cfg,
+            Arc::clone(&metrics),
+        )
+        .map(Served::Own),
+        Some(v) => pager::run(
+            Box::new(control),
+            &listener,
+            |acc, cancel| {
+                let memory = |e: Box<dyn std::error::Error + Send + Sync>| pager::GuestError::Memory(e);
+                if acc.guest_kind != GuestKind::Snapshot || acc.mode != Mode::Postcopy {
+                    return Err(memory(
+                        "a VMM restores its own vCPUs from its snapshot: the source must serve its memory file \
+                         (source --memory-file, pure post-copy)"
+                            .into(),
+                    ));
+                }
+                let hs =
+                    v.accept(Duration::from_secs(args.accept_timeout_s), cancel).map_err(|e| memory(Box::new(e)))?;
+                let pidfd = hs.pidfd.as_ref().and_then(|p| p.try_clone().ok());
+                *vmm_peer.borrow_mut() = Some((hs.peer, pidfd));
+                if !args.quiet {
+                    eprintln!(
+                        "postcopy dest: VMM pid {} (uid {}) connected with {} regions",
+                        hs.peer.pid,
+                        hs.peer.uid,
+                        hs.regions.len()
+                    );
+                }
+                VmmGuest::new(hs, &acc.layout).map_err(|e| memory(Box::new(e)))
+            },
+            &cfg,
+            Arc::clone(&metrics),
+        )
+        .map(Served::Vmm),
+    };
     drop(progress);
-    let (timeline, tick) = sampler.finish(outcome.as_ref().ok().map(|o| o.report.resumed));
-    let page_size = outcome.as_ref().map_or(4096, |o| o.report.accepted.layout.page_size().bytes());
+    let (timeline, tick) = sampler.finish(outcome.as_ref().ok().map(|o| o.report().resumed));
+    let page_size = outcome.as_ref().map_or(4096, |o| o.report().accepted.layout.page_size().bytes());
     if let Some(p) = &args.timeline.timeline_csv
         && let Err(e) = crate::timeline::write_csv(p, &timeline, page_size)
     {
@@ -91,9 +136,43 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     }
     let outcome = match outcome {
         Ok(o) => o,
+        Err(e) if e.guest_gone() => {
+            // The VMM ended (its microVM shut down, or it crashed): nothing
+            // is left to serve, and that is not this session's failure.
+            let pid = vmm_peer.borrow().as_ref().map_or(0, |(p, _)| p.pid);
+            eprintln!(
+                "postcopy dest: the VMM (pid {pid}) exited with {} of {} pages present: session ended",
+                PagerMetrics::get(&metrics.pages_present),
+                PagerMetrics::get(&metrics.pages_total)
+            );
+            if let Some(p) = &args.report {
+                let r = Report {
+                    status: "vmm-exited".into(),
+                    side: "destination".into(),
+                    timeline_tick_ms: ms(tick),
+                    timeline,
+                    ..Default::default()
+                };
+                r.write(p)?;
+            }
+            return Ok(0);
+        }
         Err(e) => {
             let msg = format!("{:#}", anyhow::Error::new(e));
             eprintln!("postcopy dest: error: {msg}");
+            if let Some((peer, Some(pidfd))) = vmm_peer.borrow().as_ref() {
+                if args.vmm_on_failure == VmmOnFailure::Kill && pager::vmm::kill(pidfd) {
+                    eprintln!(
+                        "postcopy dest: killed the VMM (pid {}): its vCPUs would wait forever on memory that cannot arrive",
+                        peer.pid
+                    );
+                } else {
+                    eprintln!(
+                        "postcopy dest: the VMM (pid {}) was left running; its vCPUs wait on missing memory",
+                        peer.pid
+                    );
+                }
+            }
             if let Some(p) = &args.report {
                 let r = Report {
                     status: "failed".into(),
@@ -108,13 +187,30 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             return Ok(1);
         }
     };
-    let pr = &outcome.report;
-    let kind = outcome.guest.kind();
-    // The guest runs on with all memory local; then stop it and check every page.
-    std::thread::sleep(Duration::from_millis(args.run_after_ms));
-    let vcpu_failure = outcome.guest.error();
-    let g = outcome.guest.finish();
+    let (pr, g, kind, vcpu_failure) = match outcome {
+        Served::Own(o) => {
+            let kind = o.guest.kind();
+            // The guest runs on with all memory local; then stop it and check every page.
+            std::thread::sleep(Duration::from_millis(args.run_after_ms));
+            let vcpu_failure = o.guest.error();
+            (o.report, o.guest.finish(), kind, vcpu_failure)
+        }
+        // The VMM runs its guest on; judging it is the VMM's business.
+        Served::Vmm(o) => {
+            let g = GuestSummary {
+                pattern: format!("vmm pid {}", o.guest.peer.pid),
+                verify_ok: true,
+                ..GuestSummary::default()
+            };
+            (o.report, g, GuestKind::Snapshot, None)
+        }
+    };
+    let pr = &pr;
     let mut report = Report::destination(pr, &metrics, &g, kind, vcpu_failure);
+    if kind == GuestKind::Snapshot {
+        // A VMM's vCPUs are not ours to watch: it judges its own guest.
+        report.guest.heartbeats_ok = true;
+    }
     report.timeline_tick_ms = ms(tick);
     report.timeline = timeline;
     if report.error.is_some() {
@@ -127,4 +223,21 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         eprintln!("{}", summary(&report));
     }
     Ok(if report.clean() { 0 } else { 2 })
+}
+
+/// What the pager served: a guest of ours, or a VMM's (one value per run:
+/// its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Served {
+    Own(pager::Outcome<DestAny>),
+    Vmm(pager::Outcome<VmmGuest>),
+}
+
+impl Served {
+    fn report(&self) -> &pager::PagerReport {
+        match self {
+            Served::Own(o) => &o.report,
+            Served::Vmm(o) => &o.report,
+        }
+    }
 }

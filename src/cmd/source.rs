@@ -4,10 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use guest::{GuestMemory, Workload};
 use pager::PrefetchMode;
-use proto::wire::GuestKind;
 use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
 use transport::tcp::{TcpConn, TcpOptions};
@@ -25,15 +24,29 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     if args.child {
         die_with_parent();
     }
+    if let Some(path) = &args.memory_file {
+        if args.migration.mode.mode() != proto::wire::Mode::Postcopy {
+            bail!("--memory-file serves a snapshot that does not change: only --mode postcopy applies");
+        }
+        let ps = match args.file_page_size.to_ascii_uppercase().as_str() {
+            "4K" | "4096" => proto::PageSize::Size4K,
+            "2M" | "2097152" => proto::PageSize::Size2M,
+            other => bail!("--file-page-size must be 4K or 2M, not {other:?}"),
+        };
+        let regions = args.file_regions.as_deref().map(crate::snapshot::parse_regions).transpose()?;
+        let snap = crate::snapshot::SnapshotSource::open(path, ps, regions.as_deref())?;
+        let layout = sender::SourceGuest::layout(&snap).clone();
+        return migrate_guest(args, SourceAny::Snapshot(snap), layout);
+    }
     let layout = args.guest.layout()?;
     args.guest.check()?;
     crate::host::check_room(layout.len_bytes(), "the source's guest")?;
-    let key = read_key(&args.migration.key_file)?;
-    let prefetch = prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
-    let peer_timeout = Duration::from_millis(args.migration.peer_timeout_ms.max(100));
+    // Bad options fail before the guest boots.
+    read_key(&args.migration.key_file)?;
+    prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
+    args.migration.push_rate()?;
     let pause_timeout = Duration::from_secs(5);
-    let push_rate = args.migration.push_rate()?;
-    let mut guest = match args.guest.guest {
+    let guest = match args.guest.guest {
         GuestArg::Workload => {
             let mem = Arc::new(GuestMemory::new(layout.clone())?);
             let w = Workload::boot(mem, args.guest.workload()?)?;
@@ -45,6 +58,15 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         ),
     };
     std::thread::sleep(Duration::from_millis(args.run_before_ms));
+    migrate_guest(args, guest, layout)
+}
+
+/// Migrate `guest` (over `layout`) to the destination and report.
+fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayout) -> Result<i32> {
+    let key = read_key(&args.migration.key_file)?;
+    let prefetch = prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;
+    let peer_timeout = Duration::from_millis(args.migration.peer_timeout_ms.max(100));
+    let push_rate = args.migration.push_rate()?;
     let cfg = SenderConfig {
         mode: args.migration.mode.mode(),
         key,
@@ -63,10 +85,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     let base = Report {
         side: "source".into(),
         mode: mode_name(cfg.mode),
-        guest_kind: guest_name(match args.guest.guest {
-            GuestArg::Workload => GuestKind::Workload,
-            GuestArg::Vm => GuestKind::Vm,
-        }),
+        guest_kind: guest_name(guest.kind()),
         mem_bytes: layout.len_bytes(),
         page_size: layout.page_size().bytes(),
         regions: layout.regions().len(),
@@ -102,6 +121,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
             let r = match &mut guest {
                 SourceAny::Workload(g) => sender::run(Box::new(control), &mut dial, g, &cfg, Arc::clone(&metrics)),
                 SourceAny::Vm(g) => sender::run(Box::new(control), &mut dial, g, &cfg, Arc::clone(&metrics)),
+                SourceAny::Snapshot(g) => sender::run(Box::new(control), &mut dial, g, &cfg, Arc::clone(&metrics)),
             };
             r.map_err(|f| (f.phase, anyhow::Error::new(f)))
         }

@@ -47,7 +47,29 @@ pub struct UffdioContinue {
 }
 const _: () = assert!(std::mem::size_of::<UffdioContinue>() == 32);
 
+/// Kernel ABI: `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct UffdioZeropage {
+    /// Start (in a range registered for missing faults, anonymous memory).
+    pub start: u64,
+    /// Bytes.
+    pub len: u64,
+    /// Mode bits (DONTWAKE = 1).
+    pub mode: u64,
+    /// Bytes mapped, or a negative errno.
+    pub zeropage: i64,
+}
+const _: () = assert!(std::mem::size_of::<UffdioZeropage>() == 32);
+
 const UFFDIO: u8 = 0xAA;
+nix::ioctl_readwrite!(
+    /// UFFDIO_ZEROPAGE.
+    ioctl_zeropage,
+    UFFDIO,
+    0x04,
+    UffdioZeropage
+);
 nix::ioctl_readwrite!(
     /// UFFDIO_COPY.
     ioctl_copy,

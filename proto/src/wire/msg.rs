@@ -13,6 +13,11 @@ pub enum GuestKind {
     Workload = 1,
     /// A KVM virtual machine.
     Vm = 2,
+    /// A VMM's snapshot memory file (`source --memory-file`): regions'
+    /// guest offsets are their places in the file, the guest state is
+    /// empty, and the destination serves a VMM that restores its own vCPUs
+    /// (`dest --vmm-uffd-socket`).
+    Snapshot = 3,
 }
 
 impl GuestKind {
@@ -20,6 +25,7 @@ impl GuestKind {
         match v {
             1 => Some(GuestKind::Workload),
             2 => Some(GuestKind::Vm),
+            3 => Some(GuestKind::Snapshot),
             _ => None,
         }
     }

@@ -1,0 +1,262 @@
+//! A VMM client of `dest --vmm-uffd-socket`, written from Firecracker's
+//! description of its page-fault handler protocol
+//! (`docs/snapshotting/handling-page-faults-on-snapshot-resume.md`), not
+//! from our handler: the "VMM" (this test process, or a child of it)
+//! creates the userfaultfd itself, registers anonymous memory for MISSING
+//! faults with UFFD_EVENT_REMOVE enabled, connects to the handler's Unix
+//! socket and sends one message: a JSON array of `{base_host_virt_addr,
+//! size, offset, page_size}` with the descriptor as SCM_RIGHTS. The source
+//! serves a snapshot memory file (`source --memory-file`), and every byte
+//! the VMM reads is checked against that file.
+#![allow(unsafe_code, clippy::cast_possible_truncation)]
+
+use std::io::{BufRead, BufReader, IoSlice};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+use userfaultfd::{FeatureFlags, Uffd, UffdBuilder};
+
+mod common;
+
+use common::{bin, wait_limited};
+
+const PAGE: usize = 4096;
+const MB: usize = 1 << 20;
+
+/// Migrations use both cores: one at a time.
+static SERIAL: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("postcopy-vmm-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A memory file of `len` bytes: every page different (its index and a
+/// pattern), except a stretch of zero pages and a hole, as snapshots have.
+fn write_memory_file(path: &Path, len: usize) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    for (i, page) in data.chunks_mut(PAGE).enumerate() {
+        if (100..164).contains(&i) || (300..400).contains(&i) {
+            continue; // zero pages, and (below) a hole
+        }
+        for (j, b) in page.iter_mut().enumerate() {
+            *b = (i.wrapping_mul(31) ^ j.wrapping_mul(7) ^ 0x5a) as u8;
+        }
+        page[..8].copy_from_slice(&(i as u64).to_le_bytes());
+    }
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(len as u64).unwrap();
+    use std::os::unix::fs::FileExt;
+    for (i, page) in data.chunks(PAGE).enumerate() {
+        if !(300..400).contains(&i) {
+            f.write_all_at(page, (i * PAGE) as u64).unwrap();
+        }
+    }
+    data
+}
+
+fn spawn_dest(sock: &Path, extra: &[&str]) -> (Child, String) {
+    let mut child = bin()
+        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
+        .arg("--vmm-uffd-socket")
+        .arg(sock)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
+    (child, addr)
+}
+
+fn spawn_source(addr: &str, file: &Path, extra: &[&str]) -> Child {
+    bin()
+        .args(["source", "--connect", addr, "--memory-file"])
+        .arg(file)
+        .args(["--peer-timeout-ms", "1000"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// The VMM's guest memory: anonymous regions registered with its own
+/// userfaultfd, as Firecracker sets them up for a UFFD memory backend.
+struct VmmMemory {
+    regions: Vec<(MmapMut, u64)>,
+    uffd: Uffd,
+}
+
+impl VmmMemory {
+    /// Regions of `sizes` bytes at file offsets `offsets`.
+    fn new(layout: &[(u64, usize)]) -> VmmMemory {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(true)
+            .require_features(FeatureFlags::EVENT_REMOVE)
+            .create()
+            .expect("creating a userfaultfd");
+        let regions: Vec<(MmapMut, u64)> =
+            layout.iter().map(|&(off, size)| (MmapMut::map_anon(size).unwrap(), off)).collect();
+        for (m, _) in &regions {
+            uffd.register(m.as_ptr() as *mut _, m.len()).expect("registering guest memory");
+        }
+        VmmMemory { regions, uffd }
+    }
+
+    fn json(&self, page_size: usize) -> String {
+        let parts: Vec<String> = self
+            .regions
+            .iter()
+            .map(|(m, off)| {
+                format!(
+                    r#"{{"base_host_virt_addr":{},"size":{},"offset":{off},"page_size":{page_size}}}"#,
+                    m.as_ptr() as usize,
+                    m.len()
+                )
+            })
+            .collect();
+        format!("[{}]", parts.join(","))
+    }
+
+    /// The handshake: connect, send the JSON with the descriptor attached.
+    fn hand_over(&self, sock: &Path, json: &str, with_fd: bool) {
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "connecting to {}: {e}", sock.display());
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        let fds = [self.uffd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let iov = [IoSlice::new(json.as_bytes())];
+        let n = sendmsg::<()>(s.as_raw_fd(), &iov, if with_fd { &cmsg } else { &[] }, MsgFlags::empty(), None)
+            .expect("sending the handshake");
+        assert_eq!(n, json.len());
+        // The VMM keeps its descriptor and drops the socket, as Firecracker does.
+    }
+
+    /// Stop the userfaultfd from blocking readers (missing pages then read
+    /// as zeros), so a final check can never hang on a page never served.
+    fn unregister(&self) {
+        for (m, _) in &self.regions {
+            let _ = self.uffd.unregister(m.as_ptr() as *mut _, m.len());
+        }
+    }
+}
+
+fn page_of(m: &MmapMut, i: usize) -> &[u8] {
+    // Volatile-free plain reads: each first touch of a page faults and
+    // blocks until the handler installs it.
+    &m[i * PAGE..(i + 1) * PAGE]
+}
+
+/// Where the expected bytes of region page `i` start in the file.
+fn file_page(file: &[u8], off: u64, i: usize) -> &[u8] {
+    let at = off as usize + i * PAGE;
+    &file[at..at + PAGE]
+}
+
+#[test]
+fn a_vmm_restores_lazily_from_a_remote_memory_file_and_a_balloon_reads_zeros() {
+    let _g = SERIAL.lock();
+    let d = scratch("restore");
+    let (file_path, sock, report) = (d.join("mem"), d.join("uffd.sock"), d.join("dest.json"));
+    let file = write_memory_file(&file_path, 24 * MB);
+    let (dest, addr) = spawn_dest(&sock, &["--report", report.to_str().unwrap()]);
+    // Two regions, announced in the other order than the file holds them.
+    // A paced push (about a second) keeps the session open while the balloon
+    // inflates: once every page is present the handler unregisters, and
+    // REMOVE events stop coming (the kernel then zero-fills by itself).
+    let src = spawn_source(&addr, &file_path, &["--file-regions", "0:16M,16M:8M", "--push-rate", "200mbit"]);
+    let vmm = VmmMemory::new(&[(16 * MB as u64, 8 * MB), (0, 16 * MB)]);
+    vmm.hand_over(&sock, &vmm.json(PAGE), true);
+
+    // The balloon: pages of the 16 MiB region, some read first, some not.
+    let balloon_read = 2000..2100;
+    let balloon_unread = 3000..3256;
+    let threads = 4;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (vmm, file) = (&vmm, &file);
+            let (balloon_read, balloon_unread) = (balloon_read.clone(), balloon_unread.clone());
+            s.spawn(move || {
+                let (big, big_off) = (&vmm.regions[1].0, vmm.regions[1].1);
+                if t == 0 {
+                    for i in balloon_read.clone() {
+                        assert_eq!(page_of(big, i), file_page(file, big_off, i), "page {i} before the balloon");
+                    }
+                    // SAFETY: an madvise on our own anonymous mapping.
+                    let r = unsafe {
+                        nix::libc::madvise(
+                            big.as_ptr().add(balloon_read.start * PAGE) as *mut _,
+                            (balloon_unread.end - balloon_read.start) * PAGE,
+                            nix::libc::MADV_DONTNEED,
+                        )
+                    };
+                    assert_eq!(r, 0, "madvise: {}", std::io::Error::last_os_error());
+                    for i in balloon_read.clone().chain(balloon_unread.clone()).chain(2100..3000) {
+                        assert!(page_of(big, i).iter().all(|&b| b == 0), "page {i}: removed, must read zeros");
+                    }
+                    return;
+                }
+                // The others touch every page of both regions, strided.
+                for (ri, (m, off)) in vmm.regions.iter().enumerate() {
+                    for i in (t..m.len() / PAGE).step_by(threads) {
+                        if ri == 1 && (2000..3256).contains(&i) {
+                            continue;
+                        }
+                        assert_eq!(page_of(m, i), file_page(file, *off, i), "region {ri} page {i}");
+                    }
+                }
+            });
+        }
+    });
+    let dest_out = wait_limited(dest, Duration::from_secs(60));
+    let src_out = wait_limited(src, Duration::from_secs(20));
+    let derr = String::from_utf8_lossy(&dest_out.stderr);
+    assert!(
+        dest_out.status.success(),
+        "dest {}: {derr}\n{}",
+        dest_out.status,
+        std::fs::read_to_string(&report).unwrap_or_default()
+    );
+    assert!(src_out.status.success(), "source: {}", String::from_utf8_lossy(&src_out.stderr));
+    // Every page is here: the file's bytes, the balloon's zeros.
+    vmm.unregister();
+    for (ri, (m, off)) in vmm.regions.iter().enumerate() {
+        for i in 0..m.len() / PAGE {
+            let removed = ri == 1 && (2000..3256).contains(&i);
+            if removed {
+                assert!(page_of(m, i).iter().all(|&b| b == 0), "region {ri} page {i}: removed");
+            } else {
+                assert_eq!(page_of(m, i), file_page(&file, *off, i), "region {ri} page {i} at the end");
+            }
+        }
+    }
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["status"], "ok", "{r}");
+    assert_eq!(r["guest_kind"], "snapshot");
+    let pc = &r["postcopy"];
+    assert_eq!(pc["pages_total"], (24 * MB / PAGE) as u64);
+    assert!(pc["faults"].as_u64().unwrap() > 0, "{pc}");
+    // The balloon's pages were dropped and faulted back in as zeros.
+    assert_eq!(pc["pages_removed"], 1256, "{pc}");
+    assert!(pc["faults_zero"].as_u64().unwrap() > 0, "{pc}");
+    let _ = std::fs::remove_dir_all(&d);
+}
