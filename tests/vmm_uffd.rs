@@ -260,3 +260,169 @@ fn a_vmm_restores_lazily_from_a_remote_memory_file_and_a_balloon_reads_zeros() {
     assert!(pc["faults_zero"].as_u64().unwrap() > 0, "{pc}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Pages of `m` resident in memory (mincore: no page is touched).
+fn resident_pages(m: &MmapMut) -> usize {
+    let mut v = vec![0u8; m.len() / PAGE];
+    // SAFETY: `m` is a live mapping of `m.len()` bytes and `v` has one byte
+    // per page of it.
+    let r = unsafe { nix::libc::mincore(m.as_ptr() as *mut _, m.len(), v.as_mut_ptr()) };
+    assert_eq!(r, 0, "mincore: {}", std::io::Error::last_os_error());
+    v.iter().filter(|&&b| b & 1 != 0).count()
+}
+
+#[test]
+fn malformed_handshakes_get_a_clear_error_and_nothing_is_served() {
+    let _g = SERIAL.lock();
+    let d = scratch("malformed");
+    let file_path = d.join("mem");
+    write_memory_file(&file_path, 8 * MB);
+    let vmm = VmmMemory::new(&[(0, 8 * MB)]);
+    let base = vmm.regions[0].0.as_ptr() as usize;
+    let region = |base: usize, size: usize, off: usize| {
+        format!(r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{off},"page_size":4096}}"#)
+    };
+    let not_a_uffd = std::fs::File::open(&file_path).unwrap();
+    let cases: Vec<(&str, String, Option<i32>, &str)> = vec![
+        ("bad JSON", "{not json".into(), Some(vmm.uffd.as_raw_fd()), "not a JSON array"),
+        ("no descriptor", vmm.json(PAGE), None, "without a userfaultfd"),
+        ("not a userfaultfd", vmm.json(PAGE), Some(not_a_uffd.as_raw_fd()), "not a userfaultfd"),
+        (
+            "overlapping regions",
+            format!("[{},{}]", region(base, 4 * MB, 0), region(base + 2 * MB, 4 * MB, 4 * MB)),
+            Some(vmm.uffd.as_raw_fd()),
+            "overlaps another region in memory",
+        ),
+        (
+            "a region not in the file",
+            format!("[{}]", region(base, 8 * MB, 16 * MB)),
+            Some(vmm.uffd.as_raw_fd()),
+            "do not match the source",
+        ),
+        ("oversized", format!("[{}", " ".repeat(70 * 1024)), Some(vmm.uffd.as_raw_fd()), "longer than"),
+    ];
+    for (what, json, fd, needle) in cases {
+        let sock = d.join("uffd.sock");
+        let (dest, addr) = spawn_dest(&sock, &[]);
+        let src = spawn_source(&addr, &file_path, &[]);
+        let t0 = Instant::now();
+        let s = loop {
+            match UnixStream::connect(&sock) {
+                Ok(s) => break s,
+                Err(e) => {
+                    assert!(t0.elapsed() < Duration::from_secs(10), "{what}: connecting: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        };
+        let fds: Vec<i32> = fd.into_iter().collect();
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        // Oversized handshakes go out in pieces (the handler stops reading).
+        let mut sent = 0;
+        for (i, chunk) in json.as_bytes().chunks(16 * 1024).enumerate() {
+            let c: &[ControlMessage<'_>] = if i == 0 && !fds.is_empty() { &cmsg } else { &[] };
+            match sendmsg::<()>(s.as_raw_fd(), &[IoSlice::new(chunk)], c, MsgFlags::MSG_NOSIGNAL, None) {
+                Ok(n) => sent += n,
+                Err(_) => break,
+            }
+        }
+        assert!(sent > 0, "{what}: nothing sent");
+        let out = wait_limited(dest, Duration::from_secs(20));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains(needle), "{what}: expected {needle:?} in:\n{err}");
+        let sout = wait_limited(src, Duration::from_secs(20));
+        assert!(!sout.status.success(), "{what}: the source must fail too");
+        assert_eq!(resident_pages(&vmm.regions[0].0), 0, "{what}: a page was served");
+        drop(s);
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Run as a child VMM (POSTCOPY_VMM_CHILD names the socket): hand over
+/// 16 MiB, touch its first pages, say TOUCHED, then go on faulting slowly
+/// until killed.
+#[test]
+fn vmm_child() {
+    let Ok(sock) = std::env::var("POSTCOPY_VMM_CHILD") else { return };
+    let vmm = VmmMemory::new(&[(0, 16 * MB)]);
+    vmm.hand_over(Path::new(&sock), &vmm.json(PAGE), true);
+    let m = &vmm.regions[0].0;
+    for i in 0..16 {
+        assert_eq!(&page_of(m, i)[..8], &(i as u64).to_le_bytes());
+    }
+    println!("TOUCHED");
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    for i in (16..m.len() / PAGE).cycle() {
+        std::hint::black_box(page_of(m, i)[0]);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn spawn_vmm_child(sock: &Path) -> Child {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "vmm_child", "--nocapture", "--test-threads=1"])
+        .env("POSTCOPY_VMM_CHILD", sock)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut r = BufReader::new(c.stdout.take().unwrap());
+    let t0 = Instant::now();
+    let mut line = String::new();
+    while !line.contains("TOUCHED") {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "the child VMM ended before touching its memory");
+        assert!(t0.elapsed() < Duration::from_secs(20));
+    }
+    c
+}
+
+#[test]
+fn a_vmm_that_exits_ends_the_session_cleanly() {
+    let _g = SERIAL.lock();
+    let d = scratch("exit");
+    let (file_path, sock) = (d.join("mem"), d.join("uffd.sock"));
+    write_memory_file(&file_path, 16 * MB);
+    let (dest, addr) = spawn_dest(&sock, &[]);
+    // Slow enough that the push is far from done when the VMM goes.
+    let src = spawn_source(&addr, &file_path, &["--push-rate", "20mbit"]);
+    let mut vmm = spawn_vmm_child(&sock);
+    vmm.kill().unwrap();
+    let _ = vmm.wait();
+    let t_kill = Instant::now();
+    let out = wait_limited(dest, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("exited with") && err.contains("session ended"), "{err}");
+    assert!(t_kill.elapsed() < Duration::from_secs(10), "took {:?}", t_kill.elapsed());
+    // The source hears why and ends: no reconnecting to a session that ended.
+    let sout = wait_limited(src, Duration::from_secs(10));
+    let serr = String::from_utf8_lossy(&sout.stderr);
+    assert!(serr.contains("VMM") && serr.contains("exited"), "{serr}");
+    assert!(t_kill.elapsed() < Duration::from_secs(10), "the source took {:?}", t_kill.elapsed());
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn a_vmm_whose_memory_cannot_arrive_is_killed_not_left_blocked() {
+    let _g = SERIAL.lock();
+    let d = scratch("lost");
+    let (file_path, sock) = (d.join("mem"), d.join("uffd.sock"));
+    write_memory_file(&file_path, 16 * MB);
+    let (dest, addr) = spawn_dest(&sock, &["--recover-timeout", "1", "--peer-timeout-ms", "1000"]);
+    let mut src = spawn_source(&addr, &file_path, &["--push-rate", "20mbit", "--recover-timeout", "1"]);
+    let vmm = spawn_vmm_child(&sock);
+    // The source dies after switchover: its pages can never arrive.
+    src.kill().unwrap();
+    let _ = src.wait();
+    let out = wait_limited(dest, Duration::from_secs(30));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("did not reconnect") && err.contains("killed the VMM"), "{err}");
+    let st = wait_limited(vmm, Duration::from_secs(10)).status;
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(st.signal(), Some(9), "the VMM: {st:?}");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -24,7 +24,7 @@ pub enum PagerError {
     /// The process that owns guest memory (a VMM that handed over its
     /// userfaultfd) exited: nothing is left to serve.
     #[error("the guest's memory is gone: the process that owns it (the VMM) exited")]
-    GuestGone(#[source] UffdError),
+    GuestGone(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The guest failed.
     #[error("the guest failed")]
     Guest(#[source] GuestError),
@@ -84,7 +84,7 @@ pub enum PagerError {
 
 impl From<UffdError> for PagerError {
     fn from(e: UffdError) -> Self {
-        if e.owner_gone() { PagerError::GuestGone(e) } else { PagerError::Uffd(e) }
+        if e.owner_gone() { PagerError::GuestGone(Box::new(e)) } else { PagerError::Uffd(e) }
     }
 }
 
@@ -92,11 +92,18 @@ impl PagerError {
     /// Whether the guest's owner exited (see [`PagerError::GuestGone`]):
     /// the session ends, and that is nobody's failure here.
     pub fn guest_gone(&self) -> bool {
-        match self {
-            PagerError::GuestGone(_) => true,
-            PagerError::Bulk(inner) | PagerError::Cancelled(inner) => inner.guest_gone(),
-            _ => false,
+        // The bulk receiver's install errors reach here wrapped in its
+        // transport's placement error: look down the whole chain.
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = cur {
+            if matches!(e.downcast_ref::<PagerError>(), Some(PagerError::GuestGone(_)))
+                || e.downcast_ref::<UffdError>().is_some_and(UffdError::owner_gone)
+            {
+                return true;
+            }
+            cur = e.source();
         }
+        false
     }
 
     /// The code the source is told.

@@ -106,7 +106,13 @@ pub fn run<G: DestGuest>(
         shared: Arc::new(Shared::default()),
         started: Instant::now(),
     };
-    let r = run.go(make_guest);
+    // An install failing because the VMM exited may surface wrapped (in the
+    // bulk receiver's error): name it for what it is.
+    let r = run.go(make_guest).map_err(|e| match e {
+        e @ PagerError::GuestGone(_) => e,
+        e if e.guest_gone() => PagerError::GuestGone(Box::new(e)),
+        e => e,
+    });
     run.shared.abort();
     if let (Err(e), Some(c)) = (&r, run.control.as_deref_mut()) {
         send_error(c, e);

@@ -312,10 +312,18 @@ fn serve_link(
     abort.store(true, Ordering::Release);
     let push_result = push_thread.map(JoinHandle::join);
     match served_result {
-        Err(SenderError::PushStopped) => match push_result {
-            Some(Ok(Err(pe))) => Err(pe),
-            _ => Err(SenderError::PushStopped),
-        },
+        Err(SenderError::PushStopped) => {
+            // A destination that gives up drops the bulk connection and says
+            // why on the control one; the hang-up may come first. Its reason
+            // decides (no reconnecting to a side that ended on purpose).
+            if let Some(e) = peer_reason(&mut *link.control, session, Duration::from_millis(250)) {
+                return Err(e);
+            }
+            match push_result {
+                Some(Ok(Err(pe))) => Err(pe),
+                _ => Err(SenderError::PushStopped),
+            }
+        }
         Err(e) => Err(e),
         Ok(()) => {
             // The destination confirmed every page; a push error after that is moot.
@@ -325,6 +333,21 @@ fn serve_link(
             Ok(())
         }
     }
+}
+
+/// An Error frame the destination sends within `grace`, as the session's
+/// error; anything else read meanwhile is dropped (a reconnection asks
+/// again for whatever it still needs).
+fn peer_reason(control: &mut dyn Conn, session: &mut SourceSession, grace: Duration) -> Option<SenderError> {
+    let deadline = Instant::now() + grace;
+    while let Ok(Some(msg)) = control.recv(Wait::Until(deadline)) {
+        if matches!(msg, Msg::Error { .. })
+            && let Err(e) = session.on_recv(&msg)
+        {
+            return Some(SenderError::Session(e));
+        }
+    }
+    None
 }
 
 fn spawn_pusher(

@@ -108,8 +108,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
                 }
                 let hs =
                     v.accept(Duration::from_secs(args.accept_timeout_s), cancel).map_err(|e| memory(Box::new(e)))?;
-                let pidfd = hs.pidfd.as_ref().and_then(|p| p.try_clone().ok());
-                *vmm_peer.borrow_mut() = Some((hs.peer, pidfd));
+                let (peer, pidfd) = (hs.peer, hs.pidfd.as_ref().and_then(|p| p.try_clone().ok()));
                 if !args.quiet {
                     eprintln!(
                         "postcopy dest: VMM pid {} (uid {}) connected with {} regions",
@@ -118,7 +117,10 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
                         hs.regions.len()
                     );
                 }
-                VmmGuest::new(hs, &acc.layout).map_err(|e| memory(Box::new(e)))
+                let g = VmmGuest::new(hs, &acc.layout).map_err(|e| memory(Box::new(e)))?;
+                // Only a VMM whose handshake was accepted is ever signalled.
+                *vmm_peer.borrow_mut() = Some((peer, pidfd));
+                Ok(g)
             },
             &cfg,
             Arc::clone(&metrics),
@@ -161,11 +163,19 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             let msg = format!("{:#}", anyhow::Error::new(e));
             eprintln!("postcopy dest: error: {msg}");
             if let Some((peer, Some(pidfd))) = vmm_peer.borrow().as_ref() {
-                if args.vmm_on_failure == VmmOnFailure::Kill && pager::vmm::kill(pidfd) {
-                    eprintln!(
-                        "postcopy dest: killed the VMM (pid {}): its vCPUs would wait forever on memory that cannot arrive",
-                        peer.pid
-                    );
+                if args.vmm_on_failure == VmmOnFailure::Kill {
+                    if pager::vmm::kill(pidfd) {
+                        eprintln!(
+                            "postcopy dest: killed the VMM (pid {}): its vCPUs would wait forever on memory that cannot arrive",
+                            peer.pid
+                        );
+                    } else {
+                        eprintln!(
+                            "postcopy dest: could not signal the VMM (pid {}): {}",
+                            peer.pid,
+                            std::io::Error::last_os_error()
+                        );
+                    }
                 } else {
                     eprintln!(
                         "postcopy dest: the VMM (pid {}) was left running; its vCPUs wait on missing memory",
