@@ -206,6 +206,11 @@ impl VmSource {
     fn vm(&self) -> &Vm {
         self.vm.as_ref().expect("present until taken")
     }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
 }
 
 // SAFETY: as for WorkloadSource: GuestMemory's mappings, held by the Arc.
@@ -329,7 +334,7 @@ fn finish_workload(w: Workload, mem: &GuestMemory) -> GuestSummary {
     }
 }
 
-fn finish_vm(vm: Vm, mem: &GuestMemory, checkpoints: &mut Vec<guest::vm::GenCheckpoint>) -> GuestSummary {
+pub(crate) fn finish_vm(vm: Vm, mem: &GuestMemory, checkpoints: &mut Vec<guest::vm::GenCheckpoint>) -> GuestSummary {
     let tids = vm.vcpu_tids();
     let c = vm.config();
     let pattern = match c.active_pages {

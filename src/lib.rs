@@ -26,3 +26,4 @@ pub mod report;
 pub mod snapshot;
 pub mod soak;
 pub mod timeline;
+pub mod vmm_process;

@@ -24,6 +24,10 @@ enum Cmd {
     Lab(postcopy::lab::LabArgs),
     /// Migrate one guest back and forth, round after round, checking it each time.
     Soak(postcopy::soak::SoakArgs),
+    /// Snapshot the VM guest to files (memory, vCPU state, region table), for `source --memory-file` and `vmm`.
+    Snapshot(postcopy::vmm_process::SnapshotArgs),
+    /// Restore a snapshot as a separate VMM whose memory a page-fault handler (`dest --vmm-uffd-socket`) serves.
+    Vmm(postcopy::vmm_process::VmmArgs),
 }
 
 fn main() {
@@ -39,6 +43,8 @@ fn main() {
         Cmd::Report(a) => postcopy::compare::report(a),
         Cmd::Lab(a) => postcopy::lab::lab(a),
         Cmd::Soak(a) => postcopy::soak::soak(a),
+        Cmd::Snapshot(a) => postcopy::vmm_process::snapshot(a),
+        Cmd::Vmm(a) => postcopy::vmm_process::vmm(a),
     };
     match r {
         Ok(code) => std::process::exit(code),

@@ -426,3 +426,122 @@ fn a_vmm_whose_memory_cannot_arrive_is_killed_not_left_blocked() {
     assert_eq!(st.signal(), Some(9), "the VMM: {st:?}");
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// Huge pages reserved for a test and given back when it ends.
+struct HugePages {
+    before: u64,
+}
+
+impl HugePages {
+    fn reserve(n: u64) -> Option<HugePages> {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let before: u64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+        std::fs::write(path, (before + n).to_string()).ok()?;
+        let free = std::fs::read_to_string("/proc/meminfo")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse::<u64>().ok()))?;
+        let h = HugePages { before };
+        (free >= n).then_some(h)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.before.to_string());
+    }
+}
+
+#[test]
+fn a_vmm_on_2mib_hugetlbfs_pages_restores_every_byte() {
+    let _g = SERIAL.lock();
+    const HUGE: usize = 2 * MB;
+    let Some(_huge) = HugePages::reserve(16) else {
+        eprintln!("SKIPPED: 16 huge pages could not be reserved (not root, or no hugetlbfs)");
+        return;
+    };
+    let d = scratch("huge");
+    let (file_path, sock, report) = (d.join("mem"), d.join("uffd.sock"), d.join("dest.json"));
+    let file = write_memory_file(&file_path, 16 * HUGE);
+    let (dest, addr) = spawn_dest(&sock, &["--report", report.to_str().unwrap()]);
+    let src = spawn_source(&addr, &file_path, &["--file-page-size", "2M", "--push-run", "2", "--push-rate", "400mbit"]);
+    // The VMM's memory: anonymous hugetlbfs pages, as Firecracker maps them
+    // with a 2 MiB hugetlbfs backing.
+    let m = memmap2::MmapOptions::new().len(16 * HUGE).huge(Some(21)).map_anon().expect("a hugetlbfs mapping");
+    let uffd = UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true)
+        .require_features(FeatureFlags::EVENT_REMOVE)
+        .create()
+        .unwrap();
+    uffd.register(m.as_ptr() as *mut _, m.len()).expect("registering hugetlbfs memory");
+    let vmm = VmmMemory { regions: vec![(m, 0)], uffd };
+    vmm.hand_over(&sock, &vmm.json(HUGE), true);
+    std::thread::scope(|s| {
+        for t in 0..3 {
+            let (vmm, file) = (&vmm, &file);
+            s.spawn(move || {
+                let m = &vmm.regions[0].0;
+                // Touch one 4 KiB piece of each huge page, from three threads.
+                for hp in (t..16).step_by(3) {
+                    let i = hp * (HUGE / PAGE) + 17;
+                    assert_eq!(page_of(m, i), file_page(file, 0, i), "huge page {hp}");
+                }
+            });
+        }
+    });
+    let out = wait_limited(dest, Duration::from_secs(60));
+    assert!(out.status.success(), "dest: {}", String::from_utf8_lossy(&out.stderr));
+    let sout = wait_limited(src, Duration::from_secs(20));
+    assert!(sout.status.success(), "source: {}", String::from_utf8_lossy(&sout.stderr));
+    vmm.unregister();
+    assert!(vmm.regions[0].0[..] == file[..], "the VMM's memory differs from the file");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["page_size"], HUGE as u64);
+    assert!(r["postcopy"]["faults"].as_u64().unwrap() > 0);
+    drop(vmm);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn the_vm_guest_restores_in_its_own_vmm_process_and_survives_a_cut_link() {
+    use postcopy::relay::{Action, Dir, Relay, Rule};
+    let _g = SERIAL.lock();
+    let d = scratch("own-vmm");
+    let snap = d.join("snap");
+    let out = common::run_limited(
+        {
+            let mut c = bin();
+            c.args(["snapshot", "--guest", "vm", "--mem", "64M", "--vcpus", "2", "--run-ms", "300", "--out"])
+                .arg(&snap);
+            c
+        },
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "snapshot: {}", String::from_utf8_lossy(&out.stderr));
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let regions = printed.split("--file-regions ").nth(1).expect("the source command").trim().to_string();
+    let (sock, report) = (d.join("uffd.sock"), d.join("dest.json"));
+    let (dest, addr) = spawn_dest(&sock, &["--report", report.to_str().unwrap(), "--peer-timeout-ms", "1000"]);
+    // The link is cut in the middle of the push: the source reconnects and
+    // the VMM's faults wait meanwhile.
+    let cut = Rule { dir: Dir::ToDest, tag: 12, kind: Some(2), nth: 100, after: true, action: Action::Reset };
+    let relay = Relay::start(&addr, vec![cut]).unwrap();
+    let src = spawn_source(&relay.addr, &snap.join("mem"), &["--file-regions", &regions, "--push-rate", "400mbit"]);
+    let mut vmm = bin();
+    vmm.args(["vmm", "--run-ms", "1000", "--timeout-s", "60", "--snapshot"]).arg(&snap).arg("--uffd-socket").arg(&sock);
+    let vout = common::run_limited(vmm, Duration::from_secs(90));
+    let verr = String::from_utf8_lossy(&vout.stderr);
+    assert!(vout.status.success(), "vmm: {verr}");
+    assert!(verr.contains("verification passed") && verr.contains("0 violations"), "{verr}");
+    let dout = wait_limited(dest, Duration::from_secs(30));
+    assert!(dout.status.success(), "dest: {}", String::from_utf8_lossy(&dout.stderr));
+    let sout = wait_limited(src, Duration::from_secs(30));
+    assert!(sout.status.success(), "source: {}", String::from_utf8_lossy(&sout.stderr));
+    assert_eq!(relay.fired(), 1, "the cut never happened");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(r["postcopy"]["recoveries"], 1, "{}", r["postcopy"]);
+    assert!(r["postcopy"]["faults"].as_u64().unwrap() > 0);
+    let _ = std::fs::remove_dir_all(&d);
+}
