@@ -50,6 +50,12 @@ use crate::uffd::{CopyOutcome, UffdError, Userfault};
 /// process changes guest mappings during postcopy, so this is a safety net).
 const MAX_RETRIES: u32 = 10_000;
 
+/// Pages per UFFDIO_COPY while the REMOVE gate is held (32 KiB of 4 KiB
+/// pages): the fault thread waits for at most one such copy before it reads
+/// its events. Measured with a 1 MiB push run held whole: VMM fault p99
+/// 0.5-1.7 ms against 0.2-0.3 ms for the engine's own anonymous guest.
+const GATED_COPY_PAGES: u64 = 8;
+
 /// A fault whose page has not arrived yet.
 #[derive(Clone, Copy, Debug)]
 pub struct PendingFault {
@@ -243,7 +249,19 @@ impl Installer {
     /// Hold while reading userfaultfd events and acting on REMOVE ones (see
     /// `gate`); `None` when no REMOVE can come (the engine's own descriptor).
     pub fn events_gate(&self) -> Option<RwLockWriteGuard<'_, ()>> {
-        self.gate.as_ref().map(|g| g.write())
+        let g = self.gate.as_ref()?;
+        // Spin out the one short copy that may hold it: parking would make
+        // the wake-up cost a cross-CPU hand-off (65-70 us on this VM).
+        let t0 = Instant::now();
+        loop {
+            if let Some(w) = g.try_write() {
+                return Some(w);
+            }
+            if t0.elapsed() > std::time::Duration::from_micros(200) {
+                return Some(g.write());
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// The guest's owner dropped `[start, end)` (a REMOVE event, read under
@@ -497,8 +515,11 @@ impl Installer {
                     at += 1;
                     continue;
                 }
-                // The longest stretch not known present, within this region.
+                // The longest stretch not known present, within this region;
+                // under the gate at most GATED_COPY_PAGES, so the fault thread
+                // never waits behind more than one short copy.
                 let stop = self.present.next_with_below(at, end, true).map_or(end, |p| p.0);
+                let stop = if self.gate.is_some() { stop.min(at + GATED_COPY_PAGES) } else { stop };
                 let len = usize::try_from(stop - at).expect("within run") * ps;
                 let dst = self.map.addr(PageIdx(at));
                 // SAFETY: `dst..dst+len` lies in one region of guest memory that
