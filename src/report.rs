@@ -96,6 +96,8 @@ pub struct PostcopyReport {
     pub pages_removed: u64,
     /// Faults on dropped pages, answered with zeros without a request.
     pub faults_zero: u64,
+    /// Pages that crossed the wire as Zeros frames (all-zero runs, no data).
+    pub pages_zero: u64,
     /// Pages installed from the background push.
     pub pages_pushed: u64,
     /// Pages named in range requests.
@@ -477,6 +479,7 @@ impl Report {
                 faults_resolved_early: pager::PagerMetrics::get(&metrics.faults_resolved_early),
                 pages_removed: pager::PagerMetrics::get(&metrics.pages_removed),
                 faults_zero: pager::PagerMetrics::get(&metrics.faults_zero),
+                pages_zero: pager::PagerMetrics::get(&metrics.pages_zero),
                 time_ms: ms(pr.postcopy_time),
                 push_time_ms: ns_ms(pr.source.push_ns),
                 push_gbps: gbps(pr.source.pages_pushed * layout.page_size().bytes(), pr.source.push_ns),

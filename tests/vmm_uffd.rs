@@ -255,6 +255,8 @@ fn a_vmm_restores_lazily_from_a_remote_memory_file_and_a_balloon_reads_zeros() {
     let pc = &r["postcopy"];
     assert_eq!(pc["pages_total"], (24 * MB / PAGE) as u64);
     assert!(pc["faults"].as_u64().unwrap() > 0, "{pc}");
+    // The file's zero pages and its hole (164 pages) crossed as Zeros frames.
+    assert!(pc["pages_zero"].as_u64().unwrap() >= 164, "{pc}");
     // The balloon's pages were dropped and faulted back in as zeros.
     assert_eq!(pc["pages_removed"], 1256, "{pc}");
     assert!(pc["faults_zero"].as_u64().unwrap() > 0, "{pc}");

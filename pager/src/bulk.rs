@@ -172,6 +172,9 @@ fn receive(
                 link.push_done.store(true, Ordering::Release);
                 return Ok(());
             }
+            BulkEvent::Zeros { first, n_pages, kind } => {
+                placer.install_zeros(first, n_pages, kind)?;
+            }
             BulkEvent::Pages | BulkEvent::Bound => {}
         }
     }

@@ -360,6 +360,8 @@ impl FaultLoop<'_> {
                 }
             }
         }
+        // Installs put off for those events can go in now.
+        self.inst.retry_deferred()?;
         if !st.other.is_empty() {
             // Read and reported, never dropped. This engine enables none of
             // them; a handed-over descriptor may (a balloon's REMOVE).
@@ -439,11 +441,15 @@ impl FaultLoop<'_> {
             let Some(msg) = conn.recv(Wait::No)? else { break };
             st.last_rx = Instant::now();
             match self.session.on_recv(&msg)? {
-                DestEvent::Data => {
-                    if let Msg::Pages { first, data, .. } = msg {
+                DestEvent::Data => match msg {
+                    Msg::Pages { first, data, .. } => {
                         self.inst.install(first, data, PageKind::Demand)?;
                     }
-                }
+                    Msg::Zeros { first, n_pages, .. } => {
+                        self.inst.install_zeros(first, u64::from(n_pages), PageKind::Demand, true)?;
+                    }
+                    _ => {}
+                },
                 DestEvent::KeepAlive => {}
                 DestEvent::Finished(stats) => {
                     account_rx(conn, st, self.metrics);

@@ -160,6 +160,16 @@ impl<A: MapAddr> GuestMap<A> {
     }
 }
 
+/// A deferred install: the run, its bytes (`None`: zeros), its kind.
+type Deferred = (PageRange, Option<Vec<u8>>, PageKind);
+
+/// What an install writes: received bytes, or zeros (a Zeros frame).
+#[derive(Clone, Copy)]
+enum Src<'d> {
+    Data(&'d [u8]),
+    Zeros,
+}
+
 /// How pages get into guest memory.
 #[derive(Debug)]
 enum Backend {
@@ -195,6 +205,11 @@ pub struct Installer {
     /// zaps the range) and the pages being marked would put source content
     /// where the guest must read zeros.
     gate: Option<RwLock<()>>,
+    /// Installs the fault thread could not finish because the kernel said
+    /// EAGAIN while a REMOVE waits to be read (which only that thread can
+    /// do): the run and its bytes (`None`: zeros), retried once the events
+    /// are read.
+    deferred: Mutex<Vec<Deferred>>,
     metrics: std::sync::Arc<PagerMetrics>,
 }
 
@@ -242,6 +257,7 @@ impl Installer {
             pending: Mutex::new(Vec::new()),
             removed: AtomicPageBitmap::new(n),
             gate: (!view_is_local).then(|| RwLock::new(())),
+            deferred: Mutex::new(Vec::new()),
             metrics,
         }
     }
@@ -428,12 +444,48 @@ impl Installer {
 
     /// Install a run whose bytes are in `data` (`n` pages from `first`; the
     /// range was validated by the session). Returns pages newly present.
+    ///
+    /// Called by the fault thread: a copy the kernel refuses for now (a
+    /// REMOVE waits to be read, see `gate`) is deferred, not waited for,
+    /// and [`Installer::retry_deferred`] finishes it once the events are read.
     pub fn install(&self, first: PageIdx, data: &[u8], kind: PageKind) -> Result<u64, UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let run = PageRange::new(first, (data.len() / ps) as u64);
+        self.install_src(run, Src::Data(data), kind, true)
+    }
+
+    /// Retry the installs deferred by the fault thread (after it has read
+    /// the userfaultfd's events). Returns pages newly present.
+    pub fn retry_deferred(&self) -> Result<u64, UffdError> {
+        let todo = std::mem::take(&mut *self.deferred.lock());
+        let mut newly = 0;
+        for (run, data, kind) in todo {
+            let src = data.as_deref().map_or(Src::Zeros, Src::Data);
+            newly += self.install_src(run, src, kind, true)?;
+        }
+        Ok(newly)
+    }
+
+    /// Install `n_pages` zero pages from `first` (a Zeros frame; the range
+    /// was validated by the session): the zero page mapped (anonymous 4 KiB
+    /// memory), zeros copied (huge pages), or the alias zeroed and mapped
+    /// (shared memory), with the same claims and counts as data.
+    /// `fault_thread` as for [`Installer::install`].
+    pub fn install_zeros(
+        &self,
+        first: PageIdx,
+        n_pages: u64,
+        kind: PageKind,
+        fault_thread: bool,
+    ) -> Result<u64, UffdError> {
+        PagerMetrics::add(&self.metrics.pages_zero, n_pages);
+        self.install_src(PageRange::new(first, n_pages), Src::Zeros, kind, fault_thread)
+    }
+
+    fn install_src(&self, run: PageRange, src: Src<'_>, kind: PageKind, defer: bool) -> Result<u64, UffdError> {
         let (newly, held) = match &self.backend {
-            Backend::Copy => (self.install_copy(run, data)?, 0),
-            Backend::Continue { alias, claimed } => self.install_continue(run, data, alias, claimed)?,
+            Backend::Copy => (self.install_copy(run, src, kind, defer)?, 0),
+            Backend::Continue { alias, claimed } => self.install_continue(run, src, alias, claimed)?,
         };
         self.finish(run, newly, Some(kind));
         PagerMetrics::add(self.kind_counter(kind), held);
@@ -478,7 +530,7 @@ impl Installer {
         }
     }
 
-    fn install_copy(&self, run: PageRange, data: &[u8]) -> Result<u64, UffdError> {
+    fn install_copy(&self, run: PageRange, src: Src<'_>, kind: PageKind, defer: bool) -> Result<u64, UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let precopy = !self.postcopy.load(Ordering::Acquire);
         let mut newly = 0;
@@ -508,7 +560,14 @@ impl Installer {
                         // (`view_is_local`); `dst` is a present page of it
                         // (mapped, writable by the DestGuest contract) that no
                         // vCPU touches before switchover.
-                        unsafe { std::ptr::copy_nonoverlapping(data[off..].as_ptr(), dst.0 as *mut u8, ps) };
+                        unsafe {
+                            match src {
+                                Src::Data(data) => {
+                                    std::ptr::copy_nonoverlapping(data[off..].as_ptr(), dst.0 as *mut u8, ps);
+                                }
+                                Src::Zeros => std::ptr::write_bytes(dst.0 as *mut u8, 0, ps),
+                            }
+                        };
                     } else {
                         PagerMetrics::add(&self.metrics.pages_duplicate, 1);
                     }
@@ -524,8 +583,15 @@ impl Installer {
                 let dst = self.map.addr(PageIdx(at));
                 // SAFETY: `dst..dst+len` lies in one region of guest memory that
                 // the DestGuest contract keeps mapped and registered with this
-                // uffd; the source bytes are `data[off..off + len]`.
-                let outcome = unsafe { self.uffd.copy(dst, data[off..off + len].as_ptr(), len, true) }?;
+                // uffd; the source bytes are `data[off..off + len]`, or zeros.
+                let outcome = unsafe {
+                    match src {
+                        Src::Data(data) => self.uffd.copy(dst, data[off..off + len].as_ptr(), len, true),
+                        Src::Zeros if ps == 4096 => self.uffd.zeropage(dst, len),
+                        // Huge pages have no UFFDIO_ZEROPAGE.
+                        Src::Zeros => self.uffd.copy(dst, vec![0u8; len].as_ptr(), len, true),
+                    }
+                }?;
                 let again = matches!(outcome, CopyOutcome::Again { .. });
                 let (copied, skip) = self.settle(outcome, "UFFDIO_COPY", dst, len, &mut retries)?;
                 let copied_pages = (copied / ps) as u64;
@@ -533,6 +599,22 @@ impl Installer {
                     newly += self.present.set_range(PageRange::new(PageIdx(at), copied_pages));
                 }
                 drop(guard);
+                if again && defer && self.gate.is_some() {
+                    // Only this thread can read the REMOVE the kernel waits
+                    // on: keep the rest of the run for after that.
+                    let from = at + copied_pages;
+                    let rest = PageRange::new(PageIdx(from), run.end() - from);
+                    let bytes = match src {
+                        Src::Data(data) => {
+                            let off = usize::try_from(from - run.first.0).expect("within run") * ps;
+                            Some(data[off..].to_vec())
+                        }
+                        Src::Zeros => None,
+                    };
+                    self.deferred.lock().push((rest, bytes, kind));
+                    PagerMetrics::add(&self.metrics.install_deferred, 1);
+                    return Ok(newly);
+                }
                 if again && self.gate.is_some() {
                     // The range is changing (a REMOVE not yet read): let the
                     // fault thread read it, then look again.
@@ -610,7 +692,7 @@ impl Installer {
     fn install_continue(
         &self,
         run: PageRange,
-        data: &[u8],
+        src: Src<'_>,
         alias: &GuestMap<HostAddr>,
         claimed: &AtomicPageBitmap,
     ) -> Result<(u64, u64), UffdError> {
@@ -627,7 +709,15 @@ impl Installer {
                 // (populated, writable by the DestGuest contract); this thread
                 // holds the claim on these pages, so no one else writes them
                 // and the guest cannot see them until they are mapped.
-                unsafe { std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), dst.0 as *mut u8, len) };
+                unsafe {
+                    match src {
+                        Src::Data(data) => {
+                            std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), dst.0 as *mut u8, len);
+                        }
+                        // The alias may hold a stale precopy copy: zero it.
+                        Src::Zeros => std::ptr::write_bytes(dst.0 as *mut u8, 0, len),
+                    }
+                };
             }
             if result.is_ok() {
                 match self.written(mine) {
@@ -734,6 +824,11 @@ impl<'a> BulkPlacer<'a> {
         }
     }
 
+    /// Install a Zeros frame the session checked.
+    pub fn install_zeros(&self, first: PageIdx, n_pages: u32, kind: PageKind) -> Result<u64, UffdError> {
+        self.inst.install_zeros(first, u64::from(n_pages), kind, false)
+    }
+
     /// The session (for the frames that are not pages).
     pub fn session(&mut self) -> &mut DestBulk {
         self.session
@@ -804,7 +899,9 @@ impl PagePlacer for BulkPlacer<'_> {
                     return Ok(());
                 }
                 let ps = self.inst.map.layout().page_size().bytes_usize();
-                self.inst.install_copy(run, &self.scratch[..n_pages as usize * ps]).map_err(PlaceError::failed)?
+                self.inst
+                    .install_copy(run, Src::Data(&self.scratch[..n_pages as usize * ps]), kind, false)
+                    .map_err(PlaceError::failed)?
             }
             Backend::Continue { claimed, .. } => {
                 if !ok {

@@ -56,6 +56,8 @@ pub struct PagerMetrics {
     /// Other userfaultfd events read (REMOVE, UNMAP, REMAP, FORK): none is
     /// enabled on a descriptor the engine creates.
     pub events_other: AtomicU64,
+    /// Pages that arrived as Zeros frames (all-zero runs without data).
+    pub pages_zero: AtomicU64,
     /// Pages the guest's owner dropped (REMOVE events: a balloon).
     pub pages_removed: AtomicU64,
     /// Faults on dropped pages, answered with zeros.
@@ -89,6 +91,8 @@ pub struct PagerMetrics {
     pub faults_local: AtomicU64,
     /// Pages present in guest memory.
     pub pages_present: AtomicU64,
+    /// Fault-thread installs put off until a pending REMOVE was read.
+    pub install_deferred: AtomicU64,
     /// Install calls the kernel asked to retry.
     pub install_retries: AtomicU64,
     /// Bytes received on both connections.

@@ -26,7 +26,7 @@ use crate::auth;
 use crate::bitmap::PageBitmap;
 use crate::types::{LayoutError, MemLayout, PageIdx, PageRange, PageSize};
 use crate::wire::{
-    ErrorCode, FEATURE_RECOVERY, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, ResumeState,
+    ErrorCode, FEATURE_RECOVERY, FEATURE_ZEROS, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, ResumeState,
     SERVER_FLAG_AUTH_REQUIRED, ServerHello, SourceStats, Tag, VERSION, WordList, hello_mac_input, resume_mac_input,
 };
 
@@ -34,7 +34,7 @@ use crate::wire::{
 pub const MIN_VERSION: u16 = 1;
 
 /// Feature bits this build understands.
-pub const SUPPORTED_FEATURES: u64 = FEATURE_RECOVERY;
+pub const SUPPORTED_FEATURES: u64 = FEATURE_RECOVERY | FEATURE_ZEROS;
 
 /// A message was illegal for the session, or the peer reported an error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -242,6 +242,8 @@ pub struct DestSession {
     got_state: bool,
     outstanding: Option<PageBitmap>,
     recovery: bool,
+    /// Zero runs may come as `Zeros` frames (`FEATURE_ZEROS`).
+    zeros: bool,
     /// We told a reconnecting source that no switchover happened here.
     cancelled: bool,
 }
@@ -258,6 +260,7 @@ impl DestSession {
             layout: None,
             got_state: false,
             outstanding: None,
+            zeros: false,
             recovery: false,
             cancelled: false,
         }
@@ -343,6 +346,7 @@ impl DestSession {
             (DestPhase::AwaitHello, Msg::Hello(h)) => {
                 let a = self.accept(h)?;
                 self.recovery = a.features & FEATURE_RECOVERY != 0;
+                self.zeros = a.features & FEATURE_ZEROS != 0;
                 self.outstanding = Some(PageBitmap::new(a.layout.n_pages()));
                 self.layout = Some(a.layout.clone());
                 self.phase = DestPhase::PreSwitchover;
@@ -377,6 +381,13 @@ impl DestSession {
             ) => {
                 let Some(layout) = self.layout.as_ref() else { return Err(unexpected(self.phase)) };
                 check_pages(layout, "demand pages", *first, u64::from(*n_pages))?;
+                Ok(DestEvent::Data)
+            }
+            (DestPhase::Postcopy | DestPhase::Completing, Msg::Zeros { first, n_pages, kind: PageKind::Demand })
+                if self.zeros =>
+            {
+                let Some(layout) = self.layout.as_ref() else { return Err(unexpected(self.phase)) };
+                check_pages(layout, "demand zero pages", *first, u64::from(*n_pages))?;
                 Ok(DestEvent::Data)
             }
             (DestPhase::Completing, Msg::CompleteAck(s)) => {
@@ -477,6 +488,15 @@ pub enum BulkEvent {
     Bound,
     /// Install the pages.
     Pages,
+    /// Install a run of zero pages.
+    Zeros {
+        /// First page.
+        first: PageIdx,
+        /// Pages.
+        n_pages: u32,
+        /// Push or precopy.
+        kind: PageKind,
+    },
     /// A precopy round ended.
     RoundEnd,
     /// The push is over. `lost` pages were announced but never arrived as
@@ -544,6 +564,11 @@ impl DestBulk {
             (BulkPhase::Streaming, Msg::Pages { first, n_pages, kind, .. }) => {
                 self.check_pages(*first, *n_pages, *kind)?;
                 Ok(BulkEvent::Pages)
+            }
+            // Where Pages are legal, so are their data-less zero runs.
+            (BulkPhase::Streaming, Msg::Zeros { first, n_pages, kind }) => {
+                self.check_pages(*first, *n_pages, *kind)?;
+                Ok(BulkEvent::Zeros { first: *first, n_pages: *n_pages, kind: *kind })
             }
             (BulkPhase::Streaming, Msg::PrecopyRound { .. }) if !self.switched => Ok(BulkEvent::RoundEnd),
             (BulkPhase::Streaming, Msg::PushDone { n_pushed }) => {
@@ -655,6 +680,8 @@ pub struct SourceSession {
     offer: SourceOffer,
     session: u64,
     recovery: bool,
+    /// Zero runs may be sent as `Zeros` frames (`FEATURE_ZEROS`).
+    zeros: bool,
     /// The destination acknowledged the switchover at some point.
     acked: bool,
     /// The destination said it holds every page.
@@ -670,10 +697,16 @@ impl SourceSession {
             offer,
             session: 0,
             recovery: false,
+            zeros: false,
             acked: false,
             completed: false,
             have: None,
         }
+    }
+
+    /// Whether zero runs may be sent as `Zeros` frames.
+    pub fn zeros(&self) -> bool {
+        self.zeros
     }
 
     /// Whether post-copy recovery was negotiated.
@@ -738,7 +771,11 @@ impl SourceSession {
                     version,
                     guest_kind: self.offer.guest_kind,
                     mode: self.offer.mode,
-                    features: if self.offer.recovery { SUPPORTED_FEATURES } else { 0 },
+                    features: if self.offer.recovery {
+                        SUPPORTED_FEATURES
+                    } else {
+                        SUPPORTED_FEATURES & !FEATURE_RECOVERY
+                    },
                     page_size: self.offer.layout.page_size(),
                     prefetch_pages: self.offer.prefetch_pages,
                     prefetch_around: self.offer.prefetch_around,
@@ -764,6 +801,7 @@ impl SourceSession {
                 self.phase = SourcePhase::Ready;
                 self.session = *session;
                 self.recovery = features & FEATURE_RECOVERY != 0;
+                self.zeros = features & FEATURE_ZEROS != 0;
                 Ok(SourceEvent::Accepted { session: *session, features: *features })
             }
             (SourcePhase::AwaitServerHello | SourcePhase::AwaitHelloAck, _) => Err(unexpected(self.phase)),
@@ -898,7 +936,8 @@ mod tests {
         let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h))? else { panic!("not accepted") };
         assert_eq!(a.layout, layout());
         let ack = Msg::HelloAck { session: d.session(), features: a.features };
-        assert_eq!(s.on_recv(&ack)?, SourceEvent::Accepted { session: 77, features: FEATURE_RECOVERY });
+        assert_eq!(s.on_recv(&ack)?, SourceEvent::Accepted { session: 77, features: FEATURE_RECOVERY | FEATURE_ZEROS });
+        assert!(s.zeros());
         assert!(d.recovery() && s.recovery());
         Ok((d, s))
     }
@@ -1032,9 +1071,9 @@ mod tests {
         let mut d = DestSession::new(DestExpect::default(), [5; 16], 77);
         let mut s = SourceSession::new(offer(None));
         let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello()).unwrap() else { panic!() };
-        assert_eq!(h.features, FEATURE_RECOVERY);
+        assert_eq!(h.features, FEATURE_RECOVERY | FEATURE_ZEROS);
         let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h)).unwrap() else { panic!() };
-        assert_eq!(a.features, 0);
+        assert_eq!(a.features, FEATURE_ZEROS);
         s.on_recv(&Msg::HelloAck { session: 77, features: a.features }).unwrap();
         assert!(!s.recovery());
         switch(&mut d, &mut s);
@@ -1189,5 +1228,46 @@ mod tests {
         b.on_switchover();
         b.on_recv(&push).unwrap();
         assert_eq!(b.on_recv(&Msg::PushDone { n_pushed: 3 }).unwrap(), BulkEvent::PushDone { lost: 2 });
+    }
+
+    #[test]
+    fn zero_runs_are_legal_where_pages_are_and_only_when_negotiated() {
+        // Bulk: a Zeros push counts toward the push like Pages, range-checked.
+        let mut b = DestBulk::new(9, layout());
+        b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap();
+        let pre = Msg::Zeros { first: PageIdx(0), n_pages: 4, kind: PageKind::Precopy };
+        assert_eq!(
+            b.on_recv(&pre).unwrap(),
+            BulkEvent::Zeros { first: PageIdx(0), n_pages: 4, kind: PageKind::Precopy }
+        );
+        b.on_switchover();
+        assert!(b.on_recv(&pre).is_err(), "precopy zeros after switchover");
+        let push = Msg::Zeros { first: PageIdx(120), n_pages: 8, kind: PageKind::Push };
+        assert!(matches!(b.on_recv(&push), Ok(BulkEvent::Zeros { n_pages: 8, .. })));
+        let far = Msg::Zeros { first: PageIdx(121), n_pages: 8, kind: PageKind::Push };
+        assert!(matches!(b.on_recv(&far), Err(SessionError::OutOfRange { .. })));
+        let demand = Msg::Zeros { first: PageIdx(0), n_pages: 1, kind: PageKind::Demand };
+        assert!(b.on_recv(&demand).is_err(), "demand zeros on the bulk connection");
+        assert_eq!(b.on_recv(&Msg::PushDone { n_pushed: 8 }).unwrap(), BulkEvent::PushDone { lost: 0 });
+
+        // Control: demand zeros after switchover when negotiated.
+        let (mut d, mut s) = handshake(None, None).unwrap();
+        assert!(s.zeros());
+        switch(&mut d, &mut s);
+        assert_eq!(d.on_recv(&demand).unwrap(), DestEvent::Data);
+        let far = Msg::Zeros { first: PageIdx(127), n_pages: 2, kind: PageKind::Demand };
+        assert!(matches!(d.on_recv(&far), Err(SessionError::OutOfRange { .. })));
+
+        // A source that did not offer it: the destination refuses them.
+        let mut d = DestSession::new(DestExpect::default(), [5; 16], 77);
+        let SourceEvent::SendHello(mut h) = SourceSession::new(offer(None)).on_recv(&d.server_hello()).unwrap() else {
+            panic!()
+        };
+        h.features = 0;
+        let DestEvent::Accepted(a) = d.on_recv(&Msg::Hello(h)).unwrap() else { panic!() };
+        assert_eq!(a.features, 0);
+        d.on_recv(&Msg::GuestState(b"st")).unwrap();
+        d.on_recv(&Msg::Switchover { n_outstanding: 0, precopy_rounds: 0 }).unwrap();
+        assert!(matches!(d.on_recv(&demand), Err(SessionError::Unexpected { .. })));
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use proto::session::{SessionError, SourceEvent, SourceSession};
 use proto::wire::{self, Msg, PageKind, SourceStats};
 use proto::{AtomicPageBitmap, PageIdx, PageRange};
-use transport::{Conn, IoSpan, Wait};
+use transport::{Conn, Wait};
 
 use crate::config::SenderConfig;
 use crate::error::SenderError;
@@ -102,15 +102,12 @@ impl Demand<'_> {
     fn answer(&mut self) -> Result<(), SenderError> {
         SenderMetrics::add(&self.metrics.requests, 1);
         let max_run = wire::MAX_RUN_BYTES / self.map.layout().page_size().bytes();
-        let mut spans: Vec<IoSpan<'_>> = Vec::with_capacity(4);
         for r in &self.ranges {
             let mut first = r.first.0;
             while first < r.end() {
                 let piece = PageRange::new(PageIdx(first), (r.end() - first).min(max_run));
-                spans.clear();
-                self.map.spans(piece, &mut spans);
-                let n = u32::try_from(piece.n_pages).expect("bounded by MAX_RUN_BYTES");
-                self.conn.send_pages(piece.first, n, PageKind::Demand, &spans)?;
+                let zero = self.map.send_run(&mut *self.conn, piece, PageKind::Demand)?;
+                SenderMetrics::add(&self.metrics.pages_zero, zero);
                 self.served.set_range(piece);
                 first = piece.end();
             }

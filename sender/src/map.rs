@@ -1,14 +1,19 @@
 //! Where the source's guest memory lives, and the spans `writev` reads.
 #![allow(unsafe_code)]
 
-use proto::{HostAddr, MemLayout, PageRange};
-use transport::IoSpan;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use proto::wire::{Msg, PageKind};
+use proto::{HostAddr, MemLayout, PageIdx, PageRange};
+use transport::{Conn, IoSpan, TransportError};
 
 /// Guest memory placement on the source.
 #[derive(Debug)]
 pub(crate) struct SourceMap {
     layout: MemLayout,
     bases: Vec<HostAddr>,
+    /// The destination takes Zeros frames (`FEATURE_ZEROS` negotiated).
+    zeros: AtomicBool,
 }
 
 impl SourceMap {
@@ -16,7 +21,7 @@ impl SourceMap {
     /// `SourceGuest`, whose contract keeps them mapped while the map is used.
     pub(crate) fn new(layout: MemLayout, bases: Vec<HostAddr>) -> Self {
         assert_eq!(layout.regions().len(), bases.len(), "one base per region");
-        SourceMap { layout, bases }
+        SourceMap { layout, bases, zeros: AtomicBool::new(false) }
     }
 
     pub(crate) fn layout(&self) -> &MemLayout {
@@ -35,5 +40,60 @@ impl SourceMap {
             // (and so this map) is in use.
             out.push(unsafe { IoSpan::from_raw(addr, len) });
         }
+    }
+
+    /// Whether every byte of `page` (validated) is zero. Reads the page as
+    /// the guest's vCPUs write it, in atomic words; stops at the first
+    /// non-zero word, which for a page with data is almost always the first.
+    pub(crate) fn is_zero(&self, page: PageIdx) -> bool {
+        let (i, within) = self.layout.locate(page).expect("validated page");
+        let shift = self.layout.page_size().shift();
+        let addr = self.bases[i].offset_by(usize::try_from(within << shift).expect("mapped")).0;
+        let words = usize::try_from(self.layout.page_size().bytes() / 8).expect("small");
+        (0..words).all(|w| {
+            // SAFETY: the word lies inside region i's mapping, which the
+            // SourceGuest contract keeps mapped and readable; guest memory is
+            // 8-byte aligned and written by the guest only through atomic
+            // words (or not at all while it is paused).
+            let word = unsafe { &*((addr + 8 * w) as *const AtomicU64) };
+            word.load(Ordering::Relaxed) == 0
+        })
+    }
+
+    /// Whether Zeros frames may be sent (as negotiated in the handshake).
+    pub(crate) fn allow_zeros(&self, yes: bool) {
+        self.zeros.store(yes, Ordering::Relaxed);
+    }
+
+    /// Send `r` (validated, within a frame's limit) as `kind`: once Zeros
+    /// frames are allowed, stretches of zero pages as Zeros (no data) and the
+    /// rest as Pages; before, all as Pages. Returns the pages sent as Zeros.
+    pub(crate) fn send_run(&self, conn: &mut dyn Conn, r: PageRange, kind: PageKind) -> Result<u64, TransportError> {
+        let mut spans: Vec<IoSpan<'_>> = Vec::with_capacity(4);
+        if !self.zeros.load(Ordering::Relaxed) {
+            self.spans(r, &mut spans);
+            return conn.send_pages(r.first, u32::try_from(r.n_pages).expect("frame-sized"), kind, &spans).map(|()| 0);
+        }
+        let mut n_zero = 0;
+        let mut at = r.first.0;
+        while at < r.end() {
+            let zero = self.is_zero(PageIdx(at));
+            let mut end = at + 1;
+            while end < r.end() && self.is_zero(PageIdx(end)) == zero {
+                end += 1;
+            }
+            let piece = PageRange::new(PageIdx(at), end - at);
+            let n = u32::try_from(piece.n_pages).expect("frame-sized");
+            if zero {
+                conn.send(&Msg::Zeros { first: piece.first, n_pages: n, kind })?;
+                n_zero += piece.n_pages;
+            } else {
+                spans.clear();
+                self.spans(piece, &mut spans);
+                conn.send_pages(piece.first, n, kind, &spans)?;
+            }
+            at = end;
+        }
+        Ok(n_zero)
     }
 }

@@ -91,6 +91,7 @@ pub fn run<G: SourceGuest>(
         before(e)
     })?;
     control.set_page_size(layout.page_size());
+    map.allow_zeros(session.zeros());
     let mut bulk = dial(Channel::Bulk).map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
     bulk.set_page_size(layout.page_size());
     bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session_id })

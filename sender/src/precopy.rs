@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use proto::wire::{Mode, Msg, PageKind};
 use proto::{PageBitmap, PageRange};
-use transport::{Conn, IoSpan};
+use transport::Conn;
 
 use crate::config::SenderConfig;
 use crate::error::SenderError;
@@ -166,17 +166,14 @@ pub(crate) fn send_set(
     run_pages: u64,
     metrics: &SenderMetrics,
 ) -> Result<u64, SenderError> {
-    let mut spans: Vec<IoSpan<'_>> = Vec::with_capacity(4);
     let mut sent = 0;
     let before = bulk.bytes_sent();
     for r in set.runs() {
         let mut at = r.first.0;
         while at < r.end() {
             let piece = PageRange::new(proto::PageIdx(at), (r.end() - at).min(run_pages));
-            spans.clear();
-            map.spans(piece, &mut spans);
-            let n = u32::try_from(piece.n_pages).expect("run_pages fits u32");
-            bulk.send_pages(piece.first, n, PageKind::Precopy, &spans)?;
+            let zero = map.send_run(bulk, piece, PageKind::Precopy)?;
+            SenderMetrics::add(&metrics.pages_zero, zero);
             sent += piece.n_pages;
             at = piece.end();
         }

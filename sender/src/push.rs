@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use proto::wire::{Msg, PageKind};
 use proto::{AtomicPageBitmap, PageBitmap, PageIdx, PageRange};
-use transport::{Conn, IoSpan};
+use transport::Conn;
 
 use crate::error::SenderError;
 use crate::map::SourceMap;
@@ -75,7 +75,6 @@ impl Pusher {
         let n = self.pushed.len();
         let mut cursor = 0;
         let mut n_pushed = 0;
-        let mut spans: Vec<IoSpan<'_>> = Vec::with_capacity(4);
         let map = Arc::clone(&self.map);
         let mut sent_before = self.conn.bytes_sent();
         let started = std::time::Instant::now();
@@ -91,10 +90,8 @@ impl Pusher {
             let Some(run) = self.next_run(cursor, n).or_else(|| self.next_run(0, cursor.min(n))) else {
                 break;
             };
-            spans.clear();
-            map.spans(run, &mut spans);
-            let n_run = u32::try_from(run.n_pages).expect("run_pages fits u32");
-            self.conn.send_pages(run.first, n_run, PageKind::Push, &spans)?;
+            let zero = map.send_run(&mut *self.conn, run, PageKind::Push)?;
+            SenderMetrics::add(&self.metrics.pages_zero, zero);
             self.pushed.set_range(run);
             n_pushed += run.n_pages;
             SenderMetrics::add(&self.metrics.pages_pushed, run.n_pages);

@@ -30,6 +30,8 @@ pub const MAC_LEN: usize = 32;
 pub const SERVER_FLAG_AUTH_REQUIRED: u32 = 1;
 /// Feature bit: post-copy recovery (Resume, Have, ResumeAck; see the module doc).
 pub const FEATURE_RECOVERY: u64 = 1;
+/// Feature bit: runs of zero pages travel as `Zeros` frames, without data.
+pub const FEATURE_ZEROS: u64 = 2;
 
 /// Defines the message types once: the tag enum, its byte values, each
 /// type's largest body, and the list of all of them.
@@ -109,6 +111,8 @@ message_types! {
     Have = 18, max 8 + 8 * MAX_OUTSTANDING_WORDS;
     /// Where the destination stands after a reconnection (recovery).
     ResumeAck = 19, max 16;
+    /// A run of zero pages, without data: demand reply, push or precopy.
+    Zeros = 20, max 16;
 }
 
 /// Why bytes could not be decoded. Every variant is a peer error: the caller

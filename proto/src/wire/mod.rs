@@ -94,6 +94,11 @@
 //!                  destination holds, as in Outstanding; n <= 131072)
 //! 19 ResumeAck     state u8 (1 running, 2 not switched, 3 complete),
 //!                  reserved [7], n_have u64 (population count of the Have bitmap)
+//! 20 Zeros         first u64, n_pages u32, kind u8, reserved [3]: as Pages,
+//!                  for a run whose every byte is zero, without the data
+//!                  (only with FEATURE_ZEROS, bit 1); it counts as pages
+//!                  sent of its kind wherever Pages would (push counts,
+//!                  precopy round counts, demand answers)
 //! ```
 //!
 //! # Versioning

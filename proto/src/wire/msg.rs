@@ -323,6 +323,16 @@ pub enum Msg<'a> {
         /// `n_pages * page_size` bytes.
         data: &'a [u8],
     },
+    /// A run of pages that are all zero, sent without their data
+    /// (`FEATURE_ZEROS`).
+    Zeros {
+        /// First page.
+        first: PageIdx,
+        /// Pages in the run.
+        n_pages: u32,
+        /// Why they were sent.
+        kind: PageKind,
+    },
     /// The background push sent everything it had.
     PushDone {
         /// Pages the push sent.
@@ -577,7 +587,7 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
             Msg::RangeRequest { req_id, ranges: list }
         }
         Tag::Pages => {
-            let (first, n_pages, kind, data_len) = read_pages_prefix(&mut rd, page_size)?;
+            let (first, n_pages, kind, data_len) = read_pages_prefix(&mut rd, page_size, Tag::Pages)?;
             let data = rd.rest();
             if data.len() as u64 != data_len {
                 return Err(DecodeError::LengthMismatch {
@@ -587,6 +597,10 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
                 });
             }
             Msg::Pages { first, n_pages, kind, data }
+        }
+        Tag::Zeros => {
+            let (first, n_pages, kind, _) = read_pages_prefix(&mut rd, page_size, Tag::Zeros)?;
+            Msg::Zeros { first, n_pages, kind }
         }
         Tag::PushDone => Msg::PushDone { n_pushed: rd.u64()? },
         Tag::Complete => Msg::Complete { n_present: rd.u64()? },
@@ -634,8 +648,8 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
 fn read_pages_prefix(
     rd: &mut Rd<'_>,
     page_size: Option<PageSize>,
+    tag: Tag,
 ) -> Result<(PageIdx, u32, PageKind, u64), DecodeError> {
-    let tag = Tag::Pages;
     let page_size = page_size.ok_or(DecodeError::NoPageSize)?;
     let first = PageIdx(rd.u64()?);
     let n_pages = rd.u32()?;
@@ -662,7 +676,7 @@ pub fn decode_pages_prefix(
     debug_assert_eq!(h.tag, Tag::Pages);
     let tag = Tag::Pages;
     let mut rd = Rd::new(prefix, "pages prefix");
-    let (first, n_pages, kind, data_len) = read_pages_prefix(&mut rd, page_size)?;
+    let (first, n_pages, kind, data_len) = read_pages_prefix(&mut rd, page_size, Tag::Pages)?;
     if u64::from(h.body_len) != PAGES_PREFIX_LEN as u64 + data_len {
         return Err(DecodeError::LengthMismatch {
             tag,
@@ -775,6 +789,7 @@ impl Msg<'_> {
             Msg::SwitchoverAck(_) => Tag::SwitchoverAck,
             Msg::RangeRequest { .. } => Tag::RangeRequest,
             Msg::Pages { .. } => Tag::Pages,
+            Msg::Zeros { .. } => Tag::Zeros,
             Msg::PushDone { .. } => Tag::PushDone,
             Msg::Complete { .. } => Tag::Complete,
             Msg::CompleteAck(_) => Tag::CompleteAck,
@@ -850,6 +865,7 @@ impl Msg<'_> {
                 out.extend_from_slice(&pages_body_prefix(*first, *n_pages, *kind));
                 out.extend_from_slice(data);
             }
+            Msg::Zeros { first, n_pages, kind } => out.extend_from_slice(&pages_body_prefix(*first, *n_pages, *kind)),
             Msg::PushDone { n_pushed } => put_u64(out, *n_pushed),
             Msg::Complete { n_present } => put_u64(out, *n_present),
             Msg::CompleteAck(s) => {

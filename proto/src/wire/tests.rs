@@ -63,6 +63,7 @@ fn every_message_round_trips() {
         Msg::SwitchoverAck(ResumeTimes { restore_ns: 1, evict_ns: 2 }),
         Msg::RangeRequest { req_id: 9, ranges: range_list(&rb) },
         Msg::Pages { first: PageIdx(77), n_pages: 2, kind: PageKind::Demand, data: &data },
+        Msg::Zeros { first: PageIdx(1 << 30), n_pages: 2048, kind: PageKind::Push },
         Msg::PushDone { n_pushed: 99 },
         Msg::Complete { n_present: 100 },
         Msg::CompleteAck(SourceStats {
