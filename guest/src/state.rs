@@ -18,8 +18,8 @@ use crate::pattern::Pattern;
 
 /// "WKLD".
 const MAGIC: u32 = u32::from_le_bytes(*b"WKLD");
-const VERSION: u16 = 1;
-const HEADER_LEN: usize = 4 + 2 + 2 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8;
+const VERSION: u16 = 2;
+const HEADER_LEN: usize = 4 + 2 + 2 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8 + 8;
 const VCPU_LEN: usize = 8 * 10;
 /// Most vCPUs a workload may have.
 pub const MAX_VCPUS: u32 = 1024;
@@ -59,6 +59,10 @@ pub struct WorkloadConfig {
     /// Accesses per second per vCPU; 0 runs flat out. A rate-limited vCPU
     /// sleeps between accesses, like a guest that is not always busy.
     pub access_rate: u64,
+    /// Share of memory the guest ever touches (0 < touch <= 1): the first
+    /// pages, the version table's included; the rest is never written and
+    /// must read as zeros (real guests leave much memory untouched).
+    pub touch: f64,
 }
 
 impl Default for WorkloadConfig {
@@ -70,6 +74,7 @@ impl Default for WorkloadConfig {
             seed: 1,
             stall_threshold_ns: 5_000,
             access_rate: 0,
+            touch: 1.0,
         }
     }
 }
@@ -105,7 +110,7 @@ pub enum StateError {
     #[error("not a workload state (magic {0:#010x})")]
     Magic(u32),
     /// Unknown encoding version.
-    #[error("workload state version {0} not supported (this build reads 1)")]
+    #[error("workload state version {0} not supported (this build reads 2)")]
     Version(u16),
     /// A field outside its domain.
     #[error("workload state has invalid {0}")]
@@ -146,6 +151,7 @@ impl WorkloadState {
         out.extend_from_slice(&c.access_rate.to_le_bytes());
         out.extend_from_slice(&self.table_pages.to_le_bytes());
         out.extend_from_slice(&self.n_pages.to_le_bytes());
+        out.extend_from_slice(&c.touch.to_bits().to_le_bytes());
         for v in &self.vcpus {
             for x in v.rng.iter().chain(&[v.cursor, v.accesses, v.loads, v.stores, v.violations, v.stalls]) {
                 out.extend_from_slice(&x.to_le_bytes());
@@ -203,7 +209,11 @@ impl WorkloadState {
             seed: u64_at(48),
             stall_threshold_ns: u64_at(56),
             access_rate: u64_at(64),
+            touch: f64_at(88),
         };
+        if !(config.touch.is_finite() && config.touch > 0.0 && config.touch <= 1.0) {
+            return Err(StateError::Invalid("touch fraction"));
+        }
         let table_pages = u64_at(72);
         let n_pages = u64_at(80);
         if table_pages == 0 || table_pages >= n_pages {
@@ -242,6 +252,7 @@ mod tests {
                 seed: 9,
                 stall_threshold_ns: 1000,
                 access_rate: 77,
+                touch: 0.5,
             },
             zipf_zetan: if matches!(pattern, Pattern::Zipf { .. }) { 12.5 } else { 0.0 },
             table_pages: 3,

@@ -127,6 +127,15 @@ pub struct WorkloadReport {
     pub state: Option<WorkloadState>,
 }
 
+/// The pages the guest touches: the first `touch` of memory (the version
+/// table covers only them).
+pub fn touched_pages(cfg: &WorkloadConfig, mem: &GuestMemory) -> u64 {
+    let n = mem.layout().n_pages();
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+    let t = ((n as f64) * cfg.touch).ceil() as u64;
+    t.clamp(1, n)
+}
+
 fn validate(cfg: &WorkloadConfig, mem: &GuestMemory) -> Result<u64, WorkloadError> {
     if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
         return Err(WorkloadError::Config(format!("{} vCPUs (1..={MAX_VCPUS})", cfg.vcpus)));
@@ -134,7 +143,10 @@ fn validate(cfg: &WorkloadConfig, mem: &GuestMemory) -> Result<u64, WorkloadErro
     if !(0.0..=1.0).contains(&cfg.store_ratio) {
         return Err(WorkloadError::Config(format!("store ratio {} (0..=1)", cfg.store_ratio)));
     }
-    let n = mem.layout().n_pages();
+    if !(cfg.touch.is_finite() && cfg.touch > 0.0 && cfg.touch <= 1.0) {
+        return Err(WorkloadError::Config(format!("touch fraction {} (0 < touch <= 1)", cfg.touch)));
+    }
+    let n = touched_pages(cfg, mem);
     let ps = mem.page_size().bytes();
     let t = stamp::table_pages(n, ps);
     if mem.layout().region_pages(0).n_pages < t {
@@ -150,14 +162,14 @@ impl Workload {
     /// Initialise guest memory and start the vCPUs (a fresh guest, on the source).
     pub fn boot(mem: Arc<GuestMemory>, cfg: WorkloadConfig) -> Result<Workload, WorkloadError> {
         let table_pages = validate(&cfg, &mem)?;
-        stamp::initialize(&mem, StampLayout::new(0, mem.layout().n_pages(), mem.page_size().bytes()));
+        stamp::initialize(&mem, StampLayout::new(0, touched_pages(&cfg, &mem), mem.page_size().bytes()));
         let vcpus = (0..cfg.vcpus)
             .map(|i| VcpuState {
                 rng: Rng::new(cfg.seed ^ (u64::from(i) << 32) ^ 0x5eed).state(),
                 ..Default::default()
             })
             .collect();
-        let sampler = Sampler::new(cfg.pattern, mem.layout().n_pages() - table_pages, mem.page_size().bytes());
+        let sampler = Sampler::new(cfg.pattern, touched_pages(&cfg, &mem) - table_pages, mem.page_size().bytes());
         Workload::start(mem, cfg, sampler, table_pages, vcpus, true)
     }
 
@@ -176,7 +188,7 @@ impl Workload {
         if state.vcpus.len() != state.config.vcpus as usize {
             return Err(WorkloadError::StateMismatch("vCPU count disagrees with configuration".into()));
         }
-        let n_data = mem.layout().n_pages() - table_pages;
+        let n_data = touched_pages(&state.config, &mem) - table_pages;
         let sampler = match state.config.pattern {
             Pattern::Zipf { .. } => Sampler::with_zipf_constant(state.config.pattern, n_data, state.zipf_zetan),
             p => Sampler::new(p, n_data, mem.page_size().bytes()),
@@ -387,8 +399,24 @@ fn sum_states(vcpus: &[VcpuState]) -> GuestStats {
 
 /// Verify every page of a stopped guest whose final state is `state`.
 pub fn verify(mem: &GuestMemory, state: &WorkloadState) -> VerifyReport {
-    let l = StampLayout { table_first: 0, data_first: state.table_pages, n_pages: mem.layout().n_pages() };
-    stamp::verify(mem, l, state.total_stores())
+    let touched = touched_pages(&state.config, mem);
+    let l = StampLayout { table_first: 0, data_first: state.table_pages, n_pages: touched };
+    let mut r = stamp::verify(mem, l, state.total_stores());
+    // Memory the guest never touched must read as zeros.
+    let wpp = words_per_page(mem);
+    for p in touched..mem.layout().n_pages() {
+        let page = PageIdx(p);
+        match (0..wpp).find(|&w| mem.word(page, w).load(Ordering::Relaxed) != 0) {
+            None => r.verified_pages += 1,
+            Some(w) => {
+                r.bad_pages += 1;
+                if r.problems.len() < 16 {
+                    r.problems.push(format!("page {p}: never touched, but word {w} is not zero"));
+                }
+            }
+        }
+    }
+    r
 }
 
 const MAX_LOGGED_VIOLATIONS: usize = 16;
@@ -400,7 +428,7 @@ fn vcpu_loop(s: &Shared, i: usize, mut st: VcpuState) -> VcpuExit {
     let n_vcpus = u64::from(s.cfg.vcpus);
     let me = i as u64;
     let t_pages = s.table_pages;
-    let n_total = mem.layout().n_pages();
+    let n_total = touched_pages(&s.cfg, mem);
     let mut rng = Rng::from_state(st.rng);
     let mut stalls = LatencyHist::new();
     let threshold = s.cfg.stall_threshold_ns;
@@ -531,6 +559,32 @@ mod tests {
             assert!(v.ok(), "{p}: {:?}", v.problems);
             assert_eq!(v.verified_pages, m.layout().n_pages());
         }
+    }
+
+    #[test]
+    fn an_untouched_share_is_never_written_and_must_stay_zero() {
+        let m = mem(8);
+        let c = WorkloadConfig { touch: 0.25, ..cfg(2, "uniform") };
+        let w = Workload::boot(Arc::clone(&m), c).unwrap();
+        run_until(&w, 100_000);
+        let r = w.stop();
+        assert_eq!(r.total.violations, 0, "{:?}", r.violation_log);
+        let st = r.state.unwrap();
+        let touched = touched_pages(&c, &m);
+        assert_eq!(touched, m.layout().n_pages() / 4);
+        // Nothing past the touched share was written.
+        let n = m.layout().n_pages();
+        assert!((touched..n).all(|p| (0..512).all(|w| m.word(PageIdx(p), w).load(Ordering::Relaxed) == 0)));
+        let v = verify(&m, &st);
+        assert!(v.ok(), "{:?}", v.problems);
+        assert_eq!(v.verified_pages, n);
+        // A page that should be zero and is not (a page delivered to the
+        // wrong place, or stale) fails verification.
+        m.word(PageIdx(n - 1), 7).store(1, Ordering::Relaxed);
+        let v = verify(&m, &st);
+        assert!(!v.ok() && v.problems[0].contains("never touched"), "{:?}", v.problems);
+        // The fraction survives the state's encoding.
+        assert_eq!(crate::WorkloadState::decode(&st.encode()).unwrap().config.touch, 0.25);
     }
 
     #[test]

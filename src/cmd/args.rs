@@ -111,6 +111,11 @@ pub struct GuestOpts {
     /// that is not always busy. Workload guest only.
     #[arg(long, default_value_t = 0)]
     pub access_rate: u64,
+    /// Share of memory the guest ever touches (0 < FRACTION <= 1; workload
+    /// guest): the rest is never written, as in real guests, and must read
+    /// as zeros wherever the guest goes.
+    #[arg(long, default_value_t = 1.0)]
+    pub touch: f64,
     /// VM guest: milliseconds between heartbeats on each vCPU's console.
     #[arg(long, default_value_t = 50)]
     pub heartbeat_ms: u32,
@@ -430,6 +435,9 @@ impl GuestOpts {
         if self.access_rate != 0 {
             bail!("--access-rate applies to the workload guest only");
         }
+        if self.touch != 1.0 {
+            bail!("--touch applies to the workload guest only");
+        }
         let active_pages = match w.pattern {
             Pattern::Uniform => 0,
             Pattern::Hotset { bytes, fraction } if fraction >= 1.0 => bytes.div_ceil(4096),
@@ -465,6 +473,9 @@ impl GuestOpts {
         if self.vcpus == 0 || self.vcpus > 256 {
             bail!("--vcpus must be 1..=256, got {}", self.vcpus);
         }
+        if !(self.touch > 0.0 && self.touch <= 1.0) {
+            bail!("--touch must be in (0, 1], got {}", self.touch);
+        }
         Ok(WorkloadConfig {
             vcpus: self.vcpus,
             pattern,
@@ -472,6 +483,7 @@ impl GuestOpts {
             seed: self.seed,
             stall_threshold_ns: self.stall_threshold_us * 1000,
             access_rate: self.access_rate,
+            touch: self.touch,
         })
     }
 }
@@ -501,6 +513,7 @@ impl GuestOpts {
             ("--regions", self.regions.to_string()),
             ("--stall-threshold-us", self.stall_threshold_us.to_string()),
             ("--access-rate", self.access_rate.to_string()),
+            ("--touch", self.touch.to_string()),
             ("--heartbeat-ms", self.heartbeat_ms.to_string()),
         ]
         .into_iter()
@@ -593,6 +606,8 @@ mod tests {
                 "7",
                 "--access-rate",
                 "1000",
+                "--touch",
+                "0.25",
                 "--heartbeat-ms",
                 "20",
                 "--mode",
