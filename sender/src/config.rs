@@ -36,6 +36,13 @@ pub struct SenderConfig {
     /// mode: 10 in hybrid and precopy, 0 in pure postcopy (the destination's
     /// `pager::default_nice` says why).
     pub background_nice: Option<i32>,
+    /// While the guest faults, pace the push at this share of the bandwidth
+    /// the bulk connection measured, so demand replies do not queue behind
+    /// it at the bottleneck (1.0: never yield).
+    pub push_yield: f64,
+    /// The bulk connection's fixed pacing (`--push-rate`), bytes/s, if any:
+    /// the push never goes faster.
+    pub push_rate: Option<u64>,
 }
 
 impl Default for SenderConfig {
@@ -53,6 +60,8 @@ impl Default for SenderConfig {
             recover_timeout: Duration::from_secs(300),
             policy: Policy::default(),
             background_nice: None,
+            push_yield: 1.0,
+            push_rate: None,
         }
     }
 }

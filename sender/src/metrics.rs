@@ -11,6 +11,8 @@ pub struct SenderMetrics {
     pub pages_demand: AtomicU64,
     /// Pages sent by the background push.
     pub pages_pushed: AtomicU64,
+    /// Times the push started yielding the link to demand replies.
+    pub push_yields: AtomicU64,
     /// Pages sent as Zeros frames (all-zero runs, no data), of any kind.
     pub pages_zero: AtomicU64,
     /// Pages sent in precopy rounds.

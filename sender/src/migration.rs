@@ -292,6 +292,7 @@ fn serve_link(
                 hint: Arc::clone(&hint),
                 abort: Arc::clone(&abort),
                 run_pages: u64::from(cfg.push_run_pages.max(1)),
+                governor: crate::push::Governor::new(cfg.push_yield, cfg.push_rate),
                 metrics: Arc::clone(metrics),
             },
             &push_failed,

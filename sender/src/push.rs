@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use proto::wire::{Msg, PageKind};
 use proto::{AtomicPageBitmap, PageBitmap, PageIdx, PageRange};
@@ -31,7 +32,95 @@ pub(crate) struct Pusher {
     pub(crate) hint: Arc<AtomicU64>,
     pub(crate) abort: Arc<AtomicBool>,
     pub(crate) run_pages: u64,
+    pub(crate) governor: Governor,
     pub(crate) metrics: Arc<SenderMetrics>,
+}
+
+/// How long after a demand request the guest counts as faulting.
+const BUSY_FOR: Duration = Duration::from_millis(20);
+/// The window over which acknowledged bytes give a bandwidth sample.
+const SAMPLE_WINDOW: Duration = Duration::from_millis(25);
+/// How long a bandwidth maximum stands before a lower sample replaces it.
+const BW_WINDOW: Duration = Duration::from_secs(2);
+
+/// Yields the bottleneck to demand replies: while the guest faults (a
+/// request was served in the last `BUSY_FOR`), the bulk connection is paced
+/// at `share` of the bandwidth it measured (acknowledged bytes over
+/// `SAMPLE_WINDOW`, the maximum over `BW_WINDOW`); otherwise it runs at its
+/// configured rate. While yielding, round trips well above the path's
+/// minimum (queueing) lower the estimate by a sixteenth, and
+/// acknowledgements that keep up with the pace without queueing raise it by
+/// a thirty-second, so an estimate taken too early (slow start, a burst)
+/// neither holds the push down nor lets it fill the queue for good.
+pub(crate) struct Governor {
+    share: f64,
+    base: Option<u64>,
+    bw_max: u64,
+    bw_at: Instant,
+    last_demand: Option<Instant>,
+    window: Option<(Instant, u64)>,
+    pace: Option<u64>,
+}
+
+impl Governor {
+    pub(crate) fn new(share: f64, base: Option<u64>) -> Governor {
+        let now = Instant::now();
+        Governor { share, base, bw_max: 0, bw_at: now, last_demand: None, window: None, pace: base }
+    }
+
+    /// A demand request was served.
+    fn demand(&mut self, now: Instant) {
+        self.last_demand = Some(now);
+    }
+
+    /// Sample the path and set the pace for what comes next.
+    fn tick(&mut self, conn: &mut dyn Conn, now: Instant, metrics: &SenderMetrics) {
+        if self.share >= 1.0 {
+            return;
+        }
+        let yielding = self.pace != self.base;
+        if let Some(p) = conn.path_info() {
+            match self.window {
+                None => self.window = Some((now, p.bytes_acked)),
+                Some((t0, a0)) if now.duration_since(t0) >= SAMPLE_WINDOW => {
+                    let dt = now.duration_since(t0).as_secs_f64();
+                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+                    let rate = ((p.bytes_acked - a0) as f64 / dt) as u64;
+                    self.window = Some((now, p.bytes_acked));
+                    if !yielding {
+                        if rate >= self.bw_max || now.duration_since(self.bw_at) > BW_WINDOW {
+                            (self.bw_max, self.bw_at) = (rate, now);
+                        }
+                    } else if let Some(pace) = self.pace {
+                        // Queueing shows as round trips above the path's
+                        // minimum: then the estimate is too high. Keeping up
+                        // with the pace without queueing: the path may take more.
+                        let (rtt, min) = (p.rtt_us, p.min_rtt_us);
+                        if rtt > 2 * min + 100 {
+                            self.bw_max -= self.bw_max / 16;
+                        } else if rate >= pace - pace / 10 && rtt <= min + (min / 4).max(50) {
+                            self.bw_max += self.bw_max / 32;
+                        }
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        let busy = self.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
+        let want = if busy && self.bw_max > 0 {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+            let y = (self.bw_max as f64 * self.share) as u64;
+            Some(self.base.map_or(y, |b| b.min(y)))
+        } else {
+            self.base
+        };
+        if want != self.pace && conn.set_pacing(want) {
+            if want != self.base {
+                SenderMetrics::add(&metrics.push_yields, 1);
+            }
+            self.pace = want;
+        }
+    }
 }
 
 impl Pusher {
@@ -83,6 +172,11 @@ impl Pusher {
                 return Ok(n_pushed);
             }
             let h = self.hint.swap(NO_HINT, Ordering::AcqRel);
+            let now = Instant::now();
+            if h != NO_HINT {
+                self.governor.demand(now);
+            }
+            self.governor.tick(&mut *self.conn, now, &self.metrics);
             if h != NO_HINT && h < n {
                 cursor = h;
                 SenderMetrics::add(&self.metrics.push_restarts, 1);
@@ -106,5 +200,125 @@ impl Pusher {
         SenderMetrics::add(&self.metrics.bytes_sent, self.conn.bytes_sent() - sent_before);
         tracing::debug!(n_pushed, "push done");
         Ok(n_pushed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use transport::PathInfo;
+
+    use super::*;
+
+    /// The path as TCP reports it, scripted: the governor's decisions
+    /// depend only on these figures (the real path is measured in
+    /// `DESIGN.md`'s shaped-link table).
+    struct Path {
+        info: PathInfo,
+        pace: Option<u64>,
+    }
+
+    impl Path {
+        fn advance(&mut self, bytes: u64, rtt_us: u32) {
+            self.info.bytes_acked += bytes;
+            self.info.rtt_us = rtt_us;
+        }
+    }
+
+    impl Conn for Path {
+        fn send(&mut self, _: &Msg<'_>) -> Result<(), transport::TransportError> {
+            Ok(())
+        }
+        fn send_pages(
+            &mut self,
+            _: PageIdx,
+            _: u32,
+            _: PageKind,
+            _: &[transport::IoSpan<'_>],
+        ) -> Result<(), transport::TransportError> {
+            Ok(())
+        }
+        fn recv(&mut self, _: transport::Wait) -> Result<Option<Msg<'_>>, transport::TransportError> {
+            Ok(None)
+        }
+        fn recv_placed(
+            &mut self,
+            _: transport::Wait,
+            _: &mut dyn transport::PagePlacer,
+        ) -> Result<Option<transport::Placed<'_>>, transport::TransportError> {
+            Ok(None)
+        }
+        fn set_page_size(&mut self, _: proto::PageSize) {}
+        fn readiness(&self) -> std::os::fd::BorrowedFd<'_> {
+            unreachable!("not polled")
+        }
+        fn has_buffered(&self) -> bool {
+            false
+        }
+        fn bytes_sent(&self) -> u64 {
+            0
+        }
+        fn bytes_received(&self) -> u64 {
+            0
+        }
+        fn peer(&self) -> &str {
+            "scripted path"
+        }
+        fn path_info(&self) -> Option<PathInfo> {
+            Some(self.info)
+        }
+        fn set_pacing(&mut self, r: Option<u64>) -> bool {
+            self.pace = r;
+            true
+        }
+    }
+
+    #[test]
+    fn the_push_yields_while_the_guest_faults_and_tracks_the_path() {
+        let m = SenderMetrics::default();
+        let mut g = Governor::new(0.75, None);
+        let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Idle: unpaced, measuring 100 MB/s (2.5 MB per 25 ms).
+        for i in 0..=4 {
+            p.advance(2_500_000, 100);
+            g.tick(&mut p, ms(25 * i), &m);
+        }
+        assert_eq!(p.pace, None);
+        // A fault: paced at three quarters of what was measured.
+        g.demand(ms(101));
+        g.tick(&mut p, ms(101), &m);
+        assert_eq!(p.pace, Some(75_000_000));
+        assert_eq!(SenderMetrics::get(&m.push_yields), 1);
+        // Queueing (round trips far above the minimum) lowers the pace.
+        p.advance(1_900_000, 400);
+        g.demand(ms(126));
+        g.tick(&mut p, ms(126), &m);
+        let lowered = p.pace.unwrap();
+        assert!(lowered < 75_000_000, "{lowered}");
+        // Keeping up without queueing raises it again.
+        p.advance(2_000_000, 110);
+        g.demand(ms(151));
+        g.tick(&mut p, ms(151), &m);
+        assert!(p.pace.unwrap() > lowered);
+        // No fault for the busy window: back to the configured rate.
+        g.tick(&mut p, ms(200), &m);
+        assert_eq!(p.pace, None);
+        // Never faster than the configured rate.
+        let mut g = Governor::new(0.75, Some(10_000_000));
+        let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: Some(10_000_000) };
+        for i in 0..=2 {
+            p.advance(2_500_000, 100);
+            g.tick(&mut p, ms(25 * i), &m);
+        }
+        g.demand(ms(60));
+        g.tick(&mut p, ms(60), &m);
+        assert_eq!(p.pace, Some(10_000_000));
+        // A share of 1 never touches the pacing.
+        let mut g = Governor::new(1.0, None);
+        g.demand(ms(0));
+        p.pace = Some(1);
+        g.tick(&mut p, ms(30), &m);
+        assert_eq!(p.pace, Some(1));
     }
 }

@@ -166,6 +166,12 @@ pub struct MigrationOpts {
     /// of demand replies (default: unpaced).
     #[arg(long)]
     pub push_rate: Option<String>,
+    /// While the guest faults, pace the push at this share of the bandwidth
+    /// the bulk connection measured, so demand replies do not wait behind
+    /// it at the bottleneck (1: never yield; default 0.75 over a network,
+    /// 1 over loopback, which has no bottleneck queue to share).
+    #[arg(long)]
+    pub push_yield: Option<f64>,
     /// After switchover, how long (seconds) a broken link may stay broken
     /// while the sides reconnect before giving up; 0 disables recovery.
     #[arg(long, default_value_t = 300)]
@@ -543,6 +549,7 @@ impl MigrationOpts {
         push_opt(&mut a, "--postcopy-after", self.postcopy_after);
         push_opt(&mut a, "--background-nice", self.background_nice);
         push_opt(&mut a, "--push-rate", self.push_rate.as_ref());
+        push_opt(&mut a, "--push-yield", self.push_yield);
         a
     }
 }
@@ -634,6 +641,8 @@ mod tests {
                 "5",
                 "--push-rate",
                 "9gbit",
+                "--push-yield",
+                "0.5",
                 "--recover-timeout",
                 "7",
                 "--memory",

@@ -77,6 +77,8 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
         policy: args.migration.policy()?,
         background_nice: args.migration.background_nice,
         recover_timeout: Duration::from_secs(args.migration.recover_timeout),
+        push_yield: push_yield(args.migration.push_yield, &args.connect)?,
+        push_rate,
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
@@ -195,3 +197,23 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
         }
     }
 }
+
+/// `--push-yield`, or its default for where the destination is: over
+/// loopback nothing is shared at a bottleneck and yielding only slows the
+/// push (measured: 1.31-1.41 against 1.58-1.68 GB/s).
+fn push_yield(given: Option<f64>, connect: &str) -> Result<f64> {
+    match given {
+        Some(y) if y > 0.0 && y <= 1.0 => Ok(y),
+        Some(y) => bail!("--push-yield must be in (0, 1], got {y}"),
+        None => {
+            let loopback = std::net::ToSocketAddrs::to_socket_addrs(connect)
+                .ok()
+                .and_then(|mut a| a.next())
+                .is_some_and(|a| a.ip().is_loopback());
+            Ok(if loopback { 1.0 } else { DEFAULT_PUSH_YIELD })
+        }
+    }
+}
+
+/// The push's share of the link while the guest faults, over a network.
+const DEFAULT_PUSH_YIELD: f64 = 0.75;

@@ -300,6 +300,29 @@ pub trait Conn: Send {
 
     /// Who the peer is, for messages.
     fn peer(&self) -> &str;
+
+    /// What the transport knows of the path (TCP_INFO), if anything.
+    fn path_info(&self) -> Option<PathInfo> {
+        None
+    }
+
+    /// Pace sending to at most `bytes_per_s` (`None`: unpaced). Returns
+    /// whether the transport could.
+    fn set_pacing(&mut self, bytes_per_s: Option<u64>) -> bool {
+        let _ = bytes_per_s;
+        false
+    }
+}
+
+/// The path as a TCP sender sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathInfo {
+    /// Smoothed round-trip time, us.
+    pub rtt_us: u32,
+    /// Smallest round-trip time seen, us.
+    pub min_rtt_us: u32,
+    /// Bytes the peer acknowledged so far.
+    pub bytes_acked: u64,
 }
 
 /// Where a destination takes its connections: the first pair, and every

@@ -25,4 +25,4 @@ pub mod mem;
 pub mod sched;
 pub mod tcp;
 
-pub use conn::{Conn, IoSpan, IoSpanMut, Listener, PagePlacer, PlaceError, Placed, TransportError, Wait};
+pub use conn::{Conn, IoSpan, IoSpanMut, Listener, PagePlacer, PathInfo, PlaceError, Placed, TransportError, Wait};

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use proto::wire::{self, FrameHeader, HEADER_LEN, Msg, PAGES_PREFIX_LEN, PageKind, Tag};
 use proto::{PageIdx, PageSize};
 
-use crate::conn::{Conn, IoSpan, PagePlacer, PlaceError, Placed, TransportError, Wait, poll_fd};
+use crate::conn::{Conn, IoSpan, PagePlacer, PathInfo, PlaceError, Placed, TransportError, Wait, poll_fd};
 use crate::frames::RecvBuf;
 
 /// Tunables of one TCP connection.
@@ -519,6 +519,45 @@ impl Conn for TcpConn {
 
     fn bytes_sent(&self) -> u64 {
         self.sent
+    }
+
+    fn path_info(&self) -> Option<PathInfo> {
+        // SAFETY: tcp_info is plain old data; zero is a valid value.
+        let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::tcp_info>()).expect("small");
+        // SAFETY: the socket is open; the kernel writes at most `len` bytes
+        // into `ti` and says how many.
+        let r = unsafe {
+            libc::getsockopt(
+                self.stream.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&raw mut ti).cast(),
+                &raw mut len,
+            )
+        };
+        // Older kernels fill less: without bytes_acked there is nothing to say.
+        let need = std::mem::offset_of!(libc::tcp_info, tcpi_bytes_acked) + 8;
+        if r != 0 || (len as usize) < need {
+            return None;
+        }
+        Some(PathInfo { rtt_us: ti.tcpi_rtt, min_rtt_us: ti.tcpi_min_rtt, bytes_acked: ti.tcpi_bytes_acked })
+    }
+
+    fn set_pacing(&mut self, bytes_per_s: Option<u64>) -> bool {
+        let rate: u64 = bytes_per_s.unwrap_or(u64::MAX);
+        let len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("small");
+        // SAFETY: as in `from_stream`: the kernel reads a u64 when given 8 bytes.
+        let r = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_MAX_PACING_RATE,
+                (&raw const rate).cast(),
+                len,
+            )
+        };
+        r == 0
     }
 
     fn bytes_received(&self) -> u64 {
