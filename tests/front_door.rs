@@ -144,3 +144,60 @@ fn a_destination_no_source_reaches_says_how_long_it_waited() {
     assert!(err.contains("timed out after 1"), "{err}");
     assert!(!err.contains("after 0ns"), "{err}");
 }
+
+/// A destination that takes longer to prepare memory than the source waits
+/// for a silent peer keeps it waiting with keep-alives (10 GiB took 27 s to
+/// prepare here, against a 30 s handshake limit). Over real TCP: the
+/// keep-alives go straight to the socket while the pager prepares.
+#[test]
+fn a_slow_preparation_keeps_the_source_waiting_with_keepalives() {
+    use std::sync::Arc;
+
+    use guest::{GuestMemory, Workload, WorkloadConfig};
+    use postcopy::adapters::{DestAny, Populate, WorkloadSource};
+    use transport::tcp::{TcpConn, TcpListen, TcpOptions};
+
+    let listener = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
+    let addr = listener.local_addr().to_string();
+    let layout = proto::MemLayout::single(PageSize::Size4K, 16 << 20).unwrap();
+    let w = Workload::boot(Arc::new(GuestMemory::new(layout).unwrap()), WorkloadConfig::default()).unwrap();
+    let mut src_guest = WorkloadSource::new(w, Duration::from_secs(5));
+    let scfg = sender::SenderConfig { handshake_timeout: Duration::from_secs(1), ..Default::default() };
+    let src = std::thread::spawn(move || {
+        let control = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap();
+        let mut dial = |_| {
+            TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default())
+                .map(|c| Box::new(c) as Box<dyn transport::Conn>)
+        };
+        let r = sender::run(Box::new(control), &mut dial, &mut src_guest, &scfg, Default::default());
+        let chain = |e: &dyn std::error::Error| {
+            let mut s = e.to_string();
+            let mut c = e.source();
+            while let Some(x) = c {
+                s += &format!(": {x}");
+                c = x.source();
+            }
+            s
+        };
+        (r.map(|_| ()).map_err(|e| chain(&e)), src_guest)
+    });
+    let control = listener.accept(Instant::now() + Duration::from_secs(5)).unwrap();
+    let dest = pager::run(
+        Box::new(control),
+        &listener,
+        |acc, cancel| {
+            // Three times the source's patience.
+            std::thread::sleep(Duration::from_secs(3));
+            DestAny::new(acc.guest_kind, acc.layout.clone(), guest::Backing::Shmem, Populate::Before, cancel)
+                .map_err(|e| pager::GuestError::Memory(Box::new(e)))
+        },
+        &pager::PagerConfig::default(),
+        Default::default(),
+    );
+    let (src_result, src_guest) = src.join().unwrap();
+    assert!(src_result.is_ok(), "source: {src_result:?}");
+    let o = dest.expect("destination");
+    assert_eq!(o.report.accepted.layout.n_pages(), 4096);
+    drop(o.guest.finish());
+    drop(src_guest.into_workload().stop());
+}

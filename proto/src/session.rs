@@ -804,6 +804,9 @@ impl SourceSession {
                 self.zeros = features & FEATURE_ZEROS != 0;
                 Ok(SourceEvent::Accepted { session: *session, features: *features })
             }
+            // The destination keeps the source waiting while it prepares
+            // memory for the accepted hello (seconds per GiB): it says it is alive.
+            (SourcePhase::AwaitHelloAck, Msg::KeepAlive) => Ok(SourceEvent::KeepAlive),
             (SourcePhase::AwaitServerHello | SourcePhase::AwaitHelloAck, _) => Err(unexpected(self.phase)),
             (SourcePhase::Reconnecting, Msg::ServerHello(s)) => {
                 if s.min_version > VERSION || s.max_version < MIN_VERSION {

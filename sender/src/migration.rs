@@ -382,7 +382,7 @@ fn report_error(conn: &mut dyn Conn, e: &SenderError) {
 }
 
 fn handshake(control: &mut dyn Conn, session: &mut SourceSession, cfg: &SenderConfig) -> Result<u64, SenderError> {
-    let deadline = Instant::now() + cfg.handshake_timeout;
+    let mut deadline = Instant::now() + cfg.handshake_timeout;
     loop {
         let Some(msg) = control.recv(Wait::Until(deadline))? else {
             return Err(SenderError::Timeout { what: "the destination's handshake", after: cfg.handshake_timeout });
@@ -390,7 +390,9 @@ fn handshake(control: &mut dyn Conn, session: &mut SourceSession, cfg: &SenderCo
         match session.on_recv(&msg)? {
             SourceEvent::SendHello(h) => control.send(&Msg::Hello(h))?,
             SourceEvent::Accepted { session, .. } => return Ok(session),
-            SourceEvent::KeepAlive => {}
+            // The destination is preparing memory for the hello (seconds
+            // per GiB) and says it is alive: wait on.
+            SourceEvent::KeepAlive => deadline = Instant::now() + cfg.handshake_timeout,
             // The session allows only handshake events here; an error, not a panic, if not.
             _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "in the handshake" }.into()),
         }

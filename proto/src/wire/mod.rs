@@ -22,7 +22,9 @@
 //! control:  D->S RangeRequest*   S->D Pages(demand)*          (interleaved, any order)
 //! bulk:     S->D Pages(push)* PushDone
 //! control:  D->S Complete        S->D CompleteAck            (source may now drop memory)
-//! either:   KeepAlive at any time after the handshake; Error then close at any time.
+//! either:   KeepAlive at any time after the handshake (and D->S between Hello
+//!           and HelloAck, while the destination prepares memory); Error then
+//!           close at any time.
 //! ```
 //!
 //! # Recovery
