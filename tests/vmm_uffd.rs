@@ -63,19 +63,9 @@ fn write_memory_file(path: &Path, len: usize) -> Vec<u8> {
 }
 
 fn spawn_dest(sock: &Path, extra: &[&str]) -> (Child, String) {
-    let mut child = bin()
-        .args(["dest", "--listen", "127.0.0.1:0", "--announce", "--quiet", "--accept-timeout-s", "20"])
-        .arg("--vmm-uffd-socket")
-        .arg(sock)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
-    (child, addr)
+    let sock = sock.to_str().expect("a UTF-8 socket path");
+    let args: Vec<&str> = ["--vmm-uffd-socket", sock].into_iter().chain(extra.iter().copied()).collect();
+    common::spawn_quiet_dest(&args)
 }
 
 fn spawn_source(addr: &str, file: &Path, extra: &[&str]) -> Child {
@@ -90,6 +80,19 @@ fn spawn_source(addr: &str, file: &Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
+/// A userfaultfd as Firecracker creates one for its UFFD backend:
+/// non-blocking, with UFFD_EVENT_REMOVE (a balloon). These clients touch
+/// memory from user mode only.
+fn client_uffd() -> Uffd {
+    UffdBuilder::new()
+        .close_on_exec(true)
+        .non_blocking(true)
+        .user_mode_only(true)
+        .require_features(FeatureFlags::EVENT_REMOVE)
+        .create()
+        .expect("creating a userfaultfd")
+}
+
 /// The VMM's guest memory: anonymous regions registered with its own
 /// userfaultfd, as Firecracker sets them up for a UFFD memory backend.
 struct VmmMemory {
@@ -98,15 +101,9 @@ struct VmmMemory {
 }
 
 impl VmmMemory {
-    /// Regions of `sizes` bytes at file offsets `offsets`.
+    /// Regions of (file offset, bytes).
     fn new(layout: &[(u64, usize)]) -> VmmMemory {
-        let uffd = UffdBuilder::new()
-            .close_on_exec(true)
-            .non_blocking(true)
-            .user_mode_only(true)
-            .require_features(FeatureFlags::EVENT_REMOVE)
-            .create()
-            .expect("creating a userfaultfd");
+        let uffd = client_uffd();
         let regions: Vec<(MmapMut, u64)> =
             layout.iter().map(|&(off, size)| (MmapMut::map_anon(size).unwrap(), off)).collect();
         for (m, _) in &regions {
@@ -470,13 +467,7 @@ fn a_vmm_on_2mib_hugetlbfs_pages_restores_every_byte() {
     // The VMM's memory: anonymous hugetlbfs pages, as Firecracker maps them
     // with a 2 MiB hugetlbfs backing.
     let m = memmap2::MmapOptions::new().len(16 * HUGE).huge(Some(21)).map_anon().expect("a hugetlbfs mapping");
-    let uffd = UffdBuilder::new()
-        .close_on_exec(true)
-        .non_blocking(true)
-        .user_mode_only(true)
-        .require_features(FeatureFlags::EVENT_REMOVE)
-        .create()
-        .unwrap();
+    let uffd = client_uffd();
     uffd.register(m.as_ptr() as *mut _, m.len()).expect("registering hugetlbfs memory");
     let vmm = VmmMemory { regions: vec![(m, 0)], uffd };
     vmm.hand_over(&sock, &vmm.json(HUGE), true);
