@@ -182,6 +182,15 @@ unsafe impl SourceGuest for WorkloadSource {
     fn stop_dirty_tracking(&mut self) {
         self.tracker = None;
     }
+
+    fn zero_scanner(&self) -> Option<sender::ZeroScan> {
+        let mem = Arc::clone(&self.mem);
+        Some(Box::new(move |into: &mut PageBitmap| {
+            if let Err(e) = mem.zero_pages(into) {
+                tracing::warn!("finding never-populated guest pages: {e}");
+            }
+        }))
+    }
 }
 
 /// The source's VM guest.
@@ -249,6 +258,15 @@ unsafe impl SourceGuest for VmSource {
         if let Err(e) = self.vm().stop_dirty_log() {
             tracing::warn!("stopping the dirty log: {e}");
         }
+    }
+
+    fn zero_scanner(&self) -> Option<sender::ZeroScan> {
+        let mem = Arc::clone(&self.mem);
+        Some(Box::new(move |into: &mut PageBitmap| {
+            if let Err(e) = mem.zero_pages(into) {
+                tracing::warn!("finding never-populated guest pages: {e}");
+            }
+        }))
     }
 }
 

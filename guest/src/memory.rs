@@ -71,6 +71,9 @@ pub enum MemoryError {
         #[source]
         source: nix::Error,
     },
+    /// PAGEMAP_SCAN (or opening /proc/self/pagemap) failed.
+    #[error("scanning guest memory's page tables (PAGEMAP_SCAN) failed")]
+    Scan(#[source] nix::Error),
 }
 
 /// What guest memory is made of.
@@ -229,6 +232,64 @@ impl GuestMemory {
         self.layout.page_size()
     }
 
+    /// Add to `into` every page that reads as zero without being read:
+    /// never populated (neither present nor swapped), or mapped to the
+    /// shared zero page. Anonymous memory only (a non-present page of shared
+    /// memory may be in the page cache); returns the pages added. Valid
+    /// while nothing writes the memory (a paused guest).
+    pub fn zero_pages(&self, into: &mut proto::PageBitmap) -> Result<u64, MemoryError> {
+        use std::os::fd::AsRawFd;
+        use uffd::{PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PageRegion, PmScanArg, pagemap_scan};
+        if self.backing != Backing::Anonymous {
+            return Ok(0);
+        }
+        let pagemap = File::open("/proc/self/pagemap")
+            .map_err(|e| MemoryError::Scan(nix::Error::from_raw(e.raw_os_error().unwrap_or(0))))?;
+        let shift = self.layout.page_size().shift();
+        let mut vec = vec![PageRegion::default(); 512];
+        let mut found = 0;
+        // Unpopulated pages, then zero-page mappings.
+        for (inverted, mask) in
+            [(PAGE_IS_PRESENT | PAGE_IS_SWAPPED, PAGE_IS_PRESENT | PAGE_IS_SWAPPED), (0, PAGE_IS_PFNZERO)]
+        {
+            for r in &self.regions {
+                let (start, end) = (r.host.0 as u64, (r.host.0 + r.len_bytes) as u64);
+                let mut at = start;
+                while at < end {
+                    let mut arg = PmScanArg {
+                        size: std::mem::size_of::<PmScanArg>() as u64,
+                        start: at,
+                        end,
+                        vec: vec.as_mut_ptr() as u64,
+                        vec_len: vec.len() as u64,
+                        category_inverted: inverted,
+                        category_mask: mask,
+                        return_mask: mask,
+                        ..PmScanArg::default()
+                    };
+                    // SAFETY: `arg` is a valid pm_scan_arg whose output vector
+                    // is `vec` (its length, alive for the call); the range is
+                    // one of this memory's own mappings. The scan only reads
+                    // page tables.
+                    let n = unsafe { pagemap_scan(pagemap.as_raw_fd(), &raw mut arg) }.map_err(MemoryError::Scan)?;
+                    let n = usize::try_from(n).unwrap_or(0).min(vec.len());
+                    let mut last = at;
+                    for reg in &vec[..n] {
+                        let first = r.pages.first.0 + ((reg.start - start) >> shift);
+                        found += into.set_range(PageRange::new(PageIdx(first), (reg.end - reg.start) >> shift));
+                        last = reg.end;
+                    }
+                    let next = arg.walk_end.max(last);
+                    if next <= at {
+                        break;
+                    }
+                    at = next;
+                }
+            }
+        }
+        Ok(found)
+    }
+
     /// Where each region lives.
     pub fn host_regions(&self) -> &[HostRegion] {
         &self.regions
@@ -289,6 +350,36 @@ mod tests {
     use super::*;
     use proto::{GuestOffset, RegionDesc};
     use std::sync::atomic::Ordering;
+
+    #[test]
+    fn the_zero_scan_finds_exactly_the_pages_never_written() {
+        let layout = MemLayout::new(
+            PageSize::Size4K,
+            vec![
+                RegionDesc { guest: GuestOffset(0), len_bytes: 64 * 4096 },
+                RegionDesc { guest: GuestOffset(1 << 30), len_bytes: 64 * 4096 },
+            ],
+        )
+        .unwrap();
+        let m = GuestMemory::new(layout).unwrap();
+        let written = [0u64, 5, 63, 64, 100, 127];
+        for &p in &written {
+            m.word(PageIdx(p), 3).store(7, Ordering::Relaxed);
+        }
+        // A page only read maps the shared zero page: still zero.
+        assert_eq!(m.word(PageIdx(10), 0).load(Ordering::Relaxed), 0);
+        let mut z = proto::PageBitmap::new(128);
+        let n = m.zero_pages(&mut z).unwrap();
+        assert_eq!(n, 128 - written.len() as u64);
+        for p in 0..128 {
+            assert_eq!(z.get(PageIdx(p)), !written.contains(&p), "page {p}");
+        }
+        // Shared memory: not anonymous, nothing claimed.
+        let s =
+            GuestMemory::with_backing(MemLayout::single(PageSize::Size4K, 16 * 4096).unwrap(), Backing::Shmem).unwrap();
+        let mut z = proto::PageBitmap::new(16);
+        assert_eq!(s.zero_pages(&mut z).unwrap(), 0);
+    }
 
     #[test]
     fn regions_words_and_eviction() {

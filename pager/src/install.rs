@@ -176,7 +176,13 @@ enum Backend {
     /// Anonymous memory: UFFDIO_COPY.
     Copy,
     /// Shared memory: write through `alias`, then UFFDIO_CONTINUE.
-    Continue { alias: GuestMap<HostAddr>, claimed: AtomicPageBitmap },
+    Continue {
+        alias: GuestMap<HostAddr>,
+        claimed: AtomicPageBitmap,
+        /// Pages ever written through the alias: the others still hold the
+        /// zeros they were allocated with, so a zero run needs no writing.
+        written: AtomicPageBitmap,
+    },
 }
 
 /// Installs pages into guest memory and tracks what is present.
@@ -243,6 +249,7 @@ impl Installer {
             Some(bases) => Backend::Continue {
                 alias: GuestMap::new(map.layout().clone(), bases),
                 claimed: AtomicPageBitmap::new(n),
+                written: AtomicPageBitmap::new(n),
             },
         };
         Installer {
@@ -485,7 +492,9 @@ impl Installer {
     fn install_src(&self, run: PageRange, src: Src<'_>, kind: PageKind, defer: bool) -> Result<u64, UffdError> {
         let (newly, held) = match &self.backend {
             Backend::Copy => (self.install_copy(run, src, kind, defer)?, 0),
-            Backend::Continue { alias, claimed } => self.install_continue(run, src, alias, claimed)?,
+            Backend::Continue { alias, claimed, written } => {
+                self.install_continue(run, src, alias, claimed, written)?
+            }
         };
         self.finish(run, newly, Some(kind));
         PagerMetrics::add(self.kind_counter(kind), held);
@@ -695,6 +704,7 @@ impl Installer {
         src: Src<'_>,
         alias: &GuestMap<HostAddr>,
         claimed: &AtomicPageBitmap,
+        written: &AtomicPageBitmap,
     ) -> Result<(u64, u64), UffdError> {
         let ps = self.map.layout().page_size().bytes_usize();
         let mut newly = 0;
@@ -705,19 +715,41 @@ impl Installer {
                 let off = usize::try_from(piece.first.0 - run.first.0).expect("within run") * ps;
                 let len = usize::try_from(piece.n_pages).expect("bounded") * ps;
                 let dst = alias.addr(piece.first);
-                // SAFETY: `dst..dst+len` is inside one region's alias mapping
-                // (populated, writable by the DestGuest contract); this thread
-                // holds the claim on these pages, so no one else writes them
-                // and the guest cannot see them until they are mapped.
-                unsafe {
-                    match src {
-                        Src::Data(data) => {
-                            std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), dst.0 as *mut u8, len);
-                        }
-                        // The alias may hold a stale precopy copy: zero it.
-                        Src::Zeros => std::ptr::write_bytes(dst.0 as *mut u8, 0, len),
+                // Every write below lies in `dst..dst+len`, inside one
+                // region's alias mapping (writable by the DestGuest
+                // contract); this thread holds the claim on these pages, so
+                // no one else writes them and the guest cannot see them
+                // until they are mapped.
+                match src {
+                    Src::Data(data) => {
+                        written.set_range(piece);
+                        // SAFETY: see above; `data` holds `off + len` bytes.
+                        unsafe { std::ptr::copy_nonoverlapping(data[off..off + len].as_ptr(), dst.0 as *mut u8, len) };
                     }
-                };
+                    Src::Zeros => {
+                        // A page written before (a stale precopy copy) is
+                        // zeroed; one never written still holds its zeros and
+                        // only needs to exist (populating is a no-op when it
+                        // does), so a zero run costs no copying.
+                        let mut at = piece.first.0;
+                        while at < piece.end() {
+                            let was = written.get(PageIdx(at));
+                            let stop = written.next_with_below(at, piece.end(), !was).map_or(piece.end(), |p| p.0);
+                            let a = alias.addr(PageIdx(at));
+                            let n = usize::try_from(stop - at).expect("bounded") * ps;
+                            if was {
+                                // SAFETY: see above (`a..a+n` is within `dst..dst+len`).
+                                unsafe { std::ptr::write_bytes(a.0 as *mut u8, 0, n) };
+                            } else if let Some(p) = std::ptr::NonNull::new(a.0 as *mut std::ffi::c_void) {
+                                // SAFETY: see above; populating changes no content.
+                                let _ = unsafe {
+                                    nix::sys::mman::madvise(p, n, nix::sys::mman::MmapAdvise::MADV_POPULATE_WRITE)
+                                };
+                            }
+                            at = stop;
+                        }
+                    }
+                }
             }
             if result.is_ok() {
                 match self.written(mine) {
@@ -857,13 +889,16 @@ impl PagePlacer for BulkPlacer<'_> {
         let run = PageRange::new(first, u64::from(n_pages));
         let len = n_pages as usize * ps;
         self.mine.clear();
-        let Backend::Continue { alias, claimed } = &self.inst.backend else {
+        let Backend::Continue { alias, claimed, written } = &self.inst.backend else {
             // Anonymous memory: into scratch, installed by UFFDIO_COPY after.
             spans.push(IoSpanMut::from_slice(&mut self.scratch[..len]));
             return Ok(());
         };
         let mine = &mut self.mine;
         self.inst.claim(run, claimed, true, |r| mine.push(r));
+        for r in mine.iter() {
+            written.set_range(*r);
+        }
         // Claimed stretches go to the alias, the rest to scratch (discarded),
         // in frame order.
         let scratch = self.scratch.as_mut_ptr();

@@ -53,4 +53,16 @@ pub unsafe trait SourceGuest {
 
     /// Stop tracking (the guest runs untracked again).
     fn stop_dirty_tracking(&mut self);
+
+    /// Once the guest is paused for good (after switchover): something the
+    /// pusher can call, from its own thread, to learn which pages read as
+    /// zero without reading them (never populated), so they go as Zeros
+    /// frames without a read fault each. `None`: nothing known.
+    fn zero_scanner(&self) -> Option<ZeroScan> {
+        None
+    }
 }
+
+/// Adds to the bitmap the pages known to read as zero (see
+/// [`SourceGuest::zero_scanner`]).
+pub type ZeroScan = Box<dyn FnOnce(&mut PageBitmap) + Send>;

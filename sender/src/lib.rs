@@ -31,7 +31,7 @@ pub mod reconnect;
 
 pub use config::SenderConfig;
 pub use error::{FailPhase, SendFailure, SenderError};
-pub use guest::{GuestError, SourceGuest};
+pub use guest::{GuestError, SourceGuest, ZeroScan};
 pub use metrics::SenderMetrics;
 pub use migration::{SenderReport, run};
 pub use precopy::{Policy, PrecopyReport, StopReason};

@@ -14,6 +14,9 @@ pub(crate) struct SourceMap {
     bases: Vec<HostAddr>,
     /// The destination takes Zeros frames (`FEATURE_ZEROS` negotiated).
     zeros: AtomicBool,
+    /// Pages known to read as zero without reading them (the guest's
+    /// zero scan, once the guest is paused for good).
+    known_zero: std::sync::OnceLock<proto::PageBitmap>,
 }
 
 impl SourceMap {
@@ -21,7 +24,7 @@ impl SourceMap {
     /// `SourceGuest`, whose contract keeps them mapped while the map is used.
     pub(crate) fn new(layout: MemLayout, bases: Vec<HostAddr>) -> Self {
         assert_eq!(layout.regions().len(), bases.len(), "one base per region");
-        SourceMap { layout, bases, zeros: AtomicBool::new(false) }
+        SourceMap { layout, bases, zeros: AtomicBool::new(false), known_zero: std::sync::OnceLock::new() }
     }
 
     pub(crate) fn layout(&self) -> &MemLayout {
@@ -46,6 +49,9 @@ impl SourceMap {
     /// the guest's vCPUs write it, in atomic words; stops at the first
     /// non-zero word, which for a page with data is almost always the first.
     pub(crate) fn is_zero(&self, page: PageIdx) -> bool {
+        if self.known_zero.get().is_some_and(|z| z.get(page)) {
+            return true;
+        }
         let (i, within) = self.layout.locate(page).expect("validated page");
         let shift = self.layout.page_size().shift();
         let addr = self.bases[i].offset_by(usize::try_from(within << shift).expect("mapped")).0;
@@ -58,6 +64,12 @@ impl SourceMap {
             let word = unsafe { &*((addr + 8 * w) as *const AtomicU64) };
             word.load(Ordering::Relaxed) == 0
         })
+    }
+
+    /// Record the pages known to read as zero (once; later calls are
+    /// ignored). Only for a guest that no longer runs here.
+    pub(crate) fn set_known_zero(&self, z: proto::PageBitmap) {
+        let _ = self.known_zero.set(z);
     }
 
     /// Whether Zeros frames may be sent (as negotiated in the handshake).

@@ -13,6 +13,8 @@ pub struct SenderMetrics {
     pub pages_pushed: AtomicU64,
     /// Times the push started yielding the link to demand replies.
     pub push_yields: AtomicU64,
+    /// Pages the guest's zero scan found reading as zero (never populated).
+    pub pages_known_zero: AtomicU64,
     /// Pages sent as Zeros frames (all-zero runs, no data), of any kind.
     pub pages_zero: AtomicU64,
     /// Pages sent in precopy rounds.

@@ -149,7 +149,7 @@ pub fn run<G: SourceGuest>(
 
     // Without the acknowledgement the outcome is unknown: a reconnection
     // settles it.
-    let mut link = Link { control, bulk: Some(bulk) };
+    let mut link = Link { control, bulk: Some(bulk), zero_scan: None };
     let mut pushed = PageBitmap::full(layout.n_pages());
     for r in outstanding.runs() {
         pushed.clear_range(r);
@@ -166,7 +166,7 @@ pub fn run<G: SourceGuest>(
                 ResumeState::NotSwitched => return Err(take_back(guest, SenderError::NotSwitched)),
                 ResumeState::Running | ResumeState::Complete => {
                     pushed = r.have.clone();
-                    link = Link { control: r.control, bulk: r.bulk };
+                    link = Link { control: r.control, bulk: r.bulk, zero_scan: None };
                     settled = Some(r.state);
                 }
             }
@@ -191,6 +191,8 @@ pub fn run<G: SourceGuest>(
     // Once the destination said Complete, only the acknowledgement is left:
     // one bound for all attempts to deliver it, not one per reconnection.
     let mut ack_deadline: Option<Instant> = None;
+    // The guest is paused for good: what never held data is known now.
+    link.zero_scan = guest.zero_scanner();
     loop {
         let served = if state == ResumeState::Complete {
             // The destination holds every page and only waits for this.
@@ -229,7 +231,7 @@ pub fn run<G: SourceGuest>(
         };
         pushed = r.have;
         state = r.state;
-        link = Link { control: r.control, bulk: r.bulk };
+        link = Link { control: r.control, bulk: r.bulk, zero_scan: None };
     }
     Ok(SenderReport {
         total_time: started.elapsed(),
@@ -249,6 +251,9 @@ struct Link {
     control: Box<dyn Conn>,
     /// Taken by the pusher.
     bulk: Option<Box<dyn Conn>>,
+    /// The guest's zero scan, for the first pusher (the result stays in
+    /// the map across reconnections).
+    zero_scan: Option<crate::guest::ZeroScan>,
 }
 
 /// The switchover failed before it was committed (or the destination said
@@ -293,6 +298,7 @@ fn serve_link(
                 abort: Arc::clone(&abort),
                 run_pages: u64::from(cfg.push_run_pages.max(1)),
                 governor: crate::push::Governor::new(cfg.push_yield, cfg.push_rate),
+                zero_scan: link.zero_scan.take(),
                 metrics: Arc::clone(metrics),
             },
             &push_failed,

@@ -33,6 +33,8 @@ pub(crate) struct Pusher {
     pub(crate) abort: Arc<AtomicBool>,
     pub(crate) run_pages: u64,
     pub(crate) governor: Governor,
+    /// The guest's zero scan, run first (off the demand thread).
+    pub(crate) zero_scan: Option<crate::guest::ZeroScan>,
     pub(crate) metrics: Arc<SenderMetrics>,
 }
 
@@ -165,6 +167,15 @@ impl Pusher {
         let mut cursor = 0;
         let mut n_pushed = 0;
         let map = Arc::clone(&self.map);
+        if let Some(scan) = self.zero_scan.take() {
+            let t = std::time::Instant::now();
+            let mut z = PageBitmap::new(n);
+            scan(&mut z);
+            let known = z.count_ones();
+            map.set_known_zero(z);
+            tracing::debug!(known, took = ?t.elapsed(), "zero scan");
+            SenderMetrics::add(&self.metrics.pages_known_zero, known);
+        }
         let mut sent_before = self.conn.bytes_sent();
         let started = std::time::Instant::now();
         loop {

@@ -92,6 +92,12 @@ pub const PM_SCAN_WP_MATCHING: u64 = 1;
 pub const PM_SCAN_CHECK_WPASYNC: u64 = 2;
 /// PAGEMAP_SCAN category: written since protected.
 pub const PAGE_IS_WRITTEN: u64 = 2;
+/// PAGEMAP_SCAN category: mapped to a page frame.
+pub const PAGE_IS_PRESENT: u64 = 1 << 3;
+/// PAGEMAP_SCAN category: swapped out.
+pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
+/// PAGEMAP_SCAN category: mapped to the shared zero page.
+pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
 
 /// Kernel ABI: `struct pm_scan_arg`.
 #[repr(C)]
