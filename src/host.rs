@@ -55,6 +55,33 @@ pub fn check_room(need_bytes: u64, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Refuse, naming the numbers, unless `copies` copies of a guest of
+/// `layout` with 2 MiB pages fit in the free reserved huge pages (nothing to
+/// check for 4 KiB pages). Huge pages come only from the reserve.
+pub fn check_huge_pages(layout: &proto::MemLayout, copies: u64, what: &str) -> Result<()> {
+    if layout.page_size() != proto::PageSize::Size2M {
+        return Ok(());
+    }
+    let text = std::fs::read_to_string("/proc/meminfo").context("reading /proc/meminfo")?;
+    let free = text
+        .lines()
+        .find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse::<u64>().ok()))
+        .unwrap_or(0);
+    let need = layout.n_pages().saturating_mul(copies);
+    if need > free {
+        bail!(
+            "{what} needs {need} free 2 MiB huge pages and this host has {free}: reserve them first \
+             (as root: echo {} > /proc/sys/vm/nr_hugepages)",
+            need.saturating_sub(free)
+                + std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -426,36 +426,11 @@ fn a_vmm_whose_memory_cannot_arrive_is_killed_not_left_blocked() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// Huge pages reserved for a test and given back when it ends.
-struct HugePages {
-    before: u64,
-}
-
-impl HugePages {
-    fn reserve(n: u64) -> Option<HugePages> {
-        let path = "/proc/sys/vm/nr_hugepages";
-        let before: u64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
-        std::fs::write(path, (before + n).to_string()).ok()?;
-        let free = std::fs::read_to_string("/proc/meminfo")
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse::<u64>().ok()))?;
-        let h = HugePages { before };
-        (free >= n).then_some(h)
-    }
-}
-
-impl Drop for HugePages {
-    fn drop(&mut self) {
-        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.before.to_string());
-    }
-}
-
 #[test]
 fn a_vmm_on_2mib_hugetlbfs_pages_restores_every_byte() {
     let _g = SERIAL.lock();
     const HUGE: usize = 2 * MB;
-    let Some(_huge) = HugePages::reserve(16) else {
+    let Some(_huge) = common::HugePages::reserve(16) else {
         eprintln!("SKIPPED: 16 huge pages could not be reserved (not root, or no hugetlbfs)");
         return;
     };

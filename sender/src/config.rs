@@ -65,3 +65,13 @@ impl Default for SenderConfig {
         }
     }
 }
+
+impl SenderConfig {
+    /// Pages per push or precopy frame for pages of `page_size`: the
+    /// configured run, at most what one frame may carry (8 MiB: four 2 MiB
+    /// pages).
+    pub fn run_pages(&self, page_size: proto::PageSize) -> u64 {
+        let most = (proto::wire::MAX_RUN_BYTES / page_size.bytes()).max(1);
+        u64::from(self.push_run_pages.max(1)).min(most)
+    }
+}

@@ -100,7 +100,7 @@ pub fn run<G: SourceGuest>(
     // Precopy rounds while the guest runs (hybrid, precopy); in pure
     // postcopy every page is outstanding.
     let mut pre = PrecopyReport::default();
-    let run_pages = u64::from(cfg.push_run_pages.max(1));
+    let run_pages = cfg.run_pages(layout.page_size());
     let mut outstanding = match cfg.mode {
         Mode::Postcopy => PageBitmap::full(layout.n_pages()),
         Mode::Hybrid | Mode::Precopy => {
@@ -296,7 +296,7 @@ fn serve_link(
                 served: Arc::clone(&served),
                 hint: Arc::clone(&hint),
                 abort: Arc::clone(&abort),
-                run_pages: u64::from(cfg.push_run_pages.max(1)),
+                run_pages: cfg.run_pages(map.layout().page_size()),
                 governor: crate::push::Governor::new(cfg.push_yield, cfg.push_rate),
                 zero_scan: link.zero_scan.take(),
                 metrics: Arc::clone(metrics),

@@ -195,7 +195,7 @@ pub(crate) fn rounds<G: SourceGuest>(
     report: &mut PrecopyReport,
 ) -> Result<PageBitmap, SenderError> {
     let (mode, policy) = (cfg.mode, &cfg.policy);
-    let run_pages = u64::from(cfg.push_run_pages.max(1));
+    let run_pages = cfg.run_pages(map.layout().page_size());
     let n = map.layout().n_pages();
     let page_bytes = map.layout().page_size().bytes();
     guest.start_dirty_tracking().map_err(SenderError::Guest)?;

@@ -101,6 +101,10 @@ pub struct GuestOpts {
     /// Seed of the guest's generators.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Guest page size: 4K, or 2M (hugetlbfs: huge pages must be reserved
+    /// on both hosts; the destination then uses anonymous hugetlbfs memory).
+    #[arg(long, default_value = "4K")]
+    pub page_size: String,
     /// Split memory into this many regions (with holes between them).
     #[arg(long, default_value_t = 1)]
     pub regions: u32,
@@ -406,12 +410,22 @@ pub(crate) fn prefetch_of(pages: Option<u32>, mode: PrefetchModeArg) -> Result<O
 }
 
 impl GuestOpts {
+    /// The page size asked for.
+    pub fn page_size(&self) -> Result<PageSize> {
+        match self.page_size.to_ascii_uppercase().as_str() {
+            "4K" | "4096" => Ok(PageSize::Size4K),
+            "2M" | "2097152" => Ok(PageSize::Size2M),
+            other => bail!("--page-size must be 4K or 2M, not {other:?}"),
+        }
+    }
+
     /// The memory layout these options describe.
     pub fn layout(&self) -> Result<MemLayout> {
         let bytes = parse_size(&self.mem).map_err(|e| anyhow!("--mem: {e}"))?;
-        let ps = PageSize::Size4K.bytes();
+        let page_size = self.page_size()?;
+        let ps = page_size.bytes();
         if bytes < 16 * ps || bytes % ps != 0 {
-            bail!("--mem must be a multiple of 4 KiB and at least 64 KiB, got {bytes} bytes");
+            bail!("--mem must be a multiple of the page size ({ps} bytes) and at least 16 pages, got {bytes} bytes");
         }
         if self.regions == 0 || u64::from(self.regions) > bytes / ps / 16 || self.regions > 64 {
             bail!("--regions must be 1..=64 and leave each region at least 16 pages");
@@ -426,7 +440,7 @@ impl GuestOpts {
             // Leave a 1 GiB-aligned hole after each region, as a VM's memory map would.
             guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
         }
-        Ok(MemLayout::new(PageSize::Size4K, regions)?)
+        Ok(MemLayout::new(page_size, regions)?)
     }
 
     /// The VM guest's configuration.
@@ -443,6 +457,9 @@ impl GuestOpts {
         }
         if self.touch != 1.0 {
             bail!("--touch applies to the workload guest only");
+        }
+        if self.page_size()? != PageSize::Size4K {
+            bail!("the VM guest uses 4 KiB pages (--page-size 4K)");
         }
         let active_pages = match w.pattern {
             Pattern::Uniform => 0,
@@ -516,6 +533,7 @@ impl GuestOpts {
             ("--pattern", self.pattern.clone()),
             ("--store-ratio", self.store_ratio.to_string()),
             ("--seed", self.seed.to_string()),
+            ("--page-size", self.page_size.clone()),
             ("--regions", self.regions.to_string()),
             ("--stall-threshold-us", self.stall_threshold_us.to_string()),
             ("--access-rate", self.access_rate.to_string()),

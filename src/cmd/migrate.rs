@@ -71,8 +71,10 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     // Validate here, so a bad option fails before any process starts.
     let link = check_migrate(args)?;
     // Both sides live on this host: the source's guest and the destination's copy.
-    let mem = args.guest.layout()?.len_bytes();
+    let layout = args.guest.layout()?;
+    let mem = layout.len_bytes();
     crate::host::check_room(mem.saturating_mul(2), "a migration on one host (source and destination)")?;
+    crate::host::check_huge_pages(&layout, 2, "a migration on one host (source and destination)")?;
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     // Ctrl-C or a TERM stops both sides and removes the lab's namespaces.
     let interrupted = Arc::new(AtomicBool::new(false));

@@ -41,6 +41,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     let layout = args.guest.layout()?;
     args.guest.check()?;
     crate::host::check_room(layout.len_bytes(), "the source's guest")?;
+    crate::host::check_huge_pages(&layout, 1, "the source's guest")?;
     // Bad options fail before the guest boots.
     read_key(&args.migration.key_file)?;
     prefetch_of(args.migration.prefetch, args.migration.prefetch_mode)?;

@@ -68,3 +68,29 @@ pub fn spawn_quiet_dest(extra: &[&str]) -> (Child, String) {
     let addr = line.strip_prefix("LISTENING ").expect("announce line").trim().to_string();
     (child, addr)
 }
+
+/// Huge pages reserved for a test and given back when it ends.
+pub struct HugePages {
+    before: u64,
+}
+
+impl HugePages {
+    /// Reserve `n` more huge pages; `None` if they cannot all be had.
+    pub fn reserve(n: u64) -> Option<HugePages> {
+        let path = "/proc/sys/vm/nr_hugepages";
+        let before: u64 = std::fs::read_to_string(path).ok()?.trim().parse().ok()?;
+        std::fs::write(path, (before + n).to_string()).ok()?;
+        let free = std::fs::read_to_string("/proc/meminfo")
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("HugePages_Free:").and_then(|v| v.trim().parse::<u64>().ok()))?;
+        let h = HugePages { before };
+        (free >= n).then_some(h)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.before.to_string());
+    }
+}
