@@ -162,7 +162,7 @@ fn a_slow_preparation_keeps_the_source_waiting_with_keepalives() {
     let layout = proto::MemLayout::single(PageSize::Size4K, 16 << 20).unwrap();
     let w = Workload::boot(Arc::new(GuestMemory::new(layout).unwrap()), WorkloadConfig::default()).unwrap();
     let mut src_guest = WorkloadSource::new(w, Duration::from_secs(5));
-    let scfg = sender::SenderConfig { handshake_timeout: Duration::from_secs(1), ..Default::default() };
+    let scfg = sender::SenderConfig { handshake_timeout: Duration::from_secs(2), ..Default::default() };
     let src = std::thread::spawn(move || {
         let control = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap();
         let mut dial = |_| {
@@ -186,8 +186,8 @@ fn a_slow_preparation_keeps_the_source_waiting_with_keepalives() {
         Box::new(control),
         &listener,
         |acc, cancel| {
-            // Three times the source's patience.
-            std::thread::sleep(Duration::from_secs(3));
+            // Two and a half times the source's patience.
+            std::thread::sleep(Duration::from_secs(5));
             DestAny::new(acc.guest_kind, acc.layout.clone(), guest::Backing::Shmem, Populate::Before, cancel)
                 .map_err(|e| pager::GuestError::Memory(Box::new(e)))
         },

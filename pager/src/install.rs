@@ -464,6 +464,10 @@ impl Installer {
     /// Retry the installs deferred by the fault thread (after it has read
     /// the userfaultfd's events). Returns pages newly present.
     pub fn retry_deferred(&self) -> Result<u64, UffdError> {
+        // Only a handed-over descriptor defers: nothing to look at otherwise.
+        if self.gate.is_none() {
+            return Ok(0);
+        }
         let todo = std::mem::take(&mut *self.deferred.lock());
         let mut newly = 0;
         for (run, data, kind) in todo {

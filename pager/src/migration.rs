@@ -10,16 +10,15 @@
 //! recovery window for it to ask what happened, and answers "not switched".
 //! After switchover a broken link pauses the migration (see `fault`).
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::MsgFlags;
 use proto::session::{Accepted, DestEvent, DestSession, SessionError};
-use proto::wire::{self, Msg, ResumeState, ResumeTimes, SourceStats};
+use proto::wire::{Msg, ResumeState, ResumeTimes, SourceStats};
 use proto::{LatencyHist, PageBitmap};
 use transport::{Conn, Listener, TransportError, Wait};
 
@@ -136,35 +135,35 @@ struct Run<'a> {
 /// while a watcher polls the control connection for a hang-up; a hang-up
 /// sets the cancel flag `prepare` watches, and the run fails with
 /// [`PagerError::SourceGone`] instead of finishing work no one will use.
-/// How often the destination says it is alive while it prepares memory.
-const PREPARE_KEEPALIVE: Duration = Duration::from_millis(250);
+/// How often the destination says it is alive while it prepares memory
+/// (first after one interval: a small guest is ready before, and its
+/// handshake stays the same frames).
+const PREPARE_KEEPALIVE: Duration = Duration::from_secs(1);
 
 fn prepare_watching<G>(
-    fd: BorrowedFd<'_>,
+    control: &mut dyn Conn,
     prepare: impl FnOnce(&AtomicBool) -> Result<G, GuestError>,
 ) -> Result<G, PagerError> {
     let cancel = AtomicBool::new(false);
     let done = AtomicBool::new(false);
     let r = std::thread::scope(|s| {
+        // The watcher has the connection to itself: the main thread does not
+        // use it while it prepares.
         let watch = || {
-            let mut last_alive: Option<Instant> = None;
+            let mut last_alive = Instant::now();
             while !done.load(Ordering::Acquire) {
-                if hung_up(fd, PollTimeout::from(50u8)) {
+                if hung_up(control.readiness(), PollTimeout::from(50u8)) {
                     tracing::warn!("the source hung up while guest memory was being prepared: stopping");
                     cancel.store(true, Ordering::Release);
                     return;
                 }
                 // Preparing takes seconds per GiB: tell the source we are
                 // alive, or its wait for HelloAck would run out on a large
-                // guest (27 s for 10 GiB here). The main thread does not use
-                // the connection meanwhile; an 8-byte frame into an idle
-                // socket goes whole or not at all.
-                if last_alive.is_none_or(|t| t.elapsed() >= PREPARE_KEEPALIVE) {
-                    last_alive = Some(Instant::now());
-                    let mut frame = Vec::with_capacity(wire::HEADER_LEN);
-                    Msg::KeepAlive.encode(&mut frame);
-                    let _ =
-                        nix::sys::socket::send(fd.as_raw_fd(), &frame, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL);
+                // guest (27 s for 10 GiB here). A failed send shows as a
+                // hang-up next turn.
+                if last_alive.elapsed() >= PREPARE_KEEPALIVE {
+                    last_alive = Instant::now();
+                    let _ = control.send(&Msg::KeepAlive);
                 }
             }
         };
@@ -224,8 +223,7 @@ impl Run<'_> {
         let layout = accepted.layout.clone();
         ctl(&mut self.control)?.set_page_size(layout.page_size());
         let t_setup = Instant::now();
-        let fd = ctl(&mut self.control)?.readiness();
-        let mut guest = prepare_watching(fd, |cancel| make_guest(&accepted, cancel))?;
+        let mut guest = prepare_watching(ctl(&mut self.control)?, |cancel| make_guest(&accepted, cancel))?;
 
         // Register all of guest memory before the guest can run: every page is
         // missing until installed.

@@ -81,13 +81,15 @@ impl Governor {
             return;
         }
         let yielding = self.pace != self.base;
-        if let Some(p) = conn.path_info() {
+        // TCP_INFO only once per window, not per frame.
+        let due = self.window.is_none_or(|(t0, _)| now.duration_since(t0) >= SAMPLE_WINDOW);
+        if let Some(p) = if due { conn.path_info() } else { None } {
             match self.window {
                 None => self.window = Some((now, p.bytes_acked)),
-                Some((t0, a0)) if now.duration_since(t0) >= SAMPLE_WINDOW => {
+                Some((t0, a0)) => {
                     let dt = now.duration_since(t0).as_secs_f64();
                     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-                    let rate = ((p.bytes_acked - a0) as f64 / dt) as u64;
+                    let rate = (p.bytes_acked.saturating_sub(a0) as f64 / dt) as u64;
                     self.window = Some((now, p.bytes_acked));
                     if !yielding {
                         if rate >= self.bw_max || now.duration_since(self.bw_at) > BW_WINDOW {
@@ -105,7 +107,6 @@ impl Governor {
                         }
                     }
                 }
-                Some(_) => {}
             }
         }
         let busy = self.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
