@@ -1,0 +1,42 @@
+//! RDMA for postcopy: the verbs the engine needs behind a small interface
+//! ([`verbs`]), a software device that behaves like a NIC across processes
+//! ([`sim`]), the engine's guards for what a NIC leaves to its user
+//! ([`queue`]), the setup exchanged over the control connection
+//! ([`setup`]), and with feature `rdma` the real device ([`hw`]).
+
+pub mod queue;
+pub mod setup;
+pub mod sim;
+pub mod verbs;
+
+#[cfg(feature = "rdma")]
+pub mod hw;
+
+pub use verbs::{
+    Access, Completion, Device, Endpoint, MemoryRegion, Op, QpCaps, QueuePair, RecvWr, Remote, SendWr, Sge, VerbsError,
+    WcOp, WcStatus,
+};
+
+use std::sync::Arc;
+
+/// Which device to open: `sim` (the software device, bound to `bind` so a
+/// peer in another namespace can reach it) or a real one by name.
+pub fn open(name: &str, bind: std::net::IpAddr, seed: u64) -> Result<Arc<dyn Device>, VerbsError> {
+    if name == "sim" {
+        return Ok(sim::SimDevice::open(bind, sim::SimConfig { seed, ..sim::SimConfig::default() }));
+    }
+    #[cfg(feature = "rdma")]
+    {
+        let d = hw::open(if name.is_empty() || name == "any" { None } else { Some(name) })?;
+        Ok(d)
+    }
+    #[cfg(not(feature = "rdma"))]
+    {
+        Err(VerbsError::NoDevice {
+            name: Some(name.to_string()),
+            why: "this build has no libibverbs support (build with --features rdma); only the software device \
+                  `sim` is available"
+                .into(),
+        })
+    }
+}
