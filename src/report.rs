@@ -197,6 +197,30 @@ pub struct LinkReport {
     pub measured_gbit: f64,
 }
 
+/// What RDMA did (`transport: "rdma"`): work requests posted per operation,
+/// bytes per operation, completions polled, registration time.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RdmaReport {
+    /// The device (`sim`: the software device).
+    pub device: String,
+    /// Destination: RDMA READs posted for faults.
+    pub demand_reads: u64,
+    /// Their bytes.
+    pub demand_bytes: u64,
+    /// Completions polled for them.
+    pub demand_completions: u64,
+    /// Destination: RDMA READs posted for the background.
+    pub background_reads: u64,
+    /// Their bytes.
+    pub background_bytes: u64,
+    /// Completions polled for them (one per group of unsignaled READs).
+    pub background_completions: u64,
+    /// Registering memory: the destination's staging slots, or the
+    /// source's guest memory.
+    pub registration_ms: f64,
+}
+
 /// A run's report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -250,6 +274,10 @@ pub struct Report {
     pub guest: GuestReport,
     /// The link between the two sides.
     pub link: LinkReport,
+    /// How post-copy pages moved: "tcp" or "rdma".
+    pub transport: String,
+    /// What RDMA did, when it was used.
+    pub rdma: Option<RdmaReport>,
     /// Source: the bulk connection's pacing rate, Gbit/s (0: unpaced).
     pub push_rate_gbit: f64,
     /// Destination: the sampling tick of `timeline`.
@@ -378,6 +406,18 @@ pub fn summary(r: &Report) -> String {
         r.postcopy.requests,
         r.postcopy.pages_duplicate
     );
+    if let Some(x) = &r.rdma {
+        s += &format!(
+            "  rdma         device {}: {} demand READs ({:.3} GB), {} background READs ({:.3} GB, {} completions), registration {:.2} ms\n",
+            x.device,
+            x.demand_reads,
+            x.demand_bytes as f64 / 1e9,
+            x.background_reads,
+            x.background_bytes as f64 / 1e9,
+            x.background_completions,
+            x.registration_ms
+        );
+    }
     let f = &r.postcopy.fault_latency_us;
     s += &format!(
         "  faults       {} over the network (latency p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us)",
@@ -491,6 +531,20 @@ impl Report {
                 paused_ms: ns_ms(pager::PagerMetrics::get(&metrics.paused_ns)),
             },
             guest: guest_report(g, false),
+            transport: if pr.rdma_device.is_some() { "rdma" } else { "tcp" }.into(),
+            rdma: pr.rdma_device.as_ref().map(|d| {
+                let get = |c: &std::sync::atomic::AtomicU64| pager::PagerMetrics::get(c);
+                RdmaReport {
+                    device: d.clone(),
+                    demand_reads: get(&metrics.rdma_demand_reads),
+                    demand_bytes: get(&metrics.rdma_demand_bytes),
+                    demand_completions: get(&metrics.rdma_demand_wc),
+                    background_reads: get(&metrics.rdma_bg_reads),
+                    background_bytes: get(&metrics.rdma_bg_bytes),
+                    background_completions: get(&metrics.rdma_bg_wc),
+                    registration_ms: ms(pr.rdma_registration),
+                }
+            }),
             ..Default::default()
         }
     }

@@ -28,6 +28,11 @@ pub struct PagerConfig {
     /// Nice value of the bulk receiver and the page mapper (see
     /// `transport::sched`); `None` picks by mode (see [`default_nice`]).
     pub background_nice: Option<i32>,
+    /// Post-copy pages come by RDMA through this device (this side reads
+    /// them); `None`: TCP.
+    pub rdma: Option<rdma::Config>,
+    /// Bytes of background READs in flight at most.
+    pub rdma_window: u64,
 }
 
 impl Default for PagerConfig {
@@ -41,6 +46,8 @@ impl Default for PagerConfig {
             retry_after: Duration::from_secs(1),
             recover_timeout: Duration::from_secs(300),
             background_nice: None,
+            rdma: None,
+            rdma_window: 4 << 20,
         }
     }
 }

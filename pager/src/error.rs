@@ -52,6 +52,9 @@ pub enum PagerError {
     #[error("fault at {0:#x}, outside guest memory")]
     StrayFault(usize),
     /// poll failed.
+    /// An RDMA queue pair failed or stalled.
+    #[error("RDMA failed: {0}")]
+    Rdma(String),
     #[error("poll failed")]
     Poll(#[source] nix::Error),
     /// The bulk receiver failed.
@@ -124,6 +127,9 @@ impl PagerError {
             // completion acknowledgement) is silence too.
             PagerError::PeerSilent(_) | PagerError::Timeout { .. } => true,
             PagerError::Bulk(inner) => inner.is_link_failure(),
+            // A failed or stalled queue pair: the link is reconnected over
+            // TCP (with recovery), as for a broken connection.
+            PagerError::Rdma(_) => true,
             _ => false,
         }
     }

@@ -63,6 +63,10 @@ pub(crate) struct FaultLoop<'a> {
     pub(crate) metrics: &'a Arc<PagerMetrics>,
     /// Nice value of bulk receivers started on reconnection.
     pub(crate) nice: i32,
+    /// Demand READs by RDMA (first link only: after a broken link, TCP).
+    pub(crate) rdma: Option<crate::rdma::DemandReader>,
+    /// The background READs.
+    pub(crate) puller: Option<crate::rdma::PullerHandle>,
 }
 
 /// What one turn of the loop decided.
@@ -138,6 +142,8 @@ impl FaultLoop<'_> {
         };
         drop(self.bulk.take());
         self.retired.clear();
+        self.puller = None;
+        self.rdma = None;
         r
     }
 
@@ -146,6 +152,10 @@ impl FaultLoop<'_> {
         let (uffd_ready, conn_ready) = self.wait(st)?;
         if uffd_ready {
             self.handle_faults(st)?;
+        }
+        if let Some(r) = self.rdma.as_mut() {
+            // Cheap when nothing completed (one lock, one empty queue).
+            r.complete(self.inst, self.metrics)?;
         }
         let buffered = self.control.as_deref().is_some_and(|c| c.has_buffered());
         if (conn_ready || buffered)
@@ -172,6 +182,12 @@ impl FaultLoop<'_> {
             b.stop();
             self.retired.push(b);
         }
+        // Whatever the queue pairs had in flight is abandoned with them; the
+        // reconnected link carries the rest over TCP.
+        if self.rdma.take().is_some() {
+            tracing::warn!("RDMA dropped with the link: the rest goes over TCP once the source reconnects");
+        }
+        self.puller = None;
         st.paused = Some(Paused { since: Instant::now(), cause });
     }
 
@@ -325,11 +341,16 @@ impl FaultLoop<'_> {
         let next_keepalive = st.last_tx + self.cfg.keepalive;
         let timeout = next_keepalive.saturating_duration_since(Instant::now()).min(TICK);
         let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX).max(1);
+        // With RDMA, its completion notification too (armed by `complete`:
+        // readable once a READ completes).
+        let third = self.rdma.as_ref().map_or(conn.readiness(), |r| r.readiness());
         let mut fds = [
             PollFd::new(self.inst.uffd().as_fd(), PollFlags::POLLIN),
             PollFd::new(conn.readiness(), PollFlags::POLLIN),
+            PollFd::new(third, PollFlags::POLLIN),
         ];
-        match poll(&mut fds, PollTimeout::from(ms)) {
+        let k = if self.rdma.is_some() { 3 } else { 2 };
+        match poll(&mut fds[..k], PollTimeout::from(ms)) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => return Ok((false, false)),
             Err(e) => return Err(PagerError::Poll(e)),
@@ -406,7 +427,14 @@ impl FaultLoop<'_> {
         let here = |p: PageIdx| inst.is_held(p) || inst.present().get(p);
         let added = planner::plan(&st.pages, self.prefetch, here, &mut st.requested, &mut st.ranges);
         if added > 0 {
-            self.send_ranges(st, t_read)?;
+            match self.rdma.as_mut() {
+                // Read from the source's memory ourselves: no request.
+                Some(r) => {
+                    r.read(&st.ranges, self.metrics)?;
+                    st.ranges.clear();
+                }
+                None => self.send_ranges(st, t_read)?,
+            }
         }
         Ok(())
     }
@@ -456,7 +484,7 @@ impl FaultLoop<'_> {
                     return Ok(Some(stats));
                 }
                 // The session rejects these after switchover; an error, not a panic, if not.
-                DestEvent::Accepted(_) | DestEvent::SwitchoverReady { .. } => {
+                DestEvent::Accepted(_) | DestEvent::SwitchoverReady { .. } | DestEvent::RdmaSetup => {
                     return Err(SessionError::Unexpected { tag: msg.tag(), phase: "in postcopy" }.into());
                 }
             }
@@ -479,6 +507,15 @@ impl FaultLoop<'_> {
         }
         if now.duration_since(last_rx) > self.cfg.peer_timeout {
             return Err(PagerError::PeerSilent(self.cfg.peer_timeout));
+        }
+        // RDMA never times out: a READ unanswered past the peer timeout is a dead link.
+        if let Some(w) = self.rdma.as_ref().and_then(crate::rdma::DemandReader::oldest_wait)
+            && w > self.cfg.peer_timeout
+        {
+            return Err(PagerError::Rdma(format!("a demand read had no completion for {w:?}")));
+        }
+        if let Some(p) = &self.puller {
+            p.check()?;
         }
         let Some(conn) = self.control.as_deref_mut() else { return Ok(()) };
         if now.duration_since(st.last_tx) >= self.cfg.keepalive {

@@ -14,6 +14,7 @@
 //! * `install`: page installation and fault completion (private, as uffd).
 //! * [`planner`]: faults to ranges (prefetch, dedup).
 //! * `bulk`: the bulk receiver (precopy and push), one per connection.
+//! * `rdma`: post-copy pages read from the source by RDMA (demand and background).
 //! * `recover`: the resume handshake of a reconnecting source.
 //! * `fault`: the fault loop (demand path, pause and reattach).
 //! * [`migration`]: the run from handshake to completion, and its report.
@@ -28,6 +29,7 @@ mod install;
 pub mod metrics;
 pub mod migration;
 pub mod planner;
+mod rdma;
 mod recover;
 mod shared;
 mod uffd;

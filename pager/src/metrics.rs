@@ -101,6 +101,18 @@ pub struct PagerMetrics {
     pub recoveries: AtomicU64,
     /// Time spent paused (link broken, waiting for the source), ns.
     pub paused_ns: AtomicU64,
+    /// RDMA READs posted for demand, their bytes, their polled completions.
+    pub rdma_demand_reads: AtomicU64,
+    /// Bytes of those READs.
+    pub rdma_demand_bytes: AtomicU64,
+    /// Completions polled for them.
+    pub rdma_demand_wc: AtomicU64,
+    /// RDMA READs posted for the background.
+    pub rdma_bg_reads: AtomicU64,
+    /// Bytes of those READs.
+    pub rdma_bg_bytes: AtomicU64,
+    /// Completions polled for them (one per group of READs).
+    pub rdma_bg_wc: AtomicU64,
     /// Fault event read to page installed, per fault served over the network.
     pub fault_latency: Mutex<LatencyHist>,
     /// The same for faults on pages held here, mapped without a round trip.

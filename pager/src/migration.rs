@@ -69,6 +69,10 @@ pub struct PagerReport {
     pub fault_latency_local: LatencyHist,
     /// Block time per faulting thread id, ns.
     pub blocktime_ns: Vec<(u32, u64)>,
+    /// The RDMA device, when post-copy pages were read by RDMA.
+    pub rdma_device: Option<String>,
+    /// Registering the staging memory took this long.
+    pub rdma_registration: Duration,
 }
 
 /// A finished run: the guest (running on, all memory local) and the report.
@@ -96,6 +100,7 @@ pub fn run<G: DestGuest>(
 ) -> Result<Outcome<G>, PagerError> {
     let mut expect = cfg.expect.clone();
     expect.recovery = !cfg.recover_timeout.is_zero();
+    expect.rdma = cfg.rdma.is_some();
     let session = DestSession::new(expect, random_bytes(), u64::from_le_bytes(random_bytes()));
     let mut run = Run {
         control: Some(control),
@@ -254,6 +259,21 @@ impl Run<'_> {
         ctl(&mut self.control)?.send(&ack)?;
 
         let nice = self.cfg.background_nice.unwrap_or(default_nice(accepted.mode));
+        // RDMA: the source offers its memory before it opens the bulk connection.
+        let mut rdma = match &self.cfg.rdma {
+            Some(rc) if self.session.rdma() => Some(crate::rdma::set_up(
+                ctl(&mut self.control)?,
+                &mut self.session,
+                &layout,
+                rc,
+                self.cfg.expect.key.as_deref(),
+                self.cfg.rdma_window,
+                self.cfg.handshake_timeout,
+            )?),
+            _ => None,
+        };
+        let rdma_device = rdma.as_ref().map(|r| r.device.clone());
+        let rdma_registration = rdma.as_ref().map_or(Duration::ZERO, |r| r.registration);
         let deadline = Instant::now() + self.cfg.handshake_timeout;
         let (bulk_conn, bulk_session) = self.accept_first_bulk(&layout, deadline)?;
         let bulk = bulk::spawn(
@@ -302,7 +322,20 @@ impl Run<'_> {
                 mode: if accepted.prefetch_around { PrefetchMode::Around } else { PrefetchMode::After },
             },
         });
+        // With RDMA this side reads the background itself, behind demand.
+        let puller = match rdma.as_mut().and_then(|r| r.background.take()) {
+            Some(p) if broken.is_none() => Some(p.spawn(
+                Arc::clone(&inst),
+                Arc::clone(&self.shared),
+                Arc::clone(&self.metrics),
+                self.cfg.peer_timeout,
+                nice,
+            )?),
+            _ => None,
+        };
         let source = FaultLoop {
+            rdma: rdma.map(|r| r.demand),
+            puller,
             prefetch,
             control: &mut self.control,
             bulk: Some(bulk),
@@ -341,6 +374,8 @@ impl Run<'_> {
             fault_latency,
             fault_latency_local,
             blocktime_ns,
+            rdma_device,
+            rdma_registration,
         };
         Ok(Outcome { guest, report })
     }
@@ -417,7 +452,7 @@ impl Run<'_> {
                     return Ok((state, outstanding, precopy_rounds));
                 }
                 // Rejected by the session before switchover; an error, not a panic, if not.
-                DestEvent::Accepted(_) | DestEvent::Finished(_) => {
+                DestEvent::Accepted(_) | DestEvent::Finished(_) | DestEvent::RdmaSetup => {
                     return Err(SessionError::Unexpected { tag: msg.tag(), phase: "before switchover" }.into());
                 }
             }

@@ -26,15 +26,16 @@ use crate::auth;
 use crate::bitmap::PageBitmap;
 use crate::types::{LayoutError, MemLayout, PageIdx, PageRange, PageSize};
 use crate::wire::{
-    ErrorCode, FEATURE_RECOVERY, FEATURE_ZEROS, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN, PageKind, ResumeState,
-    SERVER_FLAG_AUTH_REQUIRED, ServerHello, SourceStats, Tag, VERSION, WordList, hello_mac_input, resume_mac_input,
+    ErrorCode, FEATURE_RDMA, FEATURE_RECOVERY, FEATURE_ZEROS, GuestKind, Hello, MAC_LEN, Mode, Msg, NONCE_LEN,
+    PageKind, ResumeState, SERVER_FLAG_AUTH_REQUIRED, ServerHello, SourceStats, Tag, VERSION, WordList,
+    hello_mac_input, resume_mac_input,
 };
 
 /// Oldest protocol version this build accepts.
 pub const MIN_VERSION: u16 = 1;
 
 /// Feature bits this build understands.
-pub const SUPPORTED_FEATURES: u64 = FEATURE_RECOVERY | FEATURE_ZEROS;
+pub const SUPPORTED_FEATURES: u64 = FEATURE_RECOVERY | FEATURE_ZEROS | FEATURE_RDMA;
 
 /// A message was illegal for the session, or the peer reported an error.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -169,6 +170,8 @@ pub struct DestExpect {
     pub max_mem_bytes: Option<u64>,
     /// Whether the destination offers post-copy recovery.
     pub recovery: bool,
+    /// Whether the destination was started for RDMA: it then requires it.
+    pub rdma: bool,
 }
 
 /// What the destination accepted.
@@ -229,6 +232,8 @@ pub enum DestEvent {
     KeepAlive,
     /// The source acknowledged completion: the run is over.
     Finished(SourceStats),
+    /// The source's RDMA offer (`FEATURE_RDMA`, once, before switchover).
+    RdmaSetup,
 }
 
 /// The destination's control-connection state machine.
@@ -246,6 +251,9 @@ pub struct DestSession {
     zeros: bool,
     /// We told a reconnecting source that no switchover happened here.
     cancelled: bool,
+    /// Post-copy pages move by RDMA (`FEATURE_RDMA`).
+    rdma: bool,
+    rdma_setup_seen: bool,
 }
 
 impl DestSession {
@@ -263,6 +271,8 @@ impl DestSession {
             zeros: false,
             recovery: false,
             cancelled: false,
+            rdma: false,
+            rdma_setup_seen: false,
         }
     }
 
@@ -281,6 +291,11 @@ impl DestSession {
     /// The session cookie.
     pub fn session(&self) -> u64 {
         self.session
+    }
+
+    /// Whether post-copy pages move by RDMA (`FEATURE_RDMA` negotiated).
+    pub fn rdma(&self) -> bool {
+        self.rdma
     }
 
     /// The accepted layout, once the hello is in.
@@ -324,11 +339,24 @@ impl DestSession {
                 layout.len_bytes()
             )));
         }
+        if self.expect.rdma && h.features & FEATURE_RDMA == 0 {
+            return Err(SessionError::Mismatch(
+                "the destination moves post-copy pages by RDMA (--transport rdma) and the source did not ask for it"
+                    .into(),
+            ));
+        }
+        let mut features = h.features & SUPPORTED_FEATURES;
+        if !self.expect.recovery {
+            features &= !FEATURE_RECOVERY;
+        }
+        if !self.expect.rdma {
+            features &= !FEATURE_RDMA;
+        }
         Ok(Accepted {
             layout,
             mode: h.mode,
             guest_kind: h.guest_kind,
-            features: h.features & SUPPORTED_FEATURES & if self.expect.recovery { u64::MAX } else { !FEATURE_RECOVERY },
+            features,
             version: h.version,
             prefetch_pages: h.prefetch_pages,
             prefetch_around: h.prefetch_around,
@@ -347,6 +375,7 @@ impl DestSession {
                 let a = self.accept(h)?;
                 self.recovery = a.features & FEATURE_RECOVERY != 0;
                 self.zeros = a.features & FEATURE_ZEROS != 0;
+                self.rdma = a.features & FEATURE_RDMA != 0;
                 self.outstanding = Some(PageBitmap::new(a.layout.n_pages()));
                 self.layout = Some(a.layout.clone());
                 self.phase = DestPhase::PreSwitchover;
@@ -354,6 +383,10 @@ impl DestSession {
             }
             (DestPhase::AwaitHello, _) => Err(unexpected(self.phase)),
             (_, Msg::KeepAlive) => Ok(DestEvent::KeepAlive),
+            (DestPhase::PreSwitchover, Msg::RdmaSetup(_)) if self.rdma && !self.rdma_setup_seen => {
+                self.rdma_setup_seen = true;
+                Ok(DestEvent::RdmaSetup)
+            }
             (DestPhase::PreSwitchover, Msg::GuestState(_)) if !self.got_state => {
                 self.got_state = true;
                 Ok(DestEvent::Data)
@@ -630,6 +663,8 @@ pub struct SourceOffer {
     pub prefetch_around: bool,
     /// Whether to offer post-copy recovery.
     pub recovery: bool,
+    /// Whether post-copy pages are to move by RDMA (the destination must agree).
+    pub rdma: bool,
 }
 
 /// What a legal message means to the source driver.
@@ -663,6 +698,8 @@ pub enum SourceEvent {
     },
     /// Part of the destination's Have bitmap (kept by the session).
     Have,
+    /// The destination's answer to the RDMA offer.
+    RdmaSetup,
     /// The resume handshake is over: what the destination says, and the
     /// pages it holds.
     Reattached {
@@ -687,6 +724,7 @@ pub struct SourceSession {
     /// The destination said it holds every page.
     completed: bool,
     have: Option<PageBitmap>,
+    rdma_setup_seen: bool,
 }
 
 impl SourceSession {
@@ -701,6 +739,7 @@ impl SourceSession {
             acked: false,
             completed: false,
             have: None,
+            rdma_setup_seen: false,
         }
     }
 
@@ -771,11 +810,9 @@ impl SourceSession {
                     version,
                     guest_kind: self.offer.guest_kind,
                     mode: self.offer.mode,
-                    features: if self.offer.recovery {
-                        SUPPORTED_FEATURES
-                    } else {
-                        SUPPORTED_FEATURES & !FEATURE_RECOVERY
-                    },
+                    features: SUPPORTED_FEATURES
+                        & if self.offer.recovery { u64::MAX } else { !FEATURE_RECOVERY }
+                        & if self.offer.rdma { u64::MAX } else { !FEATURE_RDMA },
                     page_size: self.offer.layout.page_size(),
                     prefetch_pages: self.offer.prefetch_pages,
                     prefetch_around: self.offer.prefetch_around,
@@ -797,6 +834,11 @@ impl SourceSession {
                     return Err(SessionError::Mismatch(format!(
                         "destination accepted features {features:#x} never offered"
                     )));
+                }
+                if self.offer.rdma && features & FEATURE_RDMA == 0 {
+                    return Err(SessionError::Mismatch(
+                        "the destination does not move pages by RDMA (start it with --transport rdma)".into(),
+                    ));
                 }
                 self.phase = SourcePhase::Ready;
                 self.session = *session;
@@ -825,6 +867,10 @@ impl SourceSession {
                 Ok(SourceEvent::SendResume { version, session: self.session, mac })
             }
             (SourcePhase::Reconnecting, _) => Err(unexpected(self.phase)),
+            (SourcePhase::Ready, Msg::RdmaSetup(_)) if self.offer.rdma && !self.rdma_setup_seen => {
+                self.rdma_setup_seen = true;
+                Ok(SourceEvent::RdmaSetup)
+            }
             (_, Msg::KeepAlive) => Ok(SourceEvent::KeepAlive),
             (SourcePhase::AwaitResumeAck, Msg::Have { first_word, words }) => {
                 let Some(have) = self.have.as_mut() else { return Err(unexpected(self.phase)) };
@@ -927,6 +973,7 @@ mod tests {
             prefetch_pages: 0,
             prefetch_around: false,
             recovery: true,
+            rdma: false,
         }
     }
 

@@ -40,3 +40,25 @@ pub fn open(name: &str, bind: std::net::IpAddr, seed: u64) -> Result<Arc<dyn Dev
         })
     }
 }
+
+/// What a side was told about RDMA on its command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// `sim`, a device name, or empty for the first device.
+    pub device: String,
+    /// The software device's delay before each request, at most (us).
+    pub sim_delay_us: u32,
+    /// Seed of those delays.
+    pub seed: u64,
+}
+
+impl Config {
+    /// Open the device, its queue pairs listening on `bind` (the software
+    /// device's; a real one ignores it).
+    pub fn open(&self, bind: std::net::IpAddr) -> Result<Arc<dyn Device>, VerbsError> {
+        if self.device == "sim" {
+            return Ok(sim::SimDevice::open(bind, sim::SimConfig { seed: self.seed, max_delay_us: self.sim_delay_us }));
+        }
+        open(&self.device, bind, self.seed)
+    }
+}

@@ -368,7 +368,12 @@ impl QpShared {
             flushed.push(Completion { wr_id: p.wr.wr_id, status: WcStatus::Flushed, op: wc_op(p.wr.op), byte_len: 0 });
         }
         for r in st.rq.drain(..) {
-            flushed.push(Completion { wr_id: r.wr_id, status: WcStatus::Flushed, op: WcOp::Recv { imm: None }, byte_len: 0 });
+            flushed.push(Completion {
+                wr_id: r.wr_id,
+                status: WcStatus::Flushed,
+                op: WcOp::Recv { imm: None },
+                byte_len: 0,
+            });
         }
         for c in flushed {
             if st.cq.len() >= self.caps.cq_depth as usize {
@@ -413,8 +418,8 @@ impl SimQp {
         }
         let listener = TcpListener::bind(SocketAddr::new(dev.bind, 0)).map_err(|e| os("bind", e))?;
         let port = listener.local_addr().map_err(|e| os("getsockname", e))?.port();
-        let event = EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| os("eventfd", e.into()))?;
+        let event =
+            EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).map_err(|e| os("eventfd", e.into()))?;
         let n = dev.next_qp.fetch_add(1, Ordering::Relaxed);
         let rng = dev.cfg.seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x2545_F491_4F6C_DD1D;
         Ok(SimQp {
@@ -574,7 +579,13 @@ fn rx_serve(sh: &QpShared, dev: &DevInner, s: &mut TcpStream, w: &Mutex<TcpStrea
                 let mr = dev.remote.read().get(&h.rkey).copied();
                 let ok = mr.is_some_and(|m| m.access.remote_read && m.covers(h.raddr, u64::from(h.len)));
                 let ws = w.lock();
-                let resp = Hdr { ty: T_READ_RESP, status: if ok { S_OK } else { S_REMOTE_ACCESS }, psn: h.psn, len: if ok { h.len } else { 0 }, ..Hdr::default() };
+                let resp = Hdr {
+                    ty: T_READ_RESP,
+                    status: if ok { S_OK } else { S_REMOTE_ACCESS },
+                    psn: h.psn,
+                    len: if ok { h.len } else { 0 },
+                    ..Hdr::default()
+                };
                 (&*ws).write_all(&resp.encode())?;
                 if ok {
                     // SAFETY: the range lies in a registered region (checked
@@ -623,7 +634,10 @@ fn rx_serve(sh: &QpShared, dev: &DevInner, s: &mut TcpStream, w: &Mutex<TcpStrea
                         S_OK => (WcStatus::Success, (h.flags & F_IMM != 0).then_some(h.imm)),
                         _ => (WcStatus::LocalLength, None),
                     };
-                    sh.push_cq(&mut st, Completion { wr_id: r.wr_id, status: wst, op: WcOp::Recv { imm }, byte_len: h.len });
+                    sh.push_cq(
+                        &mut st,
+                        Completion { wr_id: r.wr_id, status: wst, op: WcOp::Recv { imm }, byte_len: h.len },
+                    );
                     if wst != WcStatus::Success {
                         sh.to_error(&mut st, "a received message did not fit its buffer".into());
                     }
@@ -699,8 +713,12 @@ fn decode_endpoint(e: &Endpoint) -> Result<(SocketAddr, u64), VerbsError> {
         return Err(bad("not a software device's (is the peer using a real device?)"));
     }
     let (ip, rest): (IpAddr, &[u8]) = match b[2] {
-        4 if b.len() == 3 + 4 + 10 => (IpAddr::from(<[u8; 4]>::try_from(&b[3..7]).map_err(|_| bad("length"))?), &b[7..]),
-        6 if b.len() == 3 + 16 + 10 => (IpAddr::from(<[u8; 16]>::try_from(&b[3..19]).map_err(|_| bad("length"))?), &b[19..]),
+        4 if b.len() == 3 + 4 + 10 => {
+            (IpAddr::from(<[u8; 4]>::try_from(&b[3..7]).map_err(|_| bad("length"))?), &b[7..])
+        }
+        6 if b.len() == 3 + 16 + 10 => {
+            (IpAddr::from(<[u8; 16]>::try_from(&b[3..19]).map_err(|_| bad("length"))?), &b[19..])
+        }
         _ => return Err(bad("length or address family")),
     };
     let port = u16::from_le_bytes([rest[0], rest[1]]);
@@ -735,7 +753,8 @@ impl QueuePair for SimQp {
             if t.is_zero() {
                 return Err(VerbsError::Connect("timed out".into()));
             }
-            let mut s = TcpStream::connect_timeout(&addr, t).map_err(|e| VerbsError::Connect(format!("{addr}: {e}")))?;
+            let mut s =
+                TcpStream::connect_timeout(&addr, t).map_err(|e| VerbsError::Connect(format!("{addr}: {e}")))?;
             s.write_all(&hello(self.token, token)).map_err(|e| VerbsError::Connect(e.to_string()))?;
             s
         } else {
@@ -746,7 +765,8 @@ impl QueuePair for SimQp {
                 match l.accept() {
                     Ok((mut s, _)) => {
                         s.set_nonblocking(false).map_err(|e| os("fcntl", e))?;
-                        s.set_read_timeout(Some(left().max(Duration::from_millis(1)))).map_err(|e| os("setsockopt", e))?;
+                        s.set_read_timeout(Some(left().max(Duration::from_millis(1))))
+                            .map_err(|e| os("setsockopt", e))?;
                         let mut h = [0u8; 24];
                         if s.read_exact(&mut h).is_ok() && h == hello(token, self.token) {
                             s.set_read_timeout(None).map_err(|e| os("setsockopt", e))?;

@@ -89,8 +89,7 @@ fn read_write_and_send_move_bytes_without_the_passive_side() {
     }
     let dst = buf(&da, 1 << 20, 0, Access::LOCAL);
     // b's engine does nothing from here: its NIC threads serve the READ.
-    a.post_send(&SendWr { wr_id: 1, op: Op::Read(src.remote(4096)), sge: dst.sge(0, 65536), signaled: true })
-        .unwrap();
+    a.post_send(&SendWr { wr_id: 1, op: Op::Read(src.remote(4096)), sge: dst.sge(0, 65536), signaled: true }).unwrap();
     let wc = wait_wc(&mut a, 1).unwrap();
     assert_eq!(wc[0].status, WcStatus::Success);
     assert!((0..65536).all(|i| dst.read(i) == ((i + 4096) % 251) as u8));
@@ -116,7 +115,8 @@ fn hazard_1_a_work_request_id_in_flight_is_refused_and_the_guard_never_reuses_on
     // slot whose READ has not completed (the peer is slow).
     a.set_delay_us(50_000);
     a.post_send(&SendWr { wr_id: 3, op: Op::Read(src.remote(0)), sge: dst.sge(0, 4096), signaled: true }).unwrap();
-    let again = a.post_send(&SendWr { wr_id: 3, op: Op::Read(src.remote(0)), sge: dst.sge(4096, 4096), signaled: true });
+    let again =
+        a.post_send(&SendWr { wr_id: 3, op: Op::Read(src.remote(0)), sge: dst.sge(4096, 4096), signaled: true });
     assert!(matches!(again, Err(VerbsError::DuplicateWrId(3))), "{again:?}");
     wait_wc(&mut a, 1).unwrap();
     a.set_delay_us(0);
@@ -134,10 +134,13 @@ fn hazard_1_a_work_request_id_in_flight_is_refused_and_the_guard_never_reuses_on
         }
         q.poll(&mut done).unwrap();
     }
-    let mut ids: Vec<usize> = done.iter().map(|(c, s)| {
-        assert_eq!(*s, WcStatus::Success);
-        *c
-    }).collect();
+    let mut ids: Vec<usize> = done
+        .iter()
+        .map(|(c, s)| {
+            assert_eq!(*s, WcStatus::Success);
+            *c
+        })
+        .collect();
     ids.sort_unstable();
     assert_eq!(ids, (0..500).collect::<Vec<_>>());
     drop((q, b));

@@ -43,6 +43,9 @@ pub struct SenderConfig {
     /// The bulk connection's fixed pacing (`--push-rate`), bytes/s, if any:
     /// the push never goes faster.
     pub push_rate: Option<u64>,
+    /// Post-copy pages move by RDMA through this device (the destination
+    /// reads them); `None`: TCP.
+    pub rdma: Option<rdma::Config>,
 }
 
 impl Default for SenderConfig {
@@ -62,6 +65,7 @@ impl Default for SenderConfig {
             background_nice: None,
             push_yield: 1.0,
             push_rate: None,
+            rdma: None,
         }
     }
 }

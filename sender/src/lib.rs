@@ -15,6 +15,7 @@
 //! * [`precopy`]: precopy rounds and the switchover policy.
 //! * `push`: the background pusher; `demand`: the demand server.
 //! * [`reconnect`]: restoring a broken link.
+//! * [`rdma`]: guest memory offered for the destination's RDMA reads.
 //! * [`migration`]: the run, its failure phases and report.
 #![deny(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod metrics;
 pub mod migration;
 pub mod precopy;
 mod push;
+pub mod rdma;
 pub mod reconnect;
 
 pub use config::SenderConfig;

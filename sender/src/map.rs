@@ -31,6 +31,11 @@ impl SourceMap {
         &self.layout
     }
 
+    /// Where each region starts.
+    pub(crate) fn bases(&self) -> &[HostAddr] {
+        &self.bases
+    }
+
     /// The memory of `r` (validated) as one span per region it touches.
     pub(crate) fn spans<'a>(&'a self, r: PageRange, out: &mut Vec<IoSpan<'a>>) {
         let shift = self.layout.page_size().shift();

@@ -55,6 +55,10 @@ pub struct SenderReport {
     pub recoveries: u64,
     /// Time spent reconnecting.
     pub paused: Duration,
+    /// The RDMA device, when post-copy pages went by RDMA.
+    pub rdma_device: Option<String>,
+    /// Registering guest memory for RDMA took this long.
+    pub rdma_registration: Duration,
 }
 
 fn nanos(d: Duration) -> u64 {
@@ -82,6 +86,7 @@ pub fn run<G: SourceGuest>(
         prefetch_pages: cfg.prefetch_pages,
         prefetch_around: cfg.prefetch_around,
         recovery: !cfg.recover_timeout.is_zero(),
+        rdma: cfg.rdma.is_some(),
     });
 
     // Handshake. Any failure here leaves the guest running untouched.
@@ -92,6 +97,26 @@ pub fn run<G: SourceGuest>(
     })?;
     control.set_page_size(layout.page_size());
     map.allow_zeros(session.zeros());
+    // RDMA: guest memory registered and offered before the bulk connection,
+    // so the destination can read from the moment the guest resumes there.
+    let rdma = match &cfg.rdma {
+        Some(rc) => {
+            let r = crate::rdma::set_up(
+                &mut *control,
+                &mut session,
+                &map,
+                rc,
+                cfg.key.as_deref(),
+                session_id,
+                cfg.handshake_timeout,
+            );
+            Some(r.map_err(|e| {
+                report_error(&mut *control, &e);
+                fail(FailPhase::BeforeSwitchover)(e)
+            })?)
+        }
+        None => None,
+    };
     let mut bulk = dial(Channel::Bulk).map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
     bulk.set_page_size(layout.page_size());
     bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session_id })
@@ -193,12 +218,15 @@ pub fn run<G: SourceGuest>(
     let mut ack_deadline: Option<Instant> = None;
     // The guest is paused for good: what never held data is known now.
     link.zero_scan = guest.zero_scanner();
+    // With RDMA the destination reads every page itself on the first link;
+    // after a broken link the rest goes over TCP (the pusher).
+    let mut push = rdma.is_none() || settled.is_some();
     loop {
         let served = if state == ResumeState::Complete {
             // The destination holds every page and only waits for this.
             acknowledge(&mut *link.control, &mut stats, &metrics)
         } else {
-            serve_link(&mut link, &mut session, &map, &pushed, cfg, &metrics, &mut stats)
+            serve_link(&mut link, &mut session, &map, &pushed, push, cfg, &metrics, &mut stats)
         };
         let served = match served {
             Ok(()) => break,
@@ -232,6 +260,7 @@ pub fn run<G: SourceGuest>(
         pushed = r.have;
         state = r.state;
         link = Link { control: r.control, bulk: r.bulk, zero_scan: None };
+        push = true;
     }
     Ok(SenderReport {
         total_time: started.elapsed(),
@@ -243,6 +272,8 @@ pub fn run<G: SourceGuest>(
         precopy: pre,
         recoveries: SenderMetrics::get(&metrics.recoveries),
         paused: Duration::from_nanos(SenderMetrics::get(&metrics.paused_ns)),
+        rdma_device: rdma.as_ref().map(|r| r.device.clone()),
+        rdma_registration: rdma.as_ref().map_or(Duration::ZERO, |r| r.registration),
     })
 }
 
@@ -278,6 +309,7 @@ fn serve_link(
     session: &mut SourceSession,
     map: &Arc<SourceMap>,
     pushed: &PageBitmap,
+    push: bool,
     cfg: &SenderConfig,
     metrics: &Arc<SenderMetrics>,
     stats: &mut SourceStats,
@@ -287,7 +319,9 @@ fn serve_link(
     let hint = Arc::new(AtomicU64::new(NO_HINT));
     let abort = Arc::new(AtomicBool::new(false));
     let push_failed = Arc::new(AtomicBool::new(false));
-    let push_thread = match link.bulk.take() {
+    // Without a push (RDMA) the bulk connection stays open and idle.
+    let bulk = if push { link.bulk.take() } else { None };
+    let push_thread = match bulk {
         Some(conn) => Some(spawn_pusher(
             Pusher {
                 conn,

@@ -241,6 +241,9 @@ pub struct DestArgs {
     /// The destination's own options (also taken by `migrate`).
     #[command(flatten)]
     pub opts: DestOpts,
+    /// How post-copy pages move.
+    #[command(flatten)]
+    pub transport: TransportOpts,
     /// Nice value of the bulk receiver and the page mapper (default: 0 in
     /// pure postcopy, 10 in hybrid and precopy).
     #[arg(long)]
@@ -301,6 +304,96 @@ pub struct DestOpts {
     pub max_mem: Option<String>,
 }
 
+/// How post-copy pages move (`source`, `dest`, and `migrate`, which passes
+/// them to both sides).
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct TransportOpts {
+    /// `tcp`, or `rdma`: the destination reads post-copy pages (demand and
+    /// background) straight from the source's memory with RDMA READs; the
+    /// handshake, precopy rounds and the switchover stay on TCP, and after a
+    /// broken link the rest goes over TCP.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: TransportArg,
+    /// The RDMA device: `sim` (the software device, carried over TCP between
+    /// the hosts), or a NIC's name (default: the first one).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// The software device waits a seeded delay of up to this many
+    /// microseconds before each request.
+    #[arg(long, default_value_t = 0)]
+    pub rdma_sim_delay_us: u32,
+    /// Background RDMA reads in flight at most, in bytes (the destination's).
+    #[arg(long, default_value = "4M")]
+    pub rdma_window: String,
+}
+
+/// `--transport`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransportArg {
+    /// Every page over TCP.
+    Tcp,
+    /// Post-copy pages by RDMA READs.
+    Rdma,
+}
+
+impl TransportOpts {
+    /// The RDMA configuration, if any; `seed` seeds the software device's delays.
+    pub fn rdma(&self, seed: u64) -> Result<Option<rdma::Config>> {
+        match self.transport {
+            TransportArg::Tcp => {
+                if self.rdma_device.is_some() {
+                    bail!("--rdma-device needs --transport rdma");
+                }
+                Ok(None)
+            }
+            TransportArg::Rdma => Ok(Some(rdma::Config {
+                device: self.rdma_device.clone().unwrap_or_default(),
+                sim_delay_us: self.rdma_sim_delay_us,
+                seed,
+            })),
+        }
+    }
+
+    /// `--rdma-window` in bytes.
+    pub fn window(&self) -> Result<u64> {
+        let b = parse_size(&self.rdma_window).map_err(|e| anyhow!("--rdma-window: {e}"))?;
+        if b == 0 {
+            bail!("--rdma-window must be more than 0");
+        }
+        Ok(b)
+    }
+
+    /// Check the options and that the device opens, before anything starts:
+    /// RDMA asked for where there is none is a clear error at once.
+    pub fn check(&self) -> Result<Option<rdma::Config>> {
+        self.window()?;
+        let rc = self.rdma(0)?;
+        if let Some(rc) = &rc {
+            rc.open(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)).map_err(|e| {
+                anyhow!(
+                    "--transport rdma: {e}{}",
+                    if rc.device == "sim" { "" } else { " (--rdma-device sim uses the software device)" }
+                )
+            })?;
+        }
+        Ok(rc)
+    }
+
+    /// These options as command-line arguments (see [`GuestOpts::to_args`]).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--transport".into(),
+            name_of(&self.transport),
+            "--rdma-sim-delay-us".into(),
+            self.rdma_sim_delay_us.to_string(),
+            "--rdma-window".into(),
+            self.rdma_window.clone(),
+        ];
+        push_opt(&mut a, "--rdma-device", self.rdma_device.as_ref());
+        a
+    }
+}
+
 /// The destination's time series (`dest`, `migrate`).
 #[derive(Args, Clone, Debug, PartialEq)]
 pub struct TimelineOpts {
@@ -339,6 +432,9 @@ pub struct SourceArgs {
     /// Migration options.
     #[command(flatten)]
     pub migration: MigrationOpts,
+    /// How post-copy pages move.
+    #[command(flatten)]
+    pub transport: TransportOpts,
     /// Write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -362,6 +458,9 @@ pub struct MigrateArgs {
     /// Migration options.
     #[command(flatten)]
     pub migration: MigrationOpts,
+    /// How post-copy pages move.
+    #[command(flatten)]
+    pub transport: TransportOpts,
     /// Write the merged JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,

@@ -29,6 +29,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let prefetch = prefetch_of(args.prefetch, args.prefetch_mode)?;
     let max_mem = args.opts.max_mem.as_deref().map(parse_size).transpose().map_err(|e| anyhow!("--max-mem: {e}"))?;
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
+    args.transport.check()?;
     let vmm = args.vmm_uffd_socket.as_deref().map(VmmListener::bind).transpose()?;
     let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -51,6 +52,8 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         peer_timeout,
         recover_timeout: Duration::from_secs(args.recover_timeout),
         background_nice: args.background_nice,
+        rdma: args.transport.rdma(0x5eed)?,
+        rdma_window: args.transport.window()?,
         ..PagerConfig::default()
     };
     let sampler = crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.timeline.tick_ms));

@@ -70,6 +70,7 @@ pub fn check_migrate(args: &MigrateArgs) -> Result<LinkSpec> {
 pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     // Validate here, so a bad option fails before any process starts.
     let link = check_migrate(args)?;
+    args.transport.check()?;
     // Both sides live on this host: the source's guest and the destination's copy.
     let layout = args.guest.layout()?;
     let mem = layout.len_bytes();
@@ -122,6 +123,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             &args.migration.recover_timeout.to_string(),
         ])
         .args(args.dest.to_args())
+        .args(args.transport.to_args())
         .stdout(Stdio::piped());
     if let Some(n) = args.migration.background_nice {
         dest_cmd.args(["--background-nice", &n.to_string()]);
@@ -165,7 +167,8 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         .arg(&src_report)
         .args(["--run-before-ms", &args.run_before_ms.to_string()])
         .args(args.guest.to_args())
-        .args(args.migration.to_args());
+        .args(args.migration.to_args())
+        .args(args.transport.to_args());
     let mut source = Reaper(Some(src_cmd.spawn().context("starting the source process")?));
     let mut bar = ProgressView::new(args.quiet);
     // Whichever ends first, the other gets a bounded time to finish.

@@ -24,6 +24,8 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
     if args.child {
         die_with_parent();
     }
+    // RDMA asked for where there is none fails before anything starts.
+    args.transport.check()?;
     if let Some(path) = &args.memory_file {
         if args.migration.mode.mode() != proto::wire::Mode::Postcopy {
             bail!("--memory-file serves a snapshot that does not change: only --mode postcopy applies");
@@ -80,6 +82,7 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
         recover_timeout: Duration::from_secs(args.migration.recover_timeout),
         push_yield: push_yield(args.migration.push_yield, &args.connect)?,
         push_rate,
+        rdma: args.transport.rdma(args.guest.seed)?,
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
@@ -166,6 +169,12 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
                     ..Default::default()
                 },
                 guest: GuestReport { accesses: before_accesses, verify_ok: true, ..Default::default() },
+                transport: if r.rdma_device.is_some() { "rdma" } else { "tcp" }.into(),
+                rdma: r.rdma_device.as_ref().map(|d| crate::report::RdmaReport {
+                    device: d.clone(),
+                    registration_ms: ms(r.rdma_registration),
+                    ..Default::default()
+                }),
                 ..base
             };
             // The guest now runs on the destination; the paused copy here is dropped.

@@ -301,6 +301,12 @@ pub trait Conn: Send {
     /// Who the peer is, for messages.
     fn peer(&self) -> &str;
 
+    /// The local address this connection leaves from, if it has one (a
+    /// peer can reach this host there).
+    fn local_ip(&self) -> Option<std::net::IpAddr> {
+        None
+    }
+
     /// What the transport knows of the path (TCP_INFO), if anything.
     fn path_info(&self) -> Option<PathInfo> {
         None

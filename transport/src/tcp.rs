@@ -521,6 +521,10 @@ impl Conn for TcpConn {
         self.sent
     }
 
+    fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.stream.local_addr().ok().map(|a| a.ip())
+    }
+
     fn path_info(&self) -> Option<PathInfo> {
         // SAFETY: tcp_info is plain old data; zero is a valid value.
         let mut ti: libc::tcp_info = unsafe { std::mem::zeroed() };

@@ -32,6 +32,11 @@ pub const SERVER_FLAG_AUTH_REQUIRED: u32 = 1;
 pub const FEATURE_RECOVERY: u64 = 1;
 /// Feature bit: runs of zero pages travel as `Zeros` frames, without data.
 pub const FEATURE_ZEROS: u64 = 2;
+/// Feature bit: post-copy pages move by RDMA (the destination reads them);
+/// both sides must have been started for it.
+pub const FEATURE_RDMA: u64 = 4;
+/// Largest RDMA setup body before its MAC.
+pub const MAX_RDMA_SETUP: u32 = 4096;
 
 /// Defines the message types once: the tag enum, its byte values, each
 /// type's largest body, and the list of all of them.
@@ -113,6 +118,9 @@ message_types! {
     ResumeAck = 19, max 16;
     /// A run of zero pages, without data: demand reply, push or precopy.
     Zeros = 20, max 16;
+    /// RDMA setup on the control connection (`FEATURE_RDMA`): the source's
+    /// offer or the destination's answer, then a MAC (zeros without a key).
+    RdmaSetup = 21, max MAX_RDMA_SETUP + MAC_LEN as u32;
 }
 
 /// Why bytes could not be decoded. Every variant is a peer error: the caller

@@ -289,6 +289,9 @@ pub enum Msg<'a> {
     KeepAlive,
     /// The paused guest's opaque state.
     GuestState(&'a [u8]),
+    /// RDMA setup (offer or answer, then a MAC): opaque here, decoded by
+    /// the `rdma` crate.
+    RdmaSetup(&'a [u8]),
     /// A piece of the outstanding-page bitmap.
     Outstanding {
         /// Index of the first bitmap word carried.
@@ -540,6 +543,7 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
         }
         Tag::KeepAlive => Msg::KeepAlive,
         Tag::GuestState => Msg::GuestState(rd.rest()),
+        Tag::RdmaSetup => Msg::RdmaSetup(rd.rest()),
         Tag::Outstanding | Tag::Have => {
             let first_word = rd.u64()?;
             let rest = rd.rest();
@@ -784,6 +788,7 @@ impl Msg<'_> {
             Msg::Error { .. } => Tag::Error,
             Msg::KeepAlive => Tag::KeepAlive,
             Msg::GuestState(_) => Tag::GuestState,
+            Msg::RdmaSetup(_) => Tag::RdmaSetup,
             Msg::Outstanding { .. } => Tag::Outstanding,
             Msg::Switchover { .. } => Tag::Switchover,
             Msg::SwitchoverAck(_) => Tag::SwitchoverAck,
@@ -841,7 +846,7 @@ impl Msg<'_> {
                 out.extend_from_slice(&message.as_bytes()[..end]);
             }
             Msg::KeepAlive => {}
-            Msg::GuestState(b) => out.extend_from_slice(b),
+            Msg::GuestState(b) | Msg::RdmaSetup(b) => out.extend_from_slice(b),
             Msg::Outstanding { first_word, words } | Msg::Have { first_word, words } => {
                 put_u64(out, *first_word);
                 out.extend_from_slice(words.0);

@@ -1,0 +1,451 @@
+//! The destination's half of RDMA: it reads every post-copy page itself.
+//!
+//! * **Demand** (`DemandReader`, owned by the fault thread): the ranges
+//!   the planner makes of a batch of faults become RDMA READs from the
+//!   source's guest memory into registered staging slots, on a queue pair
+//!   of their own, posted by the thread that read the faults; the same
+//!   thread polls their completions and installs them (UFFDIO_COPY, or
+//!   the alias and UFFDIO_CONTINUE). The source's CPU is not involved.
+//! * **Background** (`Puller`, thread `pager-pull`): READs of every page
+//!   neither present nor held, in address order, at most `rdma_window`
+//!   bytes in flight on a second queue pair, so demand never queues
+//!   behind them on the NIC.
+//!
+//! The claim rule holds because no READ ever targets guest memory: both
+//! land in staging slots and go through the installer, which writes a
+//! page only while it is missing and claimed (a late background copy of a
+//! page the guest has written since is dropped). A slot is posted again
+//! only after its completion was polled and its data installed. Every
+//! request has its own id, the last of each batch is signaled (the send
+//! queue guard, `rdma::queue`), and a READ outstanding past the peer
+//! timeout is a dead link: RDMA itself never times out.
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::os::fd::BorrowedFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use memmap2::MmapMut;
+use parking_lot::Mutex;
+use proto::session::{DestEvent, DestSession, SessionError};
+use proto::wire::{Msg, PageKind};
+use proto::{MemLayout, PageIdx, PageRange};
+use rdma::queue::SendQueue;
+use rdma::setup::{Answer, Offer};
+use rdma::{Access, Device, MemoryRegion, Op, QpCaps, Remote, Sge, WcStatus};
+use transport::{Conn, Wait};
+
+use crate::error::PagerError;
+use crate::install::Installer;
+use crate::metrics::PagerMetrics;
+use crate::shared::Shared;
+
+/// Demand staging slots (READs in flight at most).
+const DEMAND_SLOTS: u32 = 32;
+/// Bytes per staging slot (at least one page).
+const SLOT_BYTES: u64 = 256 << 10;
+/// One background completion per this many READs.
+const BG_SIGNAL_EVERY: u32 = 4;
+
+fn rdma_err(what: &str, e: impl std::fmt::Display) -> PagerError {
+    PagerError::Rdma(format!("{what}: {e}"))
+}
+
+/// Registered staging memory cut into slots.
+struct Staging {
+    // The region first: deregistered before the memory goes.
+    mr: Box<dyn MemoryRegion>,
+    _mem: MmapMut,
+    /// The mapping's start: slots are read through raw pointers, never a
+    /// reference to the whole mapping (the NIC writes other slots meanwhile).
+    base: usize,
+    slot_bytes: u64,
+    free: Vec<u32>,
+}
+
+impl Staging {
+    fn new(dev: &dyn Device, slots: u32, slot_bytes: u64) -> Result<Staging, PagerError> {
+        let len = usize::try_from(u64::from(slots) * slot_bytes).map_err(|e| rdma_err("staging", e))?;
+        let mut mem = MmapMut::map_anon(len).map_err(|e| rdma_err("staging", e))?;
+        // SAFETY: the mapping lives in this struct next to its region, and
+        // every queue pair that may write it is dropped first (field order of
+        // the owners: queue before staging).
+        let mr = unsafe { dev.register(mem.as_mut_ptr(), len, Access::LOCAL) }
+            .map_err(|e| rdma_err("registering staging memory", e))?;
+        let base = mem.as_mut_ptr() as usize;
+        Ok(Staging { mr, _mem: mem, base, slot_bytes, free: (0..slots).rev().collect() })
+    }
+
+    fn sge(&self, slot: u32, len: u64) -> Sge {
+        Sge { addr: self.mr.addr() + u64::from(slot) * self.slot_bytes, len: len as u32, lkey: self.mr.lkey() }
+    }
+
+    /// The bytes of a slot whose READ completed (no request targets it now).
+    fn data(&self, slot: u32, len: u64) -> &[u8] {
+        let at = (u64::from(slot) * self.slot_bytes) as usize;
+        debug_assert!(len <= self.slot_bytes);
+        // SAFETY: the slot lies inside the mapping, which lives as long as
+        // `self`; its READ completed and the slot is not posted again until
+        // the caller is done with these bytes (it holds `&self`, and posting
+        // takes `&mut self` of the owner).
+        unsafe { std::slice::from_raw_parts((self.base + at) as *const u8, len as usize) }
+    }
+}
+
+/// Set-up state before switchover: both queue pairs connected.
+pub(crate) struct DestRdma {
+    pub(crate) demand: DemandReader,
+    pub(crate) background: Option<Puller>,
+    pub(crate) device: String,
+    pub(crate) registration: Duration,
+}
+
+/// Receive the source's offer, answer it, connect.
+pub(crate) fn set_up(
+    control: &mut dyn Conn,
+    session: &mut DestSession,
+    layout: &MemLayout,
+    rc: &rdma::Config,
+    key: Option<&[u8]>,
+    window: u64,
+    timeout: Duration,
+) -> Result<DestRdma, PagerError> {
+    let deadline = Instant::now() + timeout;
+    let page_bytes = layout.page_size().bytes();
+    let offer = loop {
+        let Some(msg) = control.recv(Wait::Until(deadline))? else {
+            return Err(PagerError::Timeout { what: "the source's RDMA offer", after: timeout });
+        };
+        match session.on_recv(&msg)? {
+            DestEvent::KeepAlive => {}
+            DestEvent::RdmaSetup => {
+                let Msg::RdmaSetup(b) = msg else { unreachable!("the session said RdmaSetup") };
+                let body = proto::auth::open_setup(key, session.session(), 1, b).map_err(|e| rdma_err("offer", e))?;
+                break Offer::decode(body, layout.n_pages(), page_bytes).map_err(|e| rdma_err("offer", e))?;
+            }
+            _ => return Err(SessionError::Unexpected { tag: msg.tag(), phase: "awaiting the RDMA offer" }.into()),
+        }
+    };
+    if offer.endpoints.len() != 2 {
+        return Err(rdma_err("offer", format!("{} queue pairs, expected 2", offer.endpoints.len())));
+    }
+    let bind = control.local_ip().unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let dev = rc.open(bind).map_err(|e| rdma_err("device", e))?;
+    if (offer.device == "sim") != (dev.name() == "sim") {
+        return Err(rdma_err(
+            "device",
+            format!(
+                "the source uses {:?} and this side {:?}: both must use the software device, or both a real one",
+                offer.device,
+                dev.name()
+            ),
+        ));
+    }
+    let slot_bytes = SLOT_BYTES.max(page_bytes);
+    let bg_slots = u32::try_from((window / slot_bytes).clamp(1, 256)).unwrap_or(1);
+    let t = Instant::now();
+    let d_stage = Staging::new(&*dev, DEMAND_SLOTS, slot_bytes)?;
+    let b_stage = Staging::new(&*dev, bg_slots, slot_bytes)?;
+    let registration = t.elapsed();
+    let caps = |slots: u32| QpCaps { max_send_wr: slots, max_recv_wr: 1, cq_depth: 2 * slots + 4 };
+    let mut dq = dev.create_qp(caps(DEMAND_SLOTS)).map_err(|e| rdma_err("queue pair", e))?;
+    let mut bq = dev.create_qp(caps(bg_slots)).map_err(|e| rdma_err("queue pair", e))?;
+    let answer = Answer { endpoints: vec![dq.endpoint(), bq.endpoint()] };
+    let sealed = proto::auth::seal_setup(key, session.session(), 2, &answer.encode());
+    control.send(&Msg::RdmaSetup(&sealed))?;
+    dq.connect(&offer.endpoints[0], deadline).map_err(|e| rdma_err("connecting", e))?;
+    bq.connect(&offer.endpoints[1], deadline).map_err(|e| rdma_err("connecting", e))?;
+    tracing::info!(device = dev.name(), "RDMA set up: post-copy pages will be read from the source");
+    let offer = Arc::new(offer);
+    let slot_pages = slot_bytes / page_bytes;
+    Ok(DestRdma {
+        demand: DemandReader {
+            sq: SendQueue::new(dq, DEMAND_SLOTS, 1, 1),
+            stage: d_stage,
+            offer: Arc::clone(&offer),
+            page_bytes,
+            slot_pages,
+            backlog: VecDeque::new(),
+            inflight: VecDeque::new(),
+            done: Vec::new(),
+            _dev: Arc::clone(&dev),
+        },
+        background: Some(Puller {
+            sq: SendQueue::new(bq, bg_slots, BG_SIGNAL_EVERY, 2),
+            stage: b_stage,
+            offer,
+            page_bytes,
+            slot_pages,
+            _dev: Arc::clone(&dev),
+        }),
+        device: dev.name().to_string(),
+        registration,
+    })
+}
+
+/// Cut `r` into READs of at most `slot_pages` that stay inside one source region.
+fn pieces(offer: &Offer, r: PageRange, slot_pages: u64, page_bytes: u64, out: &mut VecDeque<PageRange>) {
+    let mut p = r.first.0;
+    while p < r.end() {
+        let n = (r.end() - p).min(slot_pages);
+        let n = offer.locate(p, n, page_bytes).map_or(n, |(_, _, n)| n);
+        out.push_back(PageRange::new(PageIdx(p), n));
+        p += n;
+    }
+}
+
+/// The fault thread's READs.
+pub(crate) struct DemandReader {
+    // The queue first: gone before the staging it writes.
+    sq: SendQueue<(u32, PageRange)>,
+    stage: Staging,
+    offer: Arc<Offer>,
+    page_bytes: u64,
+    slot_pages: u64,
+    /// Pieces waiting for a slot.
+    backlog: VecDeque<PageRange>,
+    /// When each READ in flight was posted, in order.
+    inflight: VecDeque<Instant>,
+    done: Vec<((u32, PageRange), WcStatus)>,
+    _dev: Arc<dyn Device>,
+}
+
+impl DemandReader {
+    /// Read `ranges` (faulting pages first: they are posted first).
+    pub(crate) fn read(&mut self, ranges: &[PageRange], metrics: &PagerMetrics) -> Result<(), PagerError> {
+        for r in ranges {
+            pieces(&self.offer, *r, self.slot_pages, self.page_bytes, &mut self.backlog);
+        }
+        self.post(metrics)
+    }
+
+    fn post(&mut self, metrics: &PagerMetrics) -> Result<(), PagerError> {
+        while let Some(r) = self.backlog.front().copied() {
+            let Some(slot) = self.stage.free.pop() else { break };
+            self.backlog.pop_front();
+            let (addr, rkey, _) = self
+                .offer
+                .locate(r.first.0, r.n_pages, self.page_bytes)
+                .ok_or_else(|| rdma_err("read", format!("page {} is in no region", r.first.0)))?;
+            let len = r.n_pages * self.page_bytes;
+            let last = self.backlog.is_empty() || self.stage.free.is_empty();
+            self.sq
+                .post(Op::Read(Remote { addr, rkey }), self.stage.sge(slot, len), (slot, r), last)
+                .map_err(|e| rdma_err("posting a demand read", e))?;
+            self.inflight.push_back(Instant::now());
+            PagerMetrics::add(&metrics.rdma_demand_reads, 1);
+            PagerMetrics::add(&metrics.rdma_demand_bytes, len);
+        }
+        Ok(())
+    }
+
+    /// Install every READ that completed, post what waited for a slot, and
+    /// arm the completion notification. Returns pages installed.
+    pub(crate) fn complete(&mut self, inst: &Installer, metrics: &PagerMetrics) -> Result<u64, PagerError> {
+        let mut newly = 0;
+        loop {
+            self.done.clear();
+            let before = self.sq.completions;
+            let n = self.sq.poll(&mut self.done).map_err(|e| rdma_err("demand completions", e))?;
+            PagerMetrics::add(&metrics.rdma_demand_wc, self.sq.completions - before);
+            if n == 0 {
+                // Armed, then polled again: a completion in between is not lost.
+                self.sq.arm().map_err(|e| rdma_err("arming", e))?;
+                self.done.clear();
+                let before = self.sq.completions;
+                if self.sq.poll(&mut self.done).map_err(|e| rdma_err("demand completions", e))? == 0 {
+                    return Ok(newly);
+                }
+                PagerMetrics::add(&metrics.rdma_demand_wc, self.sq.completions - before);
+            }
+            for i in 0..self.done.len() {
+                let ((slot, r), status) = self.done[i];
+                if status != WcStatus::Success {
+                    return Err(rdma_err("demand read", format!("pages {}+{}: {status}", r.first.0, r.n_pages)));
+                }
+                self.inflight.pop_front();
+                let data = self.stage.data(slot, r.n_pages * self.page_bytes);
+                newly += inst.install(r.first, data, PageKind::Demand)?;
+                self.stage.free.push(slot);
+            }
+            self.post(metrics)?;
+        }
+    }
+
+    /// How long the oldest READ in flight has waited.
+    pub(crate) fn oldest_wait(&self) -> Option<Duration> {
+        self.inflight.front().map(Instant::elapsed)
+    }
+
+    /// Polls readable once an armed completion arrived.
+    pub(crate) fn readiness(&self) -> BorrowedFd<'_> {
+        self.sq.readiness()
+    }
+}
+
+/// The background READs, before they start.
+pub(crate) struct Puller {
+    sq: SendQueue<(u32, PageRange)>,
+    stage: Staging,
+    offer: Arc<Offer>,
+    page_bytes: u64,
+    slot_pages: u64,
+    _dev: Arc<dyn Device>,
+}
+
+/// The running puller.
+pub(crate) struct PullerHandle {
+    stop: Arc<AtomicBool>,
+    failed: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PullerHandle {
+    /// Why it failed, if it did.
+    pub(crate) fn check(&self) -> Result<(), PagerError> {
+        match &*self.failed.lock() {
+            Some(e) => Err(PagerError::Rdma(e.clone())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PullerHandle {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Puller {
+    /// Start reading every missing page in the background.
+    pub(crate) fn spawn(
+        self,
+        inst: Arc<Installer>,
+        shared: Arc<Shared>,
+        metrics: Arc<PagerMetrics>,
+        peer_timeout: Duration,
+        nice: i32,
+    ) -> Result<PullerHandle, PagerError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(Mutex::new(None));
+        let (s, f) = (Arc::clone(&stop), Arc::clone(&failed));
+        let thread = std::thread::Builder::new()
+            .name("pager-pull".into())
+            .spawn(move || {
+                transport::sched::set_thread_nice(nice);
+                if let Err(e) = self.run(&inst, &shared, &metrics, &s, peer_timeout) {
+                    tracing::warn!("background RDMA reads stopped: {}", crate::error::error_chain(&e));
+                    *f.lock() = Some(crate::error::error_chain(&e));
+                }
+            })
+            .map_err(|e| PagerError::Spawn { what: "pager-pull", source: e })?;
+        Ok(PullerHandle { stop, failed, thread: Some(thread) })
+    }
+
+    /// The next stretch of pages neither present nor held at or after `at`.
+    fn next_missing(&self, inst: &Installer, mut at: u64) -> Option<PageRange> {
+        let n = inst.map().layout().n_pages();
+        let (present, held) = (inst.present(), inst.held());
+        let p = loop {
+            let p = present.next_with(at, false)?;
+            if !held.get(p) {
+                break p;
+            }
+            at = held.next_with_below(p.0, n, false)?.0;
+        };
+        let mut end = (p.0 + self.slot_pages).min(n);
+        if let Some(q) = present.next_with_below(p.0, end, true) {
+            end = q.0;
+        }
+        if let Some(q) = held.next_with_below(p.0, end, true) {
+            end = q.0;
+        }
+        let len = self.offer.locate(p.0, end - p.0, self.page_bytes).map_or(end - p.0, |(_, _, k)| k);
+        Some(PageRange::new(p, len))
+    }
+
+    fn run(
+        mut self,
+        inst: &Installer,
+        shared: &Shared,
+        metrics: &PagerMetrics,
+        stop: &AtomicBool,
+        peer_timeout: Duration,
+    ) -> Result<(), PagerError> {
+        let n = inst.map().layout().n_pages();
+        let mut cursor = 0u64;
+        let mut inflight: VecDeque<Instant> = VecDeque::new();
+        let mut done = Vec::new();
+        loop {
+            if stop.load(Ordering::Acquire) || shared.check().is_err() {
+                return Ok(());
+            }
+            // Post while slots are free.
+            while !self.stage.free.is_empty() {
+                let Some(r) = self.next_missing(inst, cursor) else {
+                    cursor = n;
+                    break;
+                };
+                let slot = self.stage.free.pop().expect("checked");
+                let (addr, rkey, _) = self
+                    .offer
+                    .locate(r.first.0, r.n_pages, self.page_bytes)
+                    .ok_or_else(|| rdma_err("read", format!("page {} is in no region", r.first.0)))?;
+                let len = r.n_pages * self.page_bytes;
+                cursor = r.end();
+                let last = self.stage.free.is_empty() || cursor >= n;
+                self.sq
+                    .post(Op::Read(Remote { addr, rkey }), self.stage.sge(slot, len), (slot, r), last)
+                    .map_err(|e| rdma_err("posting a background read", e))?;
+                inflight.push_back(Instant::now());
+                PagerMetrics::add(&metrics.rdma_bg_reads, 1);
+                PagerMetrics::add(&metrics.rdma_bg_bytes, len);
+            }
+            if inflight.is_empty() {
+                if inst.complete() {
+                    return Ok(());
+                }
+                // Every page was read once; what is still missing waits on a
+                // demand read or an install in progress. Look again shortly.
+                std::thread::sleep(Duration::from_millis(5));
+                cursor = 0;
+                continue;
+            }
+            // Wait for completions.
+            done.clear();
+            let before = self.sq.completions;
+            let mut k = self.sq.poll(&mut done).map_err(|e| rdma_err("background completions", e))?;
+            if k == 0 {
+                self.sq.arm().map_err(|e| rdma_err("arming", e))?;
+                k = self.sq.poll(&mut done).map_err(|e| rdma_err("background completions", e))?;
+                if k == 0 {
+                    let mut fds = [nix::poll::PollFd::new(self.sq.readiness(), nix::poll::PollFlags::POLLIN)];
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u8));
+                    if inflight.front().is_some_and(|t| t.elapsed() > peer_timeout) {
+                        return Err(rdma_err(
+                            "background read",
+                            format!("no completion for {peer_timeout:?}: the source is presumed dead"),
+                        ));
+                    }
+                    continue;
+                }
+            }
+            PagerMetrics::add(&metrics.rdma_bg_wc, self.sq.completions - before);
+            for &((slot, r), status) in &done {
+                if status != WcStatus::Success {
+                    return Err(rdma_err("background read", format!("pages {}+{}: {status}", r.first.0, r.n_pages)));
+                }
+                inflight.pop_front();
+                let data = self.stage.data(slot, r.n_pages * self.page_bytes);
+                inst.install(r.first, data, PageKind::Push)?;
+                self.stage.free.push(slot);
+            }
+        }
+    }
+}
