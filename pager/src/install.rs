@@ -968,26 +968,26 @@ impl PagePlacer for BulkPlacer<'_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use memmap2::{MmapOptions, MmapRaw};
     use proto::PageSize;
     use std::sync::Arc;
     use std::sync::atomic::AtomicU64;
 
-    const PG: usize = 4096;
-    const N: u64 = 256;
+    pub(crate) const PG: usize = 4096;
+    pub(crate) const N: u64 = 256;
 
     /// Guest memory of N pages registered with a fresh uffd, for either backend.
-    struct Fixture {
-        inst: Installer,
-        metrics: Arc<PagerMetrics>,
-        guest: MmapRaw,
+    pub(crate) struct Fixture {
+        pub(crate) inst: Arc<Installer>,
+        pub(crate) metrics: Arc<PagerMetrics>,
+        pub(crate) guest: MmapRaw,
         _alias: Option<MmapRaw>,
         _file: Option<std::fs::File>,
     }
 
-    fn fixture(shmem: bool) -> Fixture {
+    pub(crate) fn fixture(shmem: bool) -> Fixture {
         fixture_with(shmem, true)
     }
 
@@ -1015,7 +1015,7 @@ mod tests {
         }
         let alias_bases = alias.as_ref().map(|a| vec![HostAddr(a.as_mut_ptr() as usize)]);
         let map = GuestMap::new(layout, vec![base]);
-        let inst = Installer::new(uffd, map, alias_bases, view_is_local, Arc::clone(&metrics));
+        let inst = Arc::new(Installer::new(uffd, map, alias_bases, view_is_local, Arc::clone(&metrics)));
         Fixture { inst, metrics, guest, _alias: alias, _file: file }
     }
 
@@ -1023,7 +1023,7 @@ mod tests {
         (0..n).flat_map(|p| std::iter::repeat_n(tag ^ u8::try_from((first + p) % 251).unwrap(), PG)).collect()
     }
 
-    fn read(f: &Fixture, page: u64) -> u8 {
+    pub(crate) fn read(f: &Fixture, page: u64) -> u8 {
         // SAFETY: reading one byte of a present page of the fixture's mapping.
         unsafe {
             std::ptr::read_volatile((f.guest.as_ptr() as usize + usize::try_from(page).unwrap() * PG) as *const u8)

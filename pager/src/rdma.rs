@@ -80,18 +80,20 @@ impl Staging {
     }
 
     fn sge(&self, slot: u32, len: u64) -> Sge {
-        Sge { addr: self.mr.addr() + u64::from(slot) * self.slot_bytes, len: len as u32, lkey: self.mr.lkey() }
+        debug_assert!(len <= self.slot_bytes);
+        let len = u32::try_from(len).unwrap_or(u32::MAX);
+        Sge { addr: self.mr.addr() + u64::from(slot) * self.slot_bytes, len, lkey: self.mr.lkey() }
     }
 
     /// The bytes of a slot whose READ completed (no request targets it now).
     fn data(&self, slot: u32, len: u64) -> &[u8] {
-        let at = (u64::from(slot) * self.slot_bytes) as usize;
+        let at = usize::try_from(u64::from(slot) * self.slot_bytes).unwrap_or(usize::MAX);
         debug_assert!(len <= self.slot_bytes);
         // SAFETY: the slot lies inside the mapping, which lives as long as
         // `self`; its READ completed and the slot is not posted again until
         // the caller is done with these bytes (it holds `&self`, and posting
         // takes `&mut self` of the owner).
-        unsafe { std::slice::from_raw_parts((self.base + at) as *const u8, len as usize) }
+        unsafe { std::slice::from_raw_parts((self.base + at) as *const u8, usize::try_from(len).unwrap_or(0)) }
     }
 }
 
@@ -144,21 +146,41 @@ pub(crate) fn set_up(
             ),
         ));
     }
-    let slot_bytes = SLOT_BYTES.max(page_bytes);
-    let bg_slots = u32::try_from((window / slot_bytes).clamp(1, 256)).unwrap_or(1);
-    let t = Instant::now();
-    let d_stage = Staging::new(&*dev, DEMAND_SLOTS, slot_bytes)?;
-    let b_stage = Staging::new(&*dev, bg_slots, slot_bytes)?;
-    let registration = t.elapsed();
-    let caps = |slots: u32| QpCaps { max_send_wr: slots, max_recv_wr: 1, cq_depth: 2 * slots + 4 };
-    let mut dq = dev.create_qp(caps(DEMAND_SLOTS)).map_err(|e| rdma_err("queue pair", e))?;
-    let mut bq = dev.create_qp(caps(bg_slots)).map_err(|e| rdma_err("queue pair", e))?;
+    let bg_slots = background_slots(window, page_bytes);
+    let mut dq = dev.create_qp(qp_caps(DEMAND_SLOTS)).map_err(|e| rdma_err("queue pair", e))?;
+    let mut bq = dev.create_qp(qp_caps(bg_slots)).map_err(|e| rdma_err("queue pair", e))?;
     let answer = Answer { endpoints: vec![dq.endpoint(), bq.endpoint()] };
     let sealed = proto::auth::seal_setup(key, session.session(), 2, &answer.encode());
     control.send(&Msg::RdmaSetup(&sealed))?;
     dq.connect(&offer.endpoints[0], deadline).map_err(|e| rdma_err("connecting", e))?;
     bq.connect(&offer.endpoints[1], deadline).map_err(|e| rdma_err("connecting", e))?;
     tracing::info!(device = dev.name(), "RDMA set up: post-copy pages will be read from the source");
+    assemble(dev, offer, dq, bq, page_bytes, bg_slots)
+}
+
+fn background_slots(window: u64, page_bytes: u64) -> u32 {
+    u32::try_from((window / SLOT_BYTES.max(page_bytes)).clamp(1, 256)).unwrap_or(1)
+}
+
+fn qp_caps(slots: u32) -> QpCaps {
+    QpCaps { max_send_wr: slots, max_recv_wr: 1, cq_depth: 2 * slots + 4 }
+}
+
+/// The readers over connected queue pairs (`dq` with [`DEMAND_SLOTS`]
+/// send slots, `bq` with `bg_slots`): staging registered here.
+fn assemble(
+    dev: Arc<dyn Device>,
+    offer: Offer,
+    dq: Box<dyn rdma::QueuePair>,
+    bq: Box<dyn rdma::QueuePair>,
+    page_bytes: u64,
+    bg_slots: u32,
+) -> Result<DestRdma, PagerError> {
+    let slot_bytes = SLOT_BYTES.max(page_bytes);
+    let t = Instant::now();
+    let d_stage = Staging::new(&*dev, DEMAND_SLOTS, slot_bytes)?;
+    let b_stage = Staging::new(&*dev, bg_slots, slot_bytes)?;
+    let registration = t.elapsed();
     let offer = Arc::new(offer);
     let slot_pages = slot_bytes / page_bytes;
     Ok(DestRdma {
@@ -446,6 +468,99 @@ impl Puller {
                 inst.install(r.first, data, PageKind::Push)?;
                 self.stage.free.push(slot);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::install::tests::{N, PG, fixture, read};
+    use rdma::setup::RemoteRegion;
+    use rdma::sim::{SimConfig, SimDevice};
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const LO: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+    /// The source's memory (page p holds `p % 251 + 1`) and the queue
+    /// pairs the destination reads it through; the destination's
+    /// background queue pair waits `bg_delay_us` before each READ.
+    fn connected(bg_delay_us: u32) -> (Vec<u8>, Box<dyn MemoryRegion>, Vec<rdma::sim::SimQp>, DestRdma) {
+        let sdev = SimDevice::open(LO, SimConfig::default());
+        let ddev = SimDevice::open(LO, SimConfig { seed: 9, max_delay_us: 50 });
+        let len = usize::try_from(N).unwrap() * PG;
+        let mut src: Vec<u8> = (0..len).map(|i| u8::try_from((i / PG) % 251).unwrap() + 1).collect();
+        // SAFETY: `src` outlives the region and the queue pairs (returned together, dropped by the test after).
+        let mr = unsafe { rdma::Device::register(&*sdev, src.as_mut_ptr(), len, Access::REMOTE_READ) }.unwrap();
+        let mut sq: Vec<_> = (0..2).map(|_| sdev.create_sim_qp(qp_caps(4)).unwrap()).collect();
+        let dq = ddev.create_sim_qp(qp_caps(DEMAND_SLOTS)).unwrap();
+        let bq = ddev.create_sim_qp(qp_caps(4)).unwrap();
+        bq.set_delay_us(bg_delay_us);
+        let (mut dq, mut bq): (Box<dyn rdma::QueuePair>, Box<dyn rdma::QueuePair>) = (Box::new(dq), Box::new(bq));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let (e0, e1) = (rdma::QueuePair::endpoint(&sq[0]), rdma::QueuePair::endpoint(&sq[1]));
+        let (d0, d1) = (dq.endpoint(), bq.endpoint());
+        let t = std::thread::spawn(move || {
+            rdma::QueuePair::connect(&mut sq[0], &d0, deadline).unwrap();
+            rdma::QueuePair::connect(&mut sq[1], &d1, deadline).unwrap();
+            sq
+        });
+        dq.connect(&e0, deadline).unwrap();
+        bq.connect(&e1, deadline).unwrap();
+        let sq = t.join().unwrap();
+        let offer = Offer {
+            device: "sim".into(),
+            endpoints: vec![],
+            regions: vec![RemoteRegion { first_page: 0, n_pages: N, addr: mr.addr(), rkey: mr.rkey() }],
+        };
+        let dev: Arc<dyn Device> = ddev;
+        let r = assemble(dev, offer, dq, bq, PG as u64, 4).unwrap();
+        (src, mr, sq, r)
+    }
+
+    #[test]
+    fn a_late_background_read_never_lands_on_a_page_the_guest_wrote_and_demand_does_not_wait_for_it() {
+        for shmem in [false, true] {
+            let f = fixture(shmem);
+            f.inst.begin_postcopy();
+            // The background READs (page 0 among the first) are held up on
+            // their queue pair, as a slow queue or a long path would.
+            let (_src, _mr, _sq, mut r) = connected(200_000);
+            let puller = r
+                .background
+                .take()
+                .unwrap()
+                .spawn(Arc::clone(&f.inst), Arc::new(Shared::default()), Arc::clone(&f.metrics), Duration::from_secs(10), 0)
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(PagerMetrics::get(&f.metrics.rdma_bg_reads) > 0, "the background READs are posted");
+            // A fault on page 0: its READ goes on the demand queue pair and
+            // completes while the background READ of the same page waits.
+            r.demand.read(&[PageRange::new(PageIdx(0), 1)], &f.metrics).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !f.inst.present().get(PageIdx(0)) {
+                r.demand.complete(&f.inst, &f.metrics).unwrap();
+                assert!(Instant::now() < deadline, "the demand READ did not complete");
+            }
+            assert_eq!(PagerMetrics::get(&f.metrics.rdma_bg_wc), 0, "demand waited behind the background");
+            assert_eq!(read(&f, 0), 1);
+            // The guest writes the page it was given.
+            // SAFETY: page 0 is present (mapped): an ordinary store by "the guest".
+            unsafe { std::ptr::write_volatile(f.guest.as_mut_ptr(), 0xEE) };
+            // The late background copy of page 0 lands in its staging slot
+            // and is dropped by the installer; the rest arrives.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !f.inst.complete() {
+                puller.check().unwrap();
+                std::thread::sleep(Duration::from_millis(5));
+                assert!(Instant::now() < deadline, "the background did not finish");
+            }
+            drop(puller);
+            assert_eq!(read(&f, 0), 0xEE, "shmem={shmem}: a late READ clobbered the guest's write");
+            for p in 1..N {
+                assert_eq!(read(&f, p), u8::try_from(p % 251).unwrap() + 1, "shmem={shmem} page {p}");
+            }
+            assert!(PagerMetrics::get(&f.metrics.pages_duplicate) >= 1, "shmem={shmem}");
         }
     }
 }

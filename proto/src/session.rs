@@ -992,6 +992,44 @@ mod tests {
         Ok((d, s))
     }
 
+    #[test]
+    fn rdma_is_negotiated_by_both_sides_or_refused_before_anything_is_committed() {
+        for (dest_rdma, src_rdma) in [(true, true), (true, false), (false, true), (false, false)] {
+            let expect = DestExpect { rdma: dest_rdma, ..Default::default() };
+            let mut d = DestSession::new(expect, [5; 16], 77);
+            let mut s = SourceSession::new(SourceOffer { rdma: src_rdma, ..offer(None) });
+            let SourceEvent::SendHello(h) = s.on_recv(&d.server_hello()).unwrap() else { panic!("no hello") };
+            let a = match d.on_recv(&Msg::Hello(h)) {
+                Ok(DestEvent::Accepted(a)) => a,
+                Err(SessionError::Mismatch(m)) => {
+                    assert!(dest_rdma && !src_rdma, "{m}");
+                    assert!(m.contains("RDMA"), "{m}");
+                    continue;
+                }
+                other => panic!("{other:?}"),
+            };
+            let ack = Msg::HelloAck { session: d.session(), features: a.features };
+            match s.on_recv(&ack) {
+                Ok(SourceEvent::Accepted { .. }) => {}
+                Err(SessionError::Mismatch(m)) => {
+                    assert!(src_rdma && !dest_rdma, "{m}");
+                    continue;
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(d.rdma(), dest_rdma && src_rdma);
+            let setup = Msg::RdmaSetup(b"offer");
+            if d.rdma() {
+                assert_eq!(d.on_recv(&setup).unwrap(), DestEvent::RdmaSetup);
+                assert!(d.on_recv(&setup).is_err(), "a second offer");
+                assert_eq!(s.on_recv(&setup).unwrap(), SourceEvent::RdmaSetup);
+                assert!(s.on_recv(&setup).is_err(), "a second answer");
+            } else {
+                assert!(d.on_recv(&setup).is_err(), "an offer without the feature");
+            }
+        }
+    }
+
     /// Guest state and an empty outstanding set through to switchover.
     fn switch(d: &mut DestSession, s: &mut SourceSession) {
         d.on_recv(&Msg::GuestState(b"st")).unwrap();

@@ -52,7 +52,7 @@ impl<T> SendQueue<T> {
 
     /// Slots free for new requests.
     pub fn room(&self) -> u32 {
-        self.depth - self.inflight.len() as u32
+        self.depth.saturating_sub(u32::try_from(self.inflight.len()).unwrap_or(u32::MAX))
     }
 
     /// Requests in flight.

@@ -79,10 +79,15 @@ impl<'a> Rd<'a> {
     }
 }
 
+/// A count or length as one byte (the decoder refuses what is over its limits).
+fn byte(n: usize) -> u8 {
+    u8::try_from(n).unwrap_or(u8::MAX)
+}
+
 fn put_endpoints(out: &mut Vec<u8>, eps: &[Endpoint]) {
-    out.push(eps.len() as u8);
+    out.push(byte(eps.len()));
     for e in eps {
-        out.push(e.0.len() as u8);
+        out.push(byte(e.0.len()));
         out.extend_from_slice(&e.0);
     }
 }
@@ -108,10 +113,10 @@ impl Offer {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![KIND_OFFER, VERSION];
         let name = &self.device.as_bytes()[..self.device.len().min(64)];
-        out.push(name.len() as u8);
+        out.push(byte(name.len()));
         out.extend_from_slice(name);
         put_endpoints(&mut out, &self.endpoints);
-        out.push(self.regions.len() as u8);
+        out.push(byte(self.regions.len()));
         for r in &self.regions {
             out.extend_from_slice(&r.first_page.to_le_bytes());
             out.extend_from_slice(&r.n_pages.to_le_bytes());

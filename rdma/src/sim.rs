@@ -99,7 +99,7 @@ fn random_u64() -> u64 {
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 8 {
         // Fall back on the clock and pid: tokens only need to differ.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs());
         return t ^ (u64::from(std::process::id()) << 32);
     }
     u64::from_le_bytes(b)
@@ -109,7 +109,7 @@ impl SimDevice {
     /// Open a software device whose queue pairs listen on `bind`.
     pub fn open(bind: IpAddr, cfg: SimConfig) -> Arc<SimDevice> {
         // Keys start somewhere random so a peer cannot guess them.
-        let k = (random_u64() as u32) | 1;
+        let k = (random_u64() >> 32) as u32 | 1;
         Arc::new(SimDevice {
             inner: Arc::new(DevInner {
                 bind,
@@ -264,7 +264,7 @@ unsafe fn write_raw(fd: &TcpStream, ptr: *const u8, len: usize) -> std::io::Resu
             }
             return Err(e);
         }
-        done += n as usize;
+        done += n.cast_unsigned();
     }
     Ok(())
 }
@@ -288,7 +288,7 @@ unsafe fn read_raw(fd: &TcpStream, ptr: *mut u8, len: usize) -> std::io::Result<
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
-        done += n as usize;
+        done += n.cast_unsigned();
     }
     Ok(())
 }
@@ -516,7 +516,7 @@ fn tx_loop(sh: &QpShared, w: &Mutex<TcpStream>, max_delay: u32, rng: &mut u64) {
             }
         };
         let extra = sh.delay_us.load(Ordering::Relaxed);
-        let jitter = if max_delay > 0 { (splitmix(rng) % (u64::from(max_delay) + 1)) as u32 } else { 0 };
+        let jitter = if max_delay > 0 { u32::try_from(splitmix(rng) % (u64::from(max_delay) + 1)).unwrap_or(0) } else { 0 };
         if extra + jitter > 0 {
             std::thread::sleep(Duration::from_micros(u64::from(extra + jitter)));
         }

@@ -3,6 +3,7 @@
 //! without the guard.
 
 #![allow(unsafe_code)]
+#![allow(clippy::cast_possible_truncation)] // test patterns: values taken modulo a byte
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -343,7 +344,7 @@ proptest::proptest! {
         let mut got = vec![0u32; n];
         let mut done = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
-        while got.iter().any(|&g| g == 0) {
+        while got.contains(&0) {
             proptest::prop_assert!(Instant::now() < deadline);
             for (qi, q) in qs.iter_mut().enumerate() {
                 let go = |next: usize, room: u32| next < n && room > 0 && (next % 2 == qi || room > 8);

@@ -174,7 +174,7 @@ pub fn run<G: SourceGuest>(
 
     // Without the acknowledgement the outcome is unknown: a reconnection
     // settles it.
-    let mut link = Link { control, bulk: Some(bulk), zero_scan: None };
+    let mut link = Link { control, bulk: Some(bulk), zero_scan: None, push: true };
     let mut pushed = PageBitmap::full(layout.n_pages());
     for r in outstanding.runs() {
         pushed.clear_range(r);
@@ -191,7 +191,7 @@ pub fn run<G: SourceGuest>(
                 ResumeState::NotSwitched => return Err(take_back(guest, SenderError::NotSwitched)),
                 ResumeState::Running | ResumeState::Complete => {
                     pushed = r.have.clone();
-                    link = Link { control: r.control, bulk: r.bulk, zero_scan: None };
+                    link = Link { control: r.control, bulk: r.bulk, zero_scan: None, push: true };
                     settled = Some(r.state);
                 }
             }
@@ -220,13 +220,13 @@ pub fn run<G: SourceGuest>(
     link.zero_scan = guest.zero_scanner();
     // With RDMA the destination reads every page itself on the first link;
     // after a broken link the rest goes over TCP (the pusher).
-    let mut push = rdma.is_none() || settled.is_some();
+    link.push = rdma.is_none() || settled.is_some();
     loop {
         let served = if state == ResumeState::Complete {
             // The destination holds every page and only waits for this.
             acknowledge(&mut *link.control, &mut stats, &metrics)
         } else {
-            serve_link(&mut link, &mut session, &map, &pushed, push, cfg, &metrics, &mut stats)
+            serve_link(&mut link, &mut session, &map, &pushed, cfg, &metrics, &mut stats)
         };
         let served = match served {
             Ok(()) => break,
@@ -259,8 +259,7 @@ pub fn run<G: SourceGuest>(
         };
         pushed = r.have;
         state = r.state;
-        link = Link { control: r.control, bulk: r.bulk, zero_scan: None };
-        push = true;
+        link = Link { control: r.control, bulk: r.bulk, zero_scan: None, push: true };
     }
     Ok(SenderReport {
         total_time: started.elapsed(),
@@ -285,6 +284,8 @@ struct Link {
     /// The guest's zero scan, for the first pusher (the result stays in
     /// the map across reconnections).
     zero_scan: Option<crate::guest::ZeroScan>,
+    /// Whether to push on it (not when the destination reads by RDMA).
+    push: bool,
 }
 
 /// The switchover failed before it was committed (or the destination said
@@ -309,7 +310,6 @@ fn serve_link(
     session: &mut SourceSession,
     map: &Arc<SourceMap>,
     pushed: &PageBitmap,
-    push: bool,
     cfg: &SenderConfig,
     metrics: &Arc<SenderMetrics>,
     stats: &mut SourceStats,
@@ -320,7 +320,7 @@ fn serve_link(
     let abort = Arc::new(AtomicBool::new(false));
     let push_failed = Arc::new(AtomicBool::new(false));
     // Without a push (RDMA) the bulk connection stays open and idle.
-    let bulk = if push { link.bulk.take() } else { None };
+    let bulk = if link.push { link.bulk.take() } else { None };
     let push_thread = match bulk {
         Some(conn) => Some(spawn_pusher(
             Pusher {

@@ -107,7 +107,7 @@ pub(crate) fn set_up(
     }
     tracing::info!(
         device = dev.name(),
-        registration_us = registration.as_micros() as u64,
+        registration_us = u64::try_from(registration.as_micros()).unwrap_or(u64::MAX),
         "RDMA set up: guest memory registered for remote reads"
     );
     Ok(SourceRdma { _qps: qps, _mrs: mrs, device: dev.name().to_string(), _dev: dev, registration })

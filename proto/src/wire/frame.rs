@@ -120,7 +120,7 @@ message_types! {
     Zeros = 20, max 16;
     /// RDMA setup on the control connection (`FEATURE_RDMA`): the source's
     /// offer or the destination's answer, then a MAC (zeros without a key).
-    RdmaSetup = 21, max MAX_RDMA_SETUP + MAC_LEN as u32;
+    RdmaSetup = 21, max MAX_RDMA_SETUP + u32_of(MAC_LEN as u64);
 }
 
 /// Why bytes could not be decoded. Every variant is a peer error: the caller
