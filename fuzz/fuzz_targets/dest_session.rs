@@ -26,7 +26,7 @@ fn hello() -> Hello {
 
 fuzz_target!(|data: &[u8]| {
     let Some((&start, rest)) = data.split_first() else { return };
-    let expect = DestExpect { max_mem_bytes: Some(1 << 30), recovery: true, ..Default::default() };
+    let expect = DestExpect { max_mem_bytes: Some(1 << 30), recovery: true, rdma: start & 0x80 != 0, ..Default::default() };
     let mut d = DestSession::new(expect, [7; 16], 42);
     let layout = MemLayout::single(PageSize::Size4K, 256 * 4096).expect("valid");
     let mut bulk = DestBulk::new(42, layout);

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
         prefetch_pages: 0,
         prefetch_around: false,
         recovery: flags & 2 != 0,
+        rdma: flags & 4 != 0,
     });
     let mut acked = false;
     let mut at = 0;

@@ -530,7 +530,13 @@ mod tests {
                 .background
                 .take()
                 .unwrap()
-                .spawn(Arc::clone(&f.inst), Arc::new(Shared::default()), Arc::clone(&f.metrics), Duration::from_secs(10), 0)
+                .spawn(
+                    Arc::clone(&f.inst),
+                    Arc::new(Shared::default()),
+                    Arc::clone(&f.metrics),
+                    Duration::from_secs(10),
+                    0,
+                )
                 .unwrap();
             std::thread::sleep(Duration::from_millis(20));
             assert!(PagerMetrics::get(&f.metrics.rdma_bg_reads) > 0, "the background READs are posted");

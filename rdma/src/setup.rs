@@ -143,7 +143,7 @@ impl Offer {
         if nl > 64 {
             return Err(err("device name length"));
         }
-        let device = String::from_utf8_lossy(rd.take(nl)?).into_owned();
+        let device = String::from_utf8(rd.take(nl)?.to_vec()).map_err(|_| err("device name is not UTF-8"))?;
         let endpoints = get_endpoints(&mut rd)?;
         let nr = rd.u8()? as usize;
         if nr == 0 || nr > MAX_REGIONS {
@@ -252,6 +252,9 @@ mod tests {
         wrap.regions[1].addr = u64::MAX - 4096;
         assert!(Offer::decode(&wrap.encode(), 16, 4096).is_err());
         assert!(Answer::decode(&b).is_err());
+        let mut name = offer().encode();
+        name[3] = 0xfa;
+        assert!(Offer::decode(&name, 16, 4096).is_err(), "a device name that is not UTF-8");
     }
 
     proptest::proptest! {

@@ -99,7 +99,9 @@ fn random_u64() -> u64 {
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != 8 {
         // Fall back on the clock and pid: tokens only need to differ.
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs());
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::from(d.subsec_nanos()) ^ d.as_secs());
         return t ^ (u64::from(std::process::id()) << 32);
     }
     u64::from_le_bytes(b)
@@ -516,7 +518,8 @@ fn tx_loop(sh: &QpShared, w: &Mutex<TcpStream>, max_delay: u32, rng: &mut u64) {
             }
         };
         let extra = sh.delay_us.load(Ordering::Relaxed);
-        let jitter = if max_delay > 0 { u32::try_from(splitmix(rng) % (u64::from(max_delay) + 1)).unwrap_or(0) } else { 0 };
+        let jitter =
+            if max_delay > 0 { u32::try_from(splitmix(rng) % (u64::from(max_delay) + 1)).unwrap_or(0) } else { 0 };
         if extra + jitter > 0 {
             std::thread::sleep(Duration::from_micros(u64::from(extra + jitter)));
         }
