@@ -33,6 +33,9 @@ pub struct PagerConfig {
     pub rdma: Option<rdma::Config>,
     /// Bytes of background READs in flight at most.
     pub rdma_window: u64,
+    /// Whether the background READs yield to demand while the guest
+    /// faults; `None`: yes, except over loopback (no bottleneck to share).
+    pub rdma_yield: Option<bool>,
 }
 
 impl Default for PagerConfig {
@@ -48,6 +51,7 @@ impl Default for PagerConfig {
             background_nice: None,
             rdma: None,
             rdma_window: 4 << 20,
+            rdma_yield: None,
         }
     }
 }

@@ -323,14 +323,21 @@ impl Run<'_> {
             },
         });
         // With RDMA this side reads the background itself, behind demand.
+        let over_loopback = self.control.as_deref().and_then(|c| c.local_ip()).is_some_and(|ip| ip.is_loopback());
         let puller = match rdma.as_mut().and_then(|r| r.background.take()) {
-            Some(p) if broken.is_none() => Some(p.spawn(
-                Arc::clone(&inst),
-                Arc::clone(&self.shared),
-                Arc::clone(&self.metrics),
-                self.cfg.peer_timeout,
-                nice,
-            )?),
+            Some(mut p) if broken.is_none() => Some(
+                {
+                    p.yield_to_demand = self.cfg.rdma_yield.unwrap_or(!over_loopback);
+                    p
+                }
+                .spawn(
+                    Arc::clone(&inst),
+                    Arc::clone(&self.shared),
+                    Arc::clone(&self.metrics),
+                    self.cfg.peer_timeout,
+                    nice,
+                )?,
+            ),
             _ => None,
         };
         let source = FaultLoop {

@@ -24,7 +24,7 @@
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,51 @@ use crate::error::PagerError;
 use crate::install::Installer;
 use crate::metrics::PagerMetrics;
 use crate::shared::Shared;
+
+/// What the fault thread tells the puller about demand: when it last read
+/// for a fault, and how long demand READs take (the latest and the least).
+#[derive(Debug, Default)]
+pub(crate) struct DemandSignal {
+    /// `Instant` of the last demand READ, as ns since `epoch`.
+    last_ns: AtomicU64,
+    /// Latency of the latest completed demand READ, ns.
+    latest_ns: AtomicU64,
+    /// Demand READs completed (a new sample when it moves).
+    samples: AtomicU64,
+    epoch: std::sync::OnceLock<Instant>,
+}
+
+impl DemandSignal {
+    fn now_ns(&self) -> u64 {
+        let e = *self.epoch.get_or_init(Instant::now);
+        u64::try_from(e.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn read_posted(&self) {
+        self.last_ns.store(self.now_ns().max(1), Ordering::Relaxed);
+    }
+
+    fn read_done(&self, latency: Duration) {
+        self.latest_ns.store(u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.samples.fetch_add(1, Ordering::Release);
+    }
+
+    /// Whether the guest read for a fault within `within`.
+    fn active(&self, within: Duration) -> bool {
+        let last = self.last_ns.load(Ordering::Relaxed);
+        last != 0 && self.now_ns().saturating_sub(last) < u64::try_from(within.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// How the background yields to demand: while the guest faults (a demand
+/// READ in the last `BUSY_FOR`), background bytes in flight are held to a
+/// window that halves whenever a demand READ took more than twice the
+/// least seen plus `SLACK`, and grows by a step for each one that did not
+/// (a delay-based scavenger: the side that measures demand is the side
+/// that schedules the background). Idle, the whole window is used.
+const BUSY_FOR: Duration = Duration::from_millis(20);
+const SLACK: Duration = Duration::from_micros(100);
+const YIELD_STEP: u64 = 16 << 10;
 
 /// Demand staging slots (READs in flight at most).
 const DEMAND_SLOTS: u32 = 32;
@@ -183,8 +228,10 @@ fn assemble(
     let registration = t.elapsed();
     let offer = Arc::new(offer);
     let slot_pages = slot_bytes / page_bytes;
+    let signal = Arc::new(DemandSignal::default());
     Ok(DestRdma {
         demand: DemandReader {
+            signal: Arc::clone(&signal),
             sq: SendQueue::new(dq, DEMAND_SLOTS, 1, 1),
             stage: d_stage,
             offer: Arc::clone(&offer),
@@ -196,6 +243,8 @@ fn assemble(
             _dev: Arc::clone(&dev),
         },
         background: Some(Puller {
+            signal,
+            yield_to_demand: true,
             sq: SendQueue::new(bq, bg_slots, BG_SIGNAL_EVERY, 2),
             stage: b_stage,
             offer,
@@ -223,6 +272,7 @@ fn pieces(offer: &Offer, r: PageRange, slot_pages: u64, page_bytes: u64, out: &m
 pub(crate) struct DemandReader {
     // The queue first: gone before the staging it writes.
     sq: SendQueue<(u32, PageRange)>,
+    signal: Arc<DemandSignal>,
     stage: Staging,
     offer: Arc<Offer>,
     page_bytes: u64,
@@ -254,10 +304,14 @@ impl DemandReader {
                 .ok_or_else(|| rdma_err("read", format!("page {} is in no region", r.first.0)))?;
             let len = r.n_pages * self.page_bytes;
             let last = self.backlog.is_empty() || self.stage.free.is_empty();
+            // Stamped before posting: the NIC threads the post wakes may
+            // preempt this one, and the stamp must not wait with it.
+            let t = Instant::now();
             self.sq
                 .post(Op::Read(Remote { addr, rkey }), self.stage.sge(slot, len), (slot, r), last)
                 .map_err(|e| rdma_err("posting a demand read", e))?;
-            self.inflight.push_back(Instant::now());
+            self.inflight.push_back(t);
+            self.signal.read_posted();
             PagerMetrics::add(&metrics.rdma_demand_reads, 1);
             PagerMetrics::add(&metrics.rdma_demand_bytes, len);
         }
@@ -288,7 +342,9 @@ impl DemandReader {
                 if status != WcStatus::Success {
                     return Err(rdma_err("demand read", format!("pages {}+{}: {status}", r.first.0, r.n_pages)));
                 }
-                self.inflight.pop_front();
+                if let Some(t) = self.inflight.pop_front() {
+                    self.signal.read_done(t.elapsed());
+                }
                 let data = self.stage.data(slot, r.n_pages * self.page_bytes);
                 newly += inst.install(r.first, data, PageKind::Demand)?;
                 self.stage.free.push(slot);
@@ -310,6 +366,10 @@ impl DemandReader {
 
 /// The background READs, before they start.
 pub(crate) struct Puller {
+    signal: Arc<DemandSignal>,
+    /// Whether to hold back while the guest faults (off over loopback,
+    /// where there is no bottleneck queue to share).
+    pub(crate) yield_to_demand: bool,
     sq: SendQueue<(u32, PageRange)>,
     stage: Staging,
     offer: Arc<Offer>,
@@ -371,7 +431,7 @@ impl Puller {
     }
 
     /// The next stretch of pages neither present nor held at or after `at`.
-    fn next_missing(&self, inst: &Installer, mut at: u64) -> Option<PageRange> {
+    fn next_missing(&self, inst: &Installer, mut at: u64, max_pages: u64) -> Option<PageRange> {
         let n = inst.map().layout().n_pages();
         let (present, held) = (inst.present(), inst.held());
         let p = loop {
@@ -381,7 +441,7 @@ impl Puller {
             }
             at = held.next_with_below(p.0, n, false)?.0;
         };
-        let mut end = (p.0 + self.slot_pages).min(n);
+        let mut end = (p.0 + max_pages.clamp(1, self.slot_pages)).min(n);
         if let Some(q) = present.next_with_below(p.0, end, true) {
             end = q.0;
         }
@@ -401,16 +461,39 @@ impl Puller {
         peer_timeout: Duration,
     ) -> Result<(), PagerError> {
         let n = inst.map().layout().n_pages();
+        let full = u64::from(self.sq.room()) * self.slot_pages * self.page_bytes;
         let mut cursor = 0u64;
-        let mut inflight: VecDeque<Instant> = VecDeque::new();
+        // (posted, bytes) of each READ in flight, in order.
+        let mut inflight: VecDeque<(Instant, u64)> = VecDeque::new();
+        let mut in_bytes = 0u64;
         let mut done = Vec::new();
+        let mut window = full;
+        let (mut least, mut seen) = (u64::MAX, 0u64);
         loop {
             if stop.load(Ordering::Acquire) || shared.check().is_err() {
                 return Ok(());
             }
-            // Post while slots are free.
-            while !self.stage.free.is_empty() {
-                let Some(r) = self.next_missing(inst, cursor) else {
+            let budget = if self.yield_to_demand && self.signal.active(BUSY_FOR) {
+                let s = self.signal.samples.load(Ordering::Acquire);
+                if s != seen {
+                    seen = s;
+                    let lat = self.signal.latest_ns.load(Ordering::Relaxed);
+                    least = least.min(lat);
+                    let slack = u64::try_from(SLACK.as_nanos()).unwrap_or(0);
+                    window = if lat > 2 * least + slack {
+                        (window / 2).max(YIELD_STEP)
+                    } else {
+                        (window + YIELD_STEP).min(full)
+                    };
+                }
+                window
+            } else {
+                full
+            };
+            // Post while slots are free and the budget allows.
+            while !self.stage.free.is_empty() && in_bytes < budget {
+                let max_pages = ((budget - in_bytes) / self.page_bytes).max(1);
+                let Some(r) = self.next_missing(inst, cursor, max_pages) else {
                     cursor = n;
                     break;
                 };
@@ -421,11 +504,13 @@ impl Puller {
                     .ok_or_else(|| rdma_err("read", format!("page {} is in no region", r.first.0)))?;
                 let len = r.n_pages * self.page_bytes;
                 cursor = r.end();
-                let last = self.stage.free.is_empty() || cursor >= n;
+                let last = self.stage.free.is_empty() || cursor >= n || in_bytes + len >= budget;
+                let t = Instant::now();
                 self.sq
                     .post(Op::Read(Remote { addr, rkey }), self.stage.sge(slot, len), (slot, r), last)
                     .map_err(|e| rdma_err("posting a background read", e))?;
-                inflight.push_back(Instant::now());
+                inflight.push_back((t, len));
+                in_bytes += len;
                 PagerMetrics::add(&metrics.rdma_bg_reads, 1);
                 PagerMetrics::add(&metrics.rdma_bg_bytes, len);
             }
@@ -448,8 +533,10 @@ impl Puller {
                 k = self.sq.poll(&mut done).map_err(|e| rdma_err("background completions", e))?;
                 if k == 0 {
                     let mut fds = [nix::poll::PollFd::new(self.sq.readiness(), nix::poll::PollFlags::POLLIN)];
-                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u8));
-                    if inflight.front().is_some_and(|t| t.elapsed() > peer_timeout) {
+                    // Short while yielding: the budget may grow again soon.
+                    let ms: u8 = if budget < full { 1 } else { 20 };
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+                    if inflight.front().is_some_and(|(t, _)| t.elapsed() > peer_timeout) {
                         return Err(rdma_err(
                             "background read",
                             format!("no completion for {peer_timeout:?}: the source is presumed dead"),
@@ -463,7 +550,9 @@ impl Puller {
                 if status != WcStatus::Success {
                     return Err(rdma_err("background read", format!("pages {}+{}: {status}", r.first.0, r.n_pages)));
                 }
-                inflight.pop_front();
+                if let Some((_, b)) = inflight.pop_front() {
+                    in_bytes -= b;
+                }
                 let data = self.stage.data(slot, r.n_pages * self.page_bytes);
                 inst.install(r.first, data, PageKind::Push)?;
                 self.stage.free.push(slot);

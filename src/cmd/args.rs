@@ -325,6 +325,33 @@ pub struct TransportOpts {
     /// Background RDMA reads in flight at most, in bytes (the destination's).
     #[arg(long, default_value = "4M")]
     pub rdma_window: String,
+    /// Whether the destination's background reads yield to demand while the
+    /// guest faults (a window that shrinks when demand reads slow down):
+    /// `auto` is on, except over loopback.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub rdma_yield: YieldArg,
+}
+
+/// `--rdma-yield`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum YieldArg {
+    /// On, except over loopback.
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl YieldArg {
+    /// As the pager's setting.
+    pub fn setting(self) -> Option<bool> {
+        match self {
+            YieldArg::Auto => None,
+            YieldArg::On => Some(true),
+            YieldArg::Off => Some(false),
+        }
+    }
 }
 
 /// `--transport`.
@@ -388,6 +415,8 @@ impl TransportOpts {
             self.rdma_sim_delay_us.to_string(),
             "--rdma-window".into(),
             self.rdma_window.clone(),
+            "--rdma-yield".into(),
+            name_of(&self.rdma_yield),
         ];
         push_opt(&mut a, "--rdma-device", self.rdma_device.as_ref());
         a

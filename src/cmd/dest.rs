@@ -54,6 +54,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
         background_nice: args.background_nice,
         rdma: args.transport.rdma(0x5eed)?,
         rdma_window: args.transport.window()?,
+        rdma_yield: args.transport.rdma_yield.setting(),
         ..PagerConfig::default()
     };
     let sampler = crate::timeline::Sampler::start(Arc::clone(&metrics), Duration::from_millis(args.timeline.tick_ms));
