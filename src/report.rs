@@ -216,6 +216,19 @@ pub struct RdmaReport {
     pub background_bytes: u64,
     /// Completions polled for them (one per group of unsignaled READs).
     pub background_completions: u64,
+    /// `--rdma-background write`, destination: ring slots the source wrote
+    /// and this side installed (`background_bytes` counts their bytes).
+    pub ring_slots_received: u64,
+    /// Source: WRITEs posted into the destination's ring (data and header
+    /// each count one), the page bytes they carried, completions polled,
+    /// and slots the destination gave back.
+    pub background_writes: u64,
+    /// Their page bytes.
+    pub background_write_bytes: u64,
+    /// Completions polled for them.
+    pub write_completions: u64,
+    /// Slots given back.
+    pub credits: u64,
     /// Registering memory: the destination's staging slots, or the
     /// source's guest memory.
     pub registration_ms: f64,
@@ -407,14 +420,25 @@ pub fn summary(r: &Report) -> String {
         r.postcopy.pages_duplicate
     );
     if let Some(x) = &r.rdma {
+        let background = if x.ring_slots_received > 0 {
+            format!(
+                "{} ring slots written by the source ({:.3} GB)",
+                x.ring_slots_received,
+                x.background_bytes as f64 / 1e9
+            )
+        } else {
+            format!(
+                "{} background READs ({:.3} GB, {} completions)",
+                x.background_reads,
+                x.background_bytes as f64 / 1e9,
+                x.background_completions
+            )
+        };
         s += &format!(
-            "  rdma         device {}: {} demand READs ({:.3} GB), {} background READs ({:.3} GB, {} completions), registration {:.2} ms\n",
+            "  rdma         device {}: {} demand READs ({:.3} GB), {background}, registration {:.2} ms\n",
             x.device,
             x.demand_reads,
             x.demand_bytes as f64 / 1e9,
-            x.background_reads,
-            x.background_bytes as f64 / 1e9,
-            x.background_completions,
             x.registration_ms
         );
     }
@@ -542,7 +566,9 @@ impl Report {
                     background_reads: get(&metrics.rdma_bg_reads),
                     background_bytes: get(&metrics.rdma_bg_bytes),
                     background_completions: get(&metrics.rdma_bg_wc),
+                    ring_slots_received: get(&metrics.rdma_ring_receives),
                     registration_ms: ms(pr.rdma_registration),
+                    ..RdmaReport::default()
                 }
             }),
             ..Default::default()

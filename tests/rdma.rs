@@ -19,19 +19,22 @@ fn report(path: &std::path::Path) -> serde_json::Value {
 fn migrations_over_the_software_rdma_device_in_every_mode_with_both_guests() {
     let dir = std::env::temp_dir().join(format!("postcopy-rdma-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (mode, guest, memory) in [
-        ("postcopy", "workload", "shmem"),
-        ("postcopy", "workload", "anon"),
-        ("hybrid", "workload", "shmem"),
-        ("precopy", "workload", "anon"),
-        ("postcopy", "vm", "shmem"),
-        ("hybrid", "vm", "anon"),
+    for (mode, guest, memory, background) in [
+        ("postcopy", "workload", "shmem", "read"),
+        ("postcopy", "workload", "anon", "read"),
+        ("hybrid", "workload", "shmem", "read"),
+        ("precopy", "workload", "anon", "read"),
+        ("postcopy", "vm", "shmem", "read"),
+        ("hybrid", "vm", "anon", "read"),
+        ("postcopy", "workload", "shmem", "write"),
+        ("hybrid", "vm", "shmem", "write"),
     ] {
-        let what = format!("{mode}/{guest}/{memory}");
-        let path = dir.join(format!("{mode}-{guest}-{memory}.json"));
+        let what = format!("{mode}/{guest}/{memory}/{background}");
+        let path = dir.join(format!("{mode}-{guest}-{memory}-{background}.json"));
         let mut c = bin();
         c.args(["migrate", "--mem", "96M", "--vcpus", "2", "--guest", guest, "--mode", mode, "--memory", memory])
             .args(["--transport", "rdma", "--rdma-device", "sim", "--rdma-sim-delay-us", "30"])
+            .args(["--rdma-background", background])
             .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
             .args(["--run-after-ms", "200", "--quiet", "--report"])
             .arg(&path);
@@ -56,8 +59,26 @@ fn migrations_over_the_software_rdma_device_in_every_mode_with_both_guests() {
         assert_eq!(src["postcopy"]["pages_pushed"], 0, "{what}");
         assert_eq!(src["postcopy"]["requests"], 0, "{what}");
         assert!(src["rdma"]["registration_ms"].as_f64().is_some(), "{what}");
-        if mode == "postcopy" {
+        // Nothing fell back to TCP (a queue pair that failed would have).
+        assert_eq!(r["postcopy"]["recoveries"], 0, "{what}");
+        if background == "write" {
+            // The source wrote the background into the ring; every slot it
+            // wrote was received here and given back.
+            let slots = x["ring_slots_received"].as_u64().unwrap();
+            assert!(slots > 0, "{what}: {x}");
+            assert_eq!(x["background_reads"], 0, "{what}");
+            // The run may end before the last slots' credits reach the source
+            // (the ring has 16 slots).
+            let credits = src["rdma"]["credits"].as_u64().unwrap();
+            assert!(
+                credits <= slots && credits + 16 >= slots,
+                "{what}: {credits} credits, {slots} slots: {}",
+                src["rdma"]
+            );
+            assert_eq!(src["rdma"]["background_writes"].as_u64().unwrap(), 2 * slots, "{what}");
+        } else if mode == "postcopy" {
             assert!(x["background_reads"].as_u64().unwrap() > 0, "{what}");
+            assert_eq!(src["rdma"]["background_writes"], 0, "{what}");
             // One completion covers a group of background READs.
             assert!(
                 x["background_completions"].as_u64().unwrap() < x["background_reads"].as_u64().unwrap(),
@@ -160,13 +181,14 @@ fn spawn_progress_dest(extra: &[&str]) -> (Child, String, std::sync::mpsc::Recei
 
 #[test]
 fn a_peer_killed_mid_run_ends_the_other_side_in_bounded_time() {
-    for victim in ["source", "dest"] {
-        let common = ["--peer-timeout-ms", "1000", "--recover-timeout", "2"];
-        let (mut dest, addr, phases) = spawn_progress_dest(&common);
-        // A slow software device: the post-copy phase takes seconds.
+    for (victim, background) in [("source", "read"), ("dest", "read"), ("source", "write"), ("dest", "write")] {
+        // A slow software device (the destination's requests wait up to 3 ms
+        // each): the post-copy phase takes seconds.
+        let common = ["--peer-timeout-ms", "1000", "--recover-timeout", "2", "--rdma-sim-delay-us", "3000"];
+        let (mut dest, addr, phases) = spawn_progress_dest(&[&common[..], &["--rdma-background", background]].concat());
         let mut src = bin()
             .args(["source", "--connect", &addr, "--mem", "256M", "--run-before-ms", "100"])
-            .args(["--transport", "rdma", "--rdma-device", "sim", "--rdma-sim-delay-us", "3000"])
+            .args(["--transport", "rdma", "--rdma-device", "sim"])
             .args(common)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -186,11 +208,11 @@ fn a_peer_killed_mid_run_ends_the_other_side_in_bounded_time() {
         let out = wait_limited(other, Duration::from_secs(60));
         let took = t.elapsed();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{victim} killed: the other side succeeded? {err}");
+        assert!(!out.status.success(), "{victim} killed ({background}): the other side succeeded? {err}");
         // Liveness (1 s) plus the recovery window (2 s), with room to spare:
         // RDMA itself would have waited forever.
-        assert!(took < Duration::from_secs(20), "{victim} killed: the other side took {took:?}: {err}");
-        assert!(err.contains("within 2s"), "{victim} killed: {err}");
+        assert!(took < Duration::from_secs(20), "{victim} killed ({background}): the other side took {took:?}: {err}");
+        assert!(err.contains("within 2s"), "{victim} killed ({background}): {err}");
         let _ = dead.wait();
     }
 }

@@ -113,6 +113,8 @@ pub struct PagerMetrics {
     pub rdma_bg_bytes: AtomicU64,
     /// Completions polled for them (one per group of READs).
     pub rdma_bg_wc: AtomicU64,
+    /// Ring slots the source wrote and this side installed (`--rdma-background write`).
+    pub rdma_ring_receives: AtomicU64,
     /// Fault event read to page installed, per fault served over the network.
     pub fault_latency: Mutex<LatencyHist>,
     /// The same for faults on pages held here, mapped without a round trip.

@@ -322,22 +322,18 @@ impl Run<'_> {
                 mode: if accepted.prefetch_around { PrefetchMode::Around } else { PrefetchMode::After },
             },
         });
-        // With RDMA this side reads the background itself, behind demand.
+        // With RDMA the background comes on its own queue pair, behind demand:
+        // read by this side, or written by the source into the ring.
         let over_loopback = self.control.as_deref().and_then(|c| c.local_ip()).is_some_and(|ip| ip.is_loopback());
         let puller = match rdma.as_mut().and_then(|r| r.background.take()) {
-            Some(mut p) if broken.is_none() => Some(
-                {
-                    p.yield_to_demand = self.cfg.rdma_yield.unwrap_or(!over_loopback);
-                    p
-                }
-                .spawn(
-                    Arc::clone(&inst),
-                    Arc::clone(&self.shared),
-                    Arc::clone(&self.metrics),
-                    self.cfg.peer_timeout,
-                    nice,
-                )?,
-            ),
+            Some(b) if broken.is_none() => Some(b.spawn(
+                Arc::clone(&inst),
+                Arc::clone(&self.shared),
+                Arc::clone(&self.metrics),
+                self.cfg.peer_timeout,
+                nice,
+                self.cfg.rdma_yield.unwrap_or(!over_loopback),
+            )?),
             _ => None,
         };
         let source = FaultLoop {

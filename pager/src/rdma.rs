@@ -34,7 +34,7 @@ use proto::session::{DestEvent, DestSession, SessionError};
 use proto::wire::{Msg, PageKind};
 use proto::{MemLayout, PageIdx, PageRange};
 use rdma::queue::SendQueue;
-use rdma::setup::{Answer, Offer};
+use rdma::setup::{Answer, HEADER_BYTES, Offer, Ring};
 use rdma::{Access, Device, MemoryRegion, Op, QpCaps, Remote, Sge, WcStatus};
 use transport::{Conn, Wait};
 
@@ -113,12 +113,16 @@ struct Staging {
 
 impl Staging {
     fn new(dev: &dyn Device, slots: u32, slot_bytes: u64) -> Result<Staging, PagerError> {
+        Staging::with_access(dev, slots, slot_bytes, Access::LOCAL)
+    }
+
+    fn with_access(dev: &dyn Device, slots: u32, slot_bytes: u64, access: Access) -> Result<Staging, PagerError> {
         let len = usize::try_from(u64::from(slots) * slot_bytes).map_err(|e| rdma_err("staging", e))?;
         let mut mem = MmapMut::map_anon(len).map_err(|e| rdma_err("staging", e))?;
         // SAFETY: the mapping lives in this struct next to its region, and
         // every queue pair that may write it is dropped first (field order of
         // the owners: queue before staging).
-        let mr = unsafe { dev.register(mem.as_mut_ptr(), len, Access::LOCAL) }
+        let mr = unsafe { dev.register(mem.as_mut_ptr(), len, access) }
             .map_err(|e| rdma_err("registering staging memory", e))?;
         let base = mem.as_mut_ptr() as usize;
         Ok(Staging { mr, _mem: mem, base, slot_bytes, free: (0..slots).rev().collect() })
@@ -128,6 +132,15 @@ impl Staging {
         debug_assert!(len <= self.slot_bytes);
         let len = u32::try_from(len).unwrap_or(u32::MAX);
         Sge { addr: self.mr.addr() + u64::from(slot) * self.slot_bytes, len, lkey: self.mr.lkey() }
+    }
+
+    /// Write `v` at the start of a slot no request targets now.
+    fn write_u32(&self, slot: u32, v: u32) {
+        let at = usize::try_from(u64::from(slot) * self.slot_bytes).unwrap_or(usize::MAX);
+        debug_assert!(self.slot_bytes >= 4);
+        // SAFETY: inside the mapping (slot < slots); no request targets the
+        // slot (the caller waited for its last SEND to complete).
+        unsafe { std::ptr::write_unaligned((self.base + at) as *mut [u8; 4], v.to_le_bytes()) };
     }
 
     /// The bytes of a slot whose READ completed (no request targets it now).
@@ -145,7 +158,7 @@ impl Staging {
 /// Set-up state before switchover: both queue pairs connected.
 pub(crate) struct DestRdma {
     pub(crate) demand: DemandReader,
-    pub(crate) background: Option<Puller>,
+    pub(crate) background: Option<Background>,
     pub(crate) device: String,
     pub(crate) registration: Duration,
 }
@@ -192,15 +205,31 @@ pub(crate) fn set_up(
         ));
     }
     let bg_slots = background_slots(window, page_bytes);
+    let slot_bytes = SLOT_BYTES.max(page_bytes);
     let mut dq = dev.create_qp(qp_caps(DEMAND_SLOTS)).map_err(|e| rdma_err("queue pair", e))?;
-    let mut bq = dev.create_qp(qp_caps(bg_slots)).map_err(|e| rdma_err("queue pair", e))?;
-    let answer = Answer { endpoints: vec![dq.endpoint(), bq.endpoint()] };
+    let (mut bq, ring) = if rc.write_background {
+        // Receives for the WRITEs' immediates, and credit SENDs back.
+        let caps = QpCaps { max_send_wr: bg_slots, max_recv_wr: bg_slots, cq_depth: 2 * bg_slots + 4 };
+        let mut bq = dev.create_qp(caps).map_err(|e| rdma_err("queue pair", e))?;
+        let mem = RingMem::new(&*dev, bg_slots, slot_bytes)?;
+        // Every receive is posted before the source can write: a WRITE
+        // with immediate that finds none fails the queue pair.
+        mem.post_receives(&mut *bq)?;
+        (bq, Some(mem))
+    } else {
+        (dev.create_qp(qp_caps(bg_slots)).map_err(|e| rdma_err("queue pair", e))?, None)
+    };
+    let answer = Answer { endpoints: vec![dq.endpoint(), bq.endpoint()], ring: ring.as_ref().map(RingMem::ring) };
     let sealed = proto::auth::seal_setup(key, session.session(), 2, &answer.encode());
     control.send(&Msg::RdmaSetup(&sealed))?;
     dq.connect(&offer.endpoints[0], deadline).map_err(|e| rdma_err("connecting", e))?;
     bq.connect(&offer.endpoints[1], deadline).map_err(|e| rdma_err("connecting", e))?;
-    tracing::info!(device = dev.name(), "RDMA set up: post-copy pages will be read from the source");
-    assemble(dev, offer, dq, bq, page_bytes, bg_slots)
+    tracing::info!(
+        device = dev.name(),
+        background = if ring.is_some() { "written by the source" } else { "read" },
+        "RDMA set up: post-copy pages come from the source's memory"
+    );
+    assemble(dev, offer, dq, bq, page_bytes, bg_slots, ring)
 }
 
 fn background_slots(window: u64, page_bytes: u64) -> u32 {
@@ -220,11 +249,12 @@ fn assemble(
     bq: Box<dyn rdma::QueuePair>,
     page_bytes: u64,
     bg_slots: u32,
+    ring: Option<RingMem>,
 ) -> Result<DestRdma, PagerError> {
     let slot_bytes = SLOT_BYTES.max(page_bytes);
     let t = Instant::now();
     let d_stage = Staging::new(&*dev, DEMAND_SLOTS, slot_bytes)?;
-    let b_stage = Staging::new(&*dev, bg_slots, slot_bytes)?;
+    let b_stage = if ring.is_none() { Some(Staging::new(&*dev, bg_slots, slot_bytes)?) } else { None };
     let registration = t.elapsed();
     let offer = Arc::new(offer);
     let slot_pages = slot_bytes / page_bytes;
@@ -242,15 +272,25 @@ fn assemble(
             done: Vec::new(),
             _dev: Arc::clone(&dev),
         },
-        background: Some(Puller {
-            signal,
-            yield_to_demand: true,
-            sq: SendQueue::new(bq, bg_slots, BG_SIGNAL_EVERY, 2),
-            stage: b_stage,
-            offer,
-            page_bytes,
-            slot_pages,
-            _dev: Arc::clone(&dev),
+        background: Some(match (ring, b_stage) {
+            (Some(mem), _) => Background::Written(RingReceiver {
+                sq: SendQueue::new(bq, bg_slots, BG_SIGNAL_EVERY, 2),
+                mem,
+                slot_pages,
+                page_bytes,
+                _dev: Arc::clone(&dev),
+            }),
+            (None, Some(stage)) => Background::Read(Puller {
+                signal,
+                yield_to_demand: true,
+                sq: SendQueue::new(bq, bg_slots, BG_SIGNAL_EVERY, 2),
+                stage,
+                offer,
+                page_bytes,
+                slot_pages,
+                _dev: Arc::clone(&dev),
+            }),
+            (None, None) => unreachable!("staging is made when there is no ring"),
         }),
         device: dev.name().to_string(),
         registration,
@@ -405,31 +445,6 @@ impl Drop for PullerHandle {
 }
 
 impl Puller {
-    /// Start reading every missing page in the background.
-    pub(crate) fn spawn(
-        self,
-        inst: Arc<Installer>,
-        shared: Arc<Shared>,
-        metrics: Arc<PagerMetrics>,
-        peer_timeout: Duration,
-        nice: i32,
-    ) -> Result<PullerHandle, PagerError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let failed = Arc::new(Mutex::new(None));
-        let (s, f) = (Arc::clone(&stop), Arc::clone(&failed));
-        let thread = std::thread::Builder::new()
-            .name("pager-pull".into())
-            .spawn(move || {
-                transport::sched::set_thread_nice(nice);
-                if let Err(e) = self.run(&inst, &shared, &metrics, &s, peer_timeout) {
-                    tracing::warn!("background RDMA reads stopped: {}", crate::error::error_chain(&e));
-                    *f.lock() = Some(crate::error::error_chain(&e));
-                }
-            })
-            .map_err(|e| PagerError::Spawn { what: "pager-pull", source: e })?;
-        Ok(PullerHandle { stop, failed, thread: Some(thread) })
-    }
-
     /// The next stretch of pages neither present nor held at or after `at`.
     fn next_missing(&self, inst: &Installer, mut at: u64, max_pages: u64) -> Option<PageRange> {
         let n = inst.map().layout().n_pages();
@@ -561,6 +576,207 @@ impl Puller {
     }
 }
 
+/// How the background arrives.
+pub(crate) enum Background {
+    /// This side READs it (`pager-pull`).
+    Read(Puller),
+    /// The source WRITEs it into the staging ring (`pager-ring`).
+    Written(RingReceiver),
+}
+
+impl Background {
+    /// Start it on its own thread.
+    pub(crate) fn spawn(
+        self,
+        inst: Arc<Installer>,
+        shared: Arc<Shared>,
+        metrics: Arc<PagerMetrics>,
+        peer_timeout: Duration,
+        nice: i32,
+        yield_to_demand: bool,
+    ) -> Result<PullerHandle, PagerError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failed = Arc::new(Mutex::new(None));
+        let (s, f) = (Arc::clone(&stop), Arc::clone(&failed));
+        let name = match &self {
+            Background::Read(_) => "pager-pull",
+            Background::Written(_) => "pager-ring",
+        };
+        let thread = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                transport::sched::set_thread_nice(nice);
+                let r = match self {
+                    Background::Read(mut p) => {
+                        p.yield_to_demand = yield_to_demand;
+                        p.run(&inst, &shared, &metrics, &s, peer_timeout)
+                    }
+                    Background::Written(r) => r.run(&inst, &shared, &metrics, &s, peer_timeout),
+                };
+                if let Err(e) = r {
+                    tracing::warn!("background RDMA stopped: {}", crate::error::error_chain(&e));
+                    *f.lock() = Some(crate::error::error_chain(&e));
+                }
+            })
+            .map_err(|e| PagerError::Spawn { what: name, source: e })?;
+        Ok(PullerHandle { stop, failed, thread: Some(thread) })
+    }
+}
+
+/// The staging ring the source WRITEs into: `slots` data slots and after
+/// them (in the same region, one key) a 16-byte header per slot; and a
+/// buffer per slot for the credit SEND that gives it back.
+pub(crate) struct RingMem {
+    data: Staging,
+    credits: Staging,
+    slots: u32,
+}
+
+impl RingMem {
+    fn new(dev: &dyn Device, slots: u32, slot_bytes: u64) -> Result<RingMem, PagerError> {
+        // One slot more holds the headers (256 * 16 bytes fit any slot).
+        debug_assert!(u64::from(slots) * HEADER_BYTES <= slot_bytes);
+        Ok(RingMem {
+            data: Staging::with_access(dev, slots + 1, slot_bytes, Access::REMOTE_WRITE)?,
+            credits: Staging::new(dev, slots, 16)?,
+            slots,
+        })
+    }
+
+    fn header_at(&self, slot: u32) -> u64 {
+        u64::from(self.slots) * self.data.slot_bytes + u64::from(slot) * HEADER_BYTES
+    }
+
+    fn ring(&self) -> Ring {
+        Ring {
+            addr: self.data.mr.addr(),
+            headers: self.data.mr.addr() + self.header_at(0),
+            rkey: self.data.mr.rkey(),
+            slots: self.slots,
+            slot_bytes: self.data.slot_bytes,
+        }
+    }
+
+    /// A receive for a WRITE with immediate (it carries no bytes).
+    fn recv_wr(&self, slot: u32) -> rdma::RecvWr {
+        rdma::RecvWr {
+            wr_id: u64::from(slot),
+            sge: Sge { addr: self.data.mr.addr(), len: 0, lkey: self.data.mr.lkey() },
+        }
+    }
+
+    /// One receive per slot (a WRITE with immediate consumes one).
+    fn post_receives(&self, qp: &mut dyn rdma::QueuePair) -> Result<(), PagerError> {
+        for s in 0..self.slots {
+            qp.post_recv(&self.recv_wr(s)).map_err(|e| rdma_err("posting a receive", e))?;
+        }
+        Ok(())
+    }
+
+    /// The header the source wrote for `slot` (its WRITE completed: the
+    /// receive for it did).
+    fn header(&self, slot: u32) -> (u64, u32) {
+        let at = usize::try_from(self.header_at(slot)).unwrap_or(usize::MAX);
+        // SAFETY: inside the ring's mapping; the source writes this header
+        // only for a slot it holds, and it gave `slot` to us.
+        let h: [u8; 16] = unsafe { std::ptr::read_unaligned((self.data.base + at) as *const [u8; 16]) };
+        Ring::parse_header(&h)
+    }
+}
+
+/// The background written by the source: each WRITE with immediate names
+/// a slot whose pages are installed (checked against the guest first: the
+/// header is the peer's), then the slot goes back with a SEND of its index.
+pub(crate) struct RingReceiver {
+    // The queue first: gone before the ring the source writes.
+    sq: SendQueue<u32>,
+    mem: RingMem,
+    slot_pages: u64,
+    page_bytes: u64,
+    _dev: Arc<dyn Device>,
+}
+
+impl RingReceiver {
+    fn run(
+        mut self,
+        inst: &Installer,
+        shared: &Shared,
+        metrics: &PagerMetrics,
+        stop: &AtomicBool,
+        peer_timeout: Duration,
+    ) -> Result<(), PagerError> {
+        let layout = inst.map().layout().clone();
+        let mut done = Vec::new();
+        let mut recvs = Vec::new();
+        let mut last_rx = Instant::now();
+        loop {
+            if stop.load(Ordering::Acquire) || shared.check().is_err() || inst.complete() {
+                return Ok(());
+            }
+            done.clear();
+            recvs.clear();
+            let mut k = self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
+            if k == 0 {
+                self.sq.arm().map_err(|e| rdma_err("arming", e))?;
+                k = self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
+            }
+            if k == 0 {
+                let mut fds = [nix::poll::PollFd::new(self.sq.readiness(), nix::poll::PollFlags::POLLIN)];
+                let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(20u8));
+                if last_rx.elapsed() > peer_timeout {
+                    return Err(rdma_err(
+                        "background writes",
+                        format!("none for {peer_timeout:?} with pages missing: the source is presumed dead"),
+                    ));
+                }
+                continue;
+            }
+            for &(slot, st) in &done {
+                if st != WcStatus::Success {
+                    return Err(rdma_err("giving back ring slot", format!("{slot}: {st}")));
+                }
+            }
+            let mut pending: VecDeque<rdma::Completion> = recvs.drain(..).collect();
+            while let Some(c) = pending.pop_front() {
+                if c.status != WcStatus::Success {
+                    return Err(rdma_err("ring receive", c.status));
+                }
+                last_rx = Instant::now();
+                let rdma::WcOp::Recv { imm: Some(slot) } = c.op else {
+                    return Err(rdma_err("ring", "a receive without an immediate"));
+                };
+                if slot >= self.mem.slots {
+                    return Err(rdma_err("ring", format!("the source wrote slot {slot} of {}", self.mem.slots)));
+                }
+                let (first, n) = self.mem.header(slot);
+                let n = u64::from(n);
+                if n == 0 || n > self.slot_pages || !layout.contains_range(PageIdx(first), n) {
+                    return Err(rdma_err("ring", format!("the source wrote pages {first}+{n} in a slot")));
+                }
+                let data = self.mem.data.data(slot, n * self.page_bytes);
+                inst.install(PageIdx(first), data, PageKind::Push)?;
+                PagerMetrics::add(&metrics.rdma_ring_receives, 1);
+                PagerMetrics::add(&metrics.rdma_bg_bytes, n * self.page_bytes);
+                // The receive goes back before the slot does: the source can
+                // then never write into a slot without one waiting.
+                self.sq.post_recv(&self.mem.recv_wr(slot)).map_err(|e| rdma_err("posting a receive", e))?;
+                // The slot's credit buffer is reused only once its last SEND
+                // completed (the NIC may still be reading it).
+                while self.sq.any_in_flight(|s| *s == slot) {
+                    done.clear();
+                    self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
+                    pending.extend(recvs.drain(..));
+                }
+                self.mem.credits.write_u32(slot, slot);
+                let last = pending.is_empty();
+                self.sq
+                    .post(Op::Send, self.mem.credits.sge(slot, 4), slot, last)
+                    .map_err(|e| rdma_err("giving back a ring slot", e))?;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -603,7 +819,7 @@ mod tests {
             regions: vec![RemoteRegion { first_page: 0, n_pages: N, addr: mr.addr(), rkey: mr.rkey() }],
         };
         let dev: Arc<dyn Device> = ddev;
-        let r = assemble(dev, offer, dq, bq, PG as u64, 4).unwrap();
+        let r = assemble(dev, offer, dq, bq, PG as u64, 4, None).unwrap();
         (src, mr, sq, r)
     }
 
@@ -625,6 +841,7 @@ mod tests {
                     Arc::clone(&f.metrics),
                     Duration::from_secs(10),
                     0,
+                    false,
                 )
                 .unwrap();
             std::thread::sleep(Duration::from_millis(20));

@@ -50,6 +50,9 @@ pub struct Config {
     pub sim_delay_us: u32,
     /// Seed of those delays.
     pub seed: u64,
+    /// The destination has the source WRITE the background into its
+    /// staging ring, instead of reading it.
+    pub write_background: bool,
 }
 
 impl Config {

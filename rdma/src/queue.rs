@@ -84,13 +84,35 @@ impl<T> SendQueue<T> {
     /// since a queue pair completes in order). A completion that names no
     /// request in flight is an error: something else posted on this queue.
     pub fn poll(&mut self, done: &mut Vec<(T, WcStatus)>) -> Result<usize, VerbsError> {
+        self.poll_with_recvs(done, None)
+    }
+
+    /// As [`SendQueue::poll`], on a queue pair that also receives: receive
+    /// completions go to `recvs` (without one, a receive is an error).
+    pub fn poll_with_recvs(
+        &mut self,
+        done: &mut Vec<(T, WcStatus)>,
+        mut recvs: Option<&mut Vec<Completion>>,
+    ) -> Result<usize, VerbsError> {
         let mut total = 0;
         loop {
             let n = self.qp.poll(&mut self.wc)?;
             for i in 0..n {
                 let c = self.wc[i];
                 if matches!(c.op, WcOp::Recv { .. }) {
-                    return Err(VerbsError::QpError(format!("a receive completed on send queue {:#x}", self.tag)));
+                    match recvs.as_deref_mut() {
+                        Some(r) => {
+                            r.push(c);
+                            total += 1;
+                            continue;
+                        }
+                        None => {
+                            return Err(VerbsError::QpError(format!(
+                                "a receive completed on send queue {:#x}",
+                                self.tag
+                            )));
+                        }
+                    }
                 }
                 if !self.inflight.iter().any(|(id, _, _)| *id == c.wr_id) {
                     return Err(VerbsError::QpError(format!("completion for unknown work request {:#x}", c.wr_id)));
@@ -120,6 +142,22 @@ impl<T> SendQueue<T> {
     /// Polls readable after an armed completion.
     pub fn readiness(&self) -> BorrowedFd<'_> {
         self.qp.readiness()
+    }
+
+    /// Wait at most `ms` milliseconds for an armed completion.
+    pub fn wait(&self, ms: u8) {
+        let mut fds = [nix::poll::PollFd::new(self.qp.readiness(), nix::poll::PollFlags::POLLIN)];
+        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms));
+    }
+
+    /// Post a receive on the queue pair.
+    pub fn post_recv(&mut self, wr: &crate::verbs::RecvWr) -> Result<(), VerbsError> {
+        self.qp.post_recv(wr)
+    }
+
+    /// Whether a request for `pred`'s context is still in flight.
+    pub fn any_in_flight(&self, mut pred: impl FnMut(&T) -> bool) -> bool {
+        self.inflight.iter().any(|(_, _, c)| pred(c))
     }
 
     /// The queue pair (to connect it).

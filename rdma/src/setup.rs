@@ -46,6 +46,55 @@ pub struct Offer {
 pub struct Answer {
     /// Its queue pairs' endpoints, matching the offer's.
     pub endpoints: Vec<Endpoint>,
+    /// When the source is to WRITE the background (instead of the
+    /// destination reading it): where.
+    pub ring: Option<Ring>,
+}
+
+/// The destination's staging ring for background WRITEs: `slots` slots of
+/// `slot_bytes` at `addr`, and a 16-byte header per slot at `headers`
+/// (first page u64, pages u32, zero u32), all writable with `rkey`. The
+/// source writes a slot's data, then its header with WRITE_WITH_IMM (the
+/// slot's index as immediate); the destination gives the slot back with a
+/// 4-byte SEND of its index once the pages are installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ring {
+    /// Data of slot 0.
+    pub addr: u64,
+    /// Header of slot 0.
+    pub headers: u64,
+    /// Key of both.
+    pub rkey: u32,
+    /// Slots.
+    pub slots: u32,
+    /// Bytes per slot.
+    pub slot_bytes: u64,
+}
+
+/// Most ring slots.
+pub const MAX_RING_SLOTS: u32 = 256;
+/// Largest ring slot.
+pub const MAX_SLOT_BYTES: u64 = 8 << 20;
+/// Bytes of a slot header.
+pub const HEADER_BYTES: u64 = 16;
+
+impl Ring {
+    /// A slot header: first page and pages.
+    pub fn header(first: u64, n_pages: u32) -> [u8; 16] {
+        let mut h = [0u8; 16];
+        h[..8].copy_from_slice(&first.to_le_bytes());
+        h[8..12].copy_from_slice(&n_pages.to_le_bytes());
+        h
+    }
+
+    /// Decode a slot header the peer wrote (checked by the caller against the guest).
+    pub fn parse_header(h: &[u8; 16]) -> (u64, u32) {
+        let mut f = [0u8; 8];
+        f.copy_from_slice(&h[..8]);
+        let mut n = [0u8; 4];
+        n.copy_from_slice(&h[8..12]);
+        (u64::from_le_bytes(f), u32::from_le_bytes(n))
+    }
 }
 
 /// A malformed setup message.
@@ -190,6 +239,17 @@ impl Answer {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = vec![KIND_ANSWER, VERSION];
         put_endpoints(&mut out, &self.endpoints);
+        match &self.ring {
+            None => out.push(0),
+            Some(r) => {
+                out.push(1);
+                out.extend_from_slice(&r.addr.to_le_bytes());
+                out.extend_from_slice(&r.headers.to_le_bytes());
+                out.extend_from_slice(&r.rkey.to_le_bytes());
+                out.extend_from_slice(&r.slots.to_le_bytes());
+                out.extend_from_slice(&r.slot_bytes.to_le_bytes());
+            }
+        }
         out
     }
 
@@ -206,10 +266,36 @@ impl Answer {
             return Err(err("version"));
         }
         let endpoints = get_endpoints(&mut rd)?;
+        let ring = match rd.u8()? {
+            0 => None,
+            1 => {
+                let r = Ring {
+                    addr: rd.u64()?,
+                    headers: rd.u64()?,
+                    rkey: rd.u32()?,
+                    slots: rd.u32()?,
+                    slot_bytes: rd.u64()?,
+                };
+                if r.slots == 0 || r.slots > MAX_RING_SLOTS {
+                    return Err(err("ring slot count"));
+                }
+                if r.slot_bytes == 0 || r.slot_bytes > MAX_SLOT_BYTES {
+                    return Err(err("ring slot size"));
+                }
+                let span = u64::from(r.slots) * r.slot_bytes;
+                if r.addr.checked_add(span).is_none()
+                    || r.headers.checked_add(u64::from(r.slots) * HEADER_BYTES).is_none()
+                {
+                    return Err(err("ring address"));
+                }
+                Some(r)
+            }
+            _ => return Err(err("ring flag")),
+        };
         if !rd.0.is_empty() {
             return Err(err("trailing bytes"));
         }
-        Ok(Answer { endpoints })
+        Ok(Answer { endpoints, ring })
     }
 }
 
@@ -236,8 +322,16 @@ mod tests {
         assert_eq!(d.locate(3, 100, 4096), Some((0x10000 + 3 * 4096, 7, 7)));
         assert_eq!(d.locate(12, 2, 4096), Some((0x90000 + 2 * 4096, 8, 2)));
         assert_eq!(d.locate(16, 1, 4096), None);
-        let a = Answer { endpoints: vec![Endpoint(vec![3; 9])] };
+        let a = Answer { endpoints: vec![Endpoint(vec![3; 9])], ring: None };
         assert_eq!(Answer::decode(&a.encode()).unwrap(), a);
+        let ring = Ring { addr: 0x1000, headers: 0x9000, rkey: 5, slots: 16, slot_bytes: 256 << 10 };
+        let a = Answer { endpoints: vec![Endpoint(vec![3; 9])], ring: Some(ring) };
+        assert_eq!(Answer::decode(&a.encode()).unwrap(), a);
+        let bad = Answer { ring: Some(Ring { slots: 0, ..ring }), ..a.clone() };
+        assert!(Answer::decode(&bad.encode()).is_err());
+        let bad = Answer { ring: Some(Ring { slot_bytes: 1 << 40, ..ring }), ..a };
+        assert!(Answer::decode(&bad.encode()).is_err());
+        assert_eq!(Ring::parse_header(&Ring::header(77, 9)), (77, 9));
     }
 
     #[test]

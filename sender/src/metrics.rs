@@ -29,6 +29,15 @@ pub struct SenderMetrics {
     pub recoveries: AtomicU64,
     /// Time spent reconnecting, ns.
     pub paused_ns: AtomicU64,
+    /// RDMA WRITEs of background runs into the destination's ring (data
+    /// and header each count one).
+    pub rdma_writes: AtomicU64,
+    /// Bytes of page data they carried.
+    pub rdma_write_bytes: AtomicU64,
+    /// Completions polled for them.
+    pub rdma_write_wc: AtomicU64,
+    /// Ring slots the destination gave back.
+    pub rdma_credits: AtomicU64,
 }
 
 impl SenderMetrics {

@@ -99,7 +99,7 @@ pub fn run<G: SourceGuest>(
     map.allow_zeros(session.zeros());
     // RDMA: guest memory registered and offered before the bulk connection,
     // so the destination can read from the moment the guest resumes there.
-    let rdma = match &cfg.rdma {
+    let mut rdma = match &cfg.rdma {
         Some(rc) => {
             let r = crate::rdma::set_up(
                 &mut *control,
@@ -221,6 +221,13 @@ pub fn run<G: SourceGuest>(
     // With RDMA the destination reads every page itself on the first link;
     // after a broken link the rest goes over TCP (the pusher).
     link.push = rdma.is_none() || settled.is_some();
+    if !link.push
+        && let Some(r) = rdma.as_mut()
+    {
+        // The destination may have asked for the background to be written
+        // into its ring rather than read.
+        r.start_writer(pushed.clone(), &metrics, cfg.peer_timeout).map_err(fail(FailPhase::AfterSwitchover))?;
+    }
     loop {
         let served = if state == ResumeState::Complete {
             // The destination holds every page and only waits for this.
@@ -232,6 +239,10 @@ pub fn run<G: SourceGuest>(
             Ok(()) => break,
             Err(e) => e,
         };
+        // The rest goes over TCP once the link is back.
+        if let Some(r) = rdma.as_mut() {
+            r.stop_writer();
+        }
         if !(served.is_link_failure() && session.on_link_lost()) {
             report_error(&mut *link.control, &served);
             return Err(fail(FailPhase::AfterSwitchover)(served));

@@ -330,6 +330,21 @@ pub struct TransportOpts {
     /// `auto` is on, except over loopback.
     #[arg(long, value_enum, default_value = "auto")]
     pub rdma_yield: YieldArg,
+    /// How the background crosses (the destination decides, the source
+    /// follows): `read`, the destination READs every missing page behind
+    /// demand; `write`, the source WRITEs runs into the destination's
+    /// staging ring and is told which slots it may reuse.
+    #[arg(long, value_enum, default_value = "read")]
+    pub rdma_background: BackgroundArg,
+}
+
+/// `--rdma-background`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackgroundArg {
+    /// The destination reads it.
+    Read,
+    /// The source writes it.
+    Write,
 }
 
 /// `--rdma-yield`.
@@ -377,6 +392,7 @@ impl TransportOpts {
                 device: self.rdma_device.clone().unwrap_or_default(),
                 sim_delay_us: self.rdma_sim_delay_us,
                 seed,
+                write_background: self.rdma_background == BackgroundArg::Write,
             })),
         }
     }
@@ -417,6 +433,8 @@ impl TransportOpts {
             self.rdma_window.clone(),
             "--rdma-yield".into(),
             name_of(&self.rdma_yield),
+            "--rdma-background".into(),
+            name_of(&self.rdma_background),
         ];
         push_opt(&mut a, "--rdma-device", self.rdma_device.as_ref());
         a

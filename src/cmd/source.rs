@@ -173,6 +173,10 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
                 rdma: r.rdma_device.as_ref().map(|d| crate::report::RdmaReport {
                     device: d.clone(),
                     registration_ms: ms(r.rdma_registration),
+                    background_writes: SenderMetrics::get(&metrics.rdma_writes),
+                    background_write_bytes: SenderMetrics::get(&metrics.rdma_write_bytes),
+                    write_completions: SenderMetrics::get(&metrics.rdma_write_wc),
+                    credits: SenderMetrics::get(&metrics.rdma_credits),
                     ..Default::default()
                 }),
                 ..base
