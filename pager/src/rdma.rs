@@ -791,8 +791,16 @@ mod tests {
     /// pairs the destination reads it through; the destination's
     /// background queue pair waits `bg_delay_us` before each READ.
     fn connected(bg_delay_us: u32) -> (Vec<u8>, Box<dyn MemoryRegion>, Vec<rdma::sim::SimQp>, DestRdma) {
-        let sdev = SimDevice::open(LO, SimConfig::default());
-        let ddev = SimDevice::open(LO, SimConfig { seed: 9, max_delay_us: 50 });
+        connected_with(bg_delay_us, 9, 50)
+    }
+
+    fn connected_with(
+        bg_delay_us: u32,
+        seed: u64,
+        max_delay_us: u32,
+    ) -> (Vec<u8>, Box<dyn MemoryRegion>, Vec<rdma::sim::SimQp>, DestRdma) {
+        let sdev = SimDevice::open(LO, SimConfig { seed, max_delay_us });
+        let ddev = SimDevice::open(LO, SimConfig { seed: seed + 1, max_delay_us });
         let len = usize::try_from(N).unwrap() * PG;
         let mut src: Vec<u8> = (0..len).map(|i| u8::try_from((i / PG) % 251).unwrap() + 1).collect();
         // SAFETY: `src` outlives the region and the queue pairs (returned together, dropped by the test after).
@@ -873,6 +881,66 @@ mod tests {
                 assert_eq!(read(&f, p), u8::try_from(p % 251).unwrap() + 1, "shmem={shmem} page {p}");
             }
             assert!(PagerMetrics::get(&f.metrics.pages_duplicate) >= 1, "shmem={shmem}");
+        }
+    }
+
+    /// Under seeded random delays on both queue pairs, with faults at
+    /// random pages while the background runs: every page lands exactly
+    /// once with the source's bytes, and no demand READ waits for the
+    /// background (whose every READ is held back 50 ms more).
+    #[test]
+    fn every_page_lands_once_and_demand_never_waits_for_the_background() {
+        for seed in [1u64, 7, 42, 1234] {
+            for shmem in [false, true] {
+                let f = fixture(shmem);
+                f.inst.begin_postcopy();
+                let (_src, _mr, _sq, mut r) = connected_with(50_000, seed, 300);
+                let bg = r.background.take().unwrap();
+                let puller = bg
+                    .spawn(
+                        Arc::clone(&f.inst),
+                        Arc::new(Shared::default()),
+                        Arc::clone(&f.metrics),
+                        Duration::from_secs(20),
+                        0,
+                        false,
+                    )
+                    .unwrap();
+                let mut x = seed;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut worst = Duration::ZERO;
+                for _ in 0..40 {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                    let p = PageIdx((x >> 33) % N);
+                    if f.inst.present().get(p) {
+                        continue;
+                    }
+                    let t = Instant::now();
+                    r.demand.read(&[PageRange::new(p, (1 + (x >> 60)).min(N - p.0))], &f.metrics).unwrap();
+                    while !f.inst.present().get(p) {
+                        r.demand.complete(&f.inst, &f.metrics).unwrap();
+                        assert!(Instant::now() < deadline);
+                    }
+                    worst = worst.max(t.elapsed());
+                }
+                // Every demand READ came back well inside one held-back
+                // background READ.
+                assert!(worst < Duration::from_millis(50), "seed {seed}: a demand read took {worst:?}");
+                while !f.inst.complete() {
+                    puller.check().unwrap();
+                    r.demand.complete(&f.inst, &f.metrics).unwrap();
+                    std::thread::sleep(Duration::from_millis(2));
+                    assert!(Instant::now() < deadline, "seed {seed}: the background did not finish");
+                }
+                drop(puller);
+                for p in 0..N {
+                    assert_eq!(read(&f, p), u8::try_from(p % 251).unwrap() + 1, "seed {seed} shmem={shmem} page {p}");
+                }
+                // Installed exactly once each: the rest were counted as duplicates.
+                let once = PagerMetrics::get(&f.metrics.pages_demand) + PagerMetrics::get(&f.metrics.pages_push);
+                assert_eq!(once, N, "seed {seed} shmem={shmem}");
+                assert_eq!(PagerMetrics::get(&f.metrics.pages_present), N);
+            }
         }
     }
 }
