@@ -15,8 +15,10 @@
 //! * [`Listener`]: where a destination takes connections, the first pair and
 //!   those of a source that reconnects after a broken link.
 //!
-//! RDMA (one-sided writes for the push, reads or requests for faults) is not
-//! built yet: it would be a third implementation behind a cargo feature.
+//! RDMA is not a `Conn`: one-sided READs and WRITEs are not a byte stream,
+//! so the `rdma` crate has its own interface and the pager and sender use
+//! it directly for post-copy pages (see DESIGN.md, *RDMA*); the control
+//! connection stays a `Conn`.
 
 pub mod conformance;
 mod conn;
