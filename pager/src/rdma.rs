@@ -83,7 +83,9 @@ impl DemandSignal {
 /// window that halves whenever a demand READ took more than twice the
 /// least seen plus `SLACK`, and grows by a step for each one that did not
 /// (a delay-based scavenger: the side that measures demand is the side
-/// that schedules the background). Idle, the whole window is used.
+/// that schedules the background); it starts small each time the guest
+/// starts faulting, so the least latency is learned on an empty queue.
+/// Idle, the whole window is used.
 const BUSY_FOR: Duration = Duration::from_millis(20);
 const SLACK: Duration = Duration::from_micros(100);
 const YIELD_STEP: u64 = 16 << 10;
@@ -484,11 +486,21 @@ impl Puller {
         let mut done = Vec::new();
         let mut window = full;
         let (mut least, mut seen) = (u64::MAX, 0u64);
+        let mut was_active = false;
         loop {
             if stop.load(Ordering::Acquire) || shared.check().is_err() {
                 return Ok(());
             }
-            let budget = if self.yield_to_demand && self.signal.active(BUSY_FOR) {
+            let active = self.yield_to_demand && self.signal.active(BUSY_FOR);
+            if active && !was_active {
+                // Start small when the guest starts faulting: a window that
+                // starts full would queue the first demand READs behind it,
+                // and the least latency seen (the baseline) would be learned
+                // from a full queue and never let the window shrink.
+                window = window.min(4 * YIELD_STEP);
+            }
+            was_active = active;
+            let budget = if active {
                 let s = self.signal.samples.load(Ordering::Acquire);
                 if s != seen {
                     seen = s;
