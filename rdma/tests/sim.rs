@@ -219,6 +219,47 @@ fn hazard_3_writes_on_two_queue_pairs_land_out_of_order() {
 }
 
 #[test]
+fn a_buffer_reused_before_its_completion_is_corrupted_later() {
+    // A user that frees a staging buffer when it posts the next READ into
+    // it, not when the first READ's completion is polled: the first READ,
+    // slow on its queue pair, lands after the second and overwrites the
+    // bytes the user already took for the second. (The engine's slots go
+    // back to the free list only after their completion is polled.)
+    let da = SimDevice::open(LO, SimConfig::default());
+    let db = SimDevice::open(LO, SimConfig { seed: 3, ..SimConfig::default() });
+    let mk = || {
+        let mut a = da.create_sim_qp(caps(8, 32)).unwrap();
+        let mut b = db.create_sim_qp(caps(8, 32)).unwrap();
+        let (ea, eb) = (a.endpoint(), b.endpoint());
+        let d = Instant::now() + Duration::from_secs(5);
+        let t = std::thread::spawn(move || {
+            b.connect(&ea, d).unwrap();
+            b
+        });
+        a.connect(&eb, d).unwrap();
+        (a, t.join().unwrap())
+    };
+    let (mut slow, sp) = mk();
+    let (mut fast, fp) = mk();
+    let src = buf(&db, 8192, 0, Access::REMOTE_READ);
+    // SAFETY: no request targets the source buffer yet.
+    unsafe {
+        std::ptr::write_bytes(src.v.as_ptr().cast_mut(), 0x11, 4096);
+        std::ptr::write_bytes(src.v.as_ptr().cast_mut().add(4096), 0x22, 4096);
+    }
+    let slot = buf(&da, 4096, 0, Access::LOCAL);
+    slow.set_delay_us(30_000);
+    slow.post_send(&SendWr { wr_id: 1, op: Op::Read(src.remote(0)), sge: slot.sge(0, 4096), signaled: true }).unwrap();
+    fast.post_send(&SendWr { wr_id: 2, op: Op::Read(src.remote(4096)), sge: slot.sge(0, 4096), signaled: true })
+        .unwrap();
+    wait_wc(&mut fast, 1).unwrap();
+    assert_eq!(slot.read(0), 0x22, "the second READ's bytes, as the user takes them");
+    wait_wc(&mut slow, 1).unwrap();
+    assert_eq!(slot.read(0), 0x11, "and then the first READ lands on them");
+    drop((slow, fast, sp, fp));
+}
+
+#[test]
 fn receiver_not_ready_fails_the_queue_pair() {
     let (da, mut a, db, mut b) = pair(SimConfig::default(), caps(8, 32));
     let msg = buf(&da, 64, 3, Access::LOCAL);
