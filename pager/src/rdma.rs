@@ -89,6 +89,19 @@ impl DemandSignal {
 const BUSY_FOR: Duration = Duration::from_millis(20);
 const SLACK: Duration = Duration::from_micros(100);
 const YIELD_STEP: u64 = 16 << 10;
+/// Idle (no fault for `BUSY_FOR`), the background still keeps the queue it
+/// builds short, so that the next fault, whenever it comes, does not meet
+/// a full one: READs no longer than what the background delivers in
+/// `IDLE_SERVICE` (the most a demand reply should wait behind one READ in
+/// service: 32 KiB at 1 Gbit, a whole slot at 10), and a window that
+/// shrinks by one READ when a background READ took more than the least of
+/// the last two seconds plus `IDLE_TARGET`, and grows by one READ per
+/// window's worth of READs that did not (LEDBAT's rule, on the READs' own
+/// latency). The delivery rate is the most bytes completed in a
+/// `RATE_WINDOW` over the last two seconds.
+const IDLE_TARGET: Duration = Duration::from_micros(300);
+const IDLE_SERVICE: Duration = Duration::from_micros(200);
+const RATE_WINDOW: Duration = Duration::from_millis(50);
 
 /// Demand staging slots (READs in flight at most).
 const DEMAND_SLOTS: u32 = 32;
@@ -487,6 +500,14 @@ impl Puller {
         let mut window = full;
         let (mut least, mut seen) = (u64::MAX, 0u64);
         let mut was_active = false;
+        // The idle window, and the least background latency of this second and the last.
+        let mut idle_window = full;
+        let (mut bg_min, mut bg_min_prev, mut bg_min_at) = (u64::MAX, u64::MAX, Instant::now());
+        let mut grow = 0u64;
+        // Bytes completed in the current rate window, and the best rate (bytes/s) lately.
+        let (mut rate_bytes, mut rate_at, mut rate_best, mut rate_best_at) =
+            (0u64, Instant::now(), 0u64, Instant::now());
+        let slot_bytes = self.slot_pages * self.page_bytes;
         loop {
             if stop.load(Ordering::Acquire) || shared.check().is_err() {
                 return Ok(());
@@ -514,12 +535,23 @@ impl Puller {
                     };
                 }
                 window
+            } else if self.yield_to_demand {
+                idle_window
             } else {
                 full
             };
+            // While faulting the window bounds each READ already.
+            let idle_read = if rate_best == 0 {
+                slot_bytes
+            } else {
+                let b =
+                    u64::try_from(u128::from(rate_best) * IDLE_SERVICE.as_nanos() / 1_000_000_000).unwrap_or(u64::MAX);
+                b.clamp(YIELD_STEP, slot_bytes)
+            };
+            let read_cap = if self.yield_to_demand && !active { idle_read } else { u64::MAX };
             // Post while slots are free and the budget allows.
             while !self.stage.free.is_empty() && in_bytes < budget {
-                let max_pages = ((budget - in_bytes) / self.page_bytes).max(1);
+                let max_pages = ((budget - in_bytes).min(read_cap) / self.page_bytes).max(1);
                 let Some(r) = self.next_missing(inst, cursor, max_pages) else {
                     cursor = n;
                     break;
@@ -573,16 +605,45 @@ impl Puller {
                 }
             }
             PagerMetrics::add(&metrics.rdma_bg_wc, self.sq.completions - before);
+            let mut latency = None;
             for &((slot, r), status) in &done {
                 if status != WcStatus::Success {
                     return Err(rdma_err("background read", format!("pages {}+{}: {status}", r.first.0, r.n_pages)));
                 }
-                if let Some((_, b)) = inflight.pop_front() {
+                if let Some((t, b)) = inflight.pop_front() {
                     in_bytes -= b;
+                    rate_bytes += b;
+                    // The last of a group is the signaled one: its latency is exact.
+                    latency = Some(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 }
                 let data = self.stage.data(slot, r.n_pages * self.page_bytes);
                 inst.install(r.first, data, PageKind::Push)?;
                 self.stage.free.push(slot);
+            }
+            if rate_at.elapsed() >= RATE_WINDOW {
+                let r = u64::try_from(u128::from(rate_bytes) * 1_000_000_000 / rate_at.elapsed().as_nanos().max(1))
+                    .unwrap_or(u64::MAX);
+                if r >= rate_best || rate_best_at.elapsed() > Duration::from_secs(2) {
+                    (rate_best, rate_best_at) = (r, Instant::now());
+                }
+                (rate_bytes, rate_at) = (0, Instant::now());
+            }
+            if let (Some(d), true) = (latency, self.yield_to_demand) {
+                if bg_min_at.elapsed() > Duration::from_secs(1) {
+                    (bg_min_prev, bg_min, bg_min_at) = (bg_min, u64::MAX, Instant::now());
+                }
+                bg_min = bg_min.min(d);
+                let base = bg_min.min(bg_min_prev);
+                if d > base.saturating_add(u64::try_from(IDLE_TARGET.as_nanos()).unwrap_or(0)) {
+                    idle_window = idle_window.saturating_sub(idle_read).max(idle_read);
+                    grow = 0;
+                } else {
+                    grow += idle_read;
+                    if grow >= idle_window {
+                        idle_window = (idle_window + idle_read).min(full);
+                        grow = 0;
+                    }
+                }
             }
         }
     }
