@@ -48,8 +48,9 @@ const BW_WINDOW: Duration = Duration::from_secs(2);
 /// Yields the bottleneck to demand replies: while the guest faults (a
 /// request was served in the last `BUSY_FOR`), the bulk connection is paced
 /// at `share` of the bandwidth it measured (acknowledged bytes over
-/// `SAMPLE_WINDOW`, the maximum over `BW_WINDOW`); otherwise it runs at its
-/// configured rate. While yielding, round trips well above the path's
+/// `SAMPLE_WINDOW`, the maximum over `BW_WINDOW`, taken while unpaced);
+/// idle after the first fault, at the whole estimate (before it, at its
+/// configured rate). While paced, round trips well above the path's
 /// minimum (queueing) lower the estimate by a sixteenth, and
 /// acknowledgements that keep up with the pace without queueing raise it by
 /// a thirty-second, so an estimate taken too early (slow start, a burst)
@@ -100,9 +101,14 @@ impl Governor {
                         // minimum: then the estimate is too high. Keeping up
                         // with the pace without queueing: the path may take more.
                         let (rtt, min) = (p.rtt_us, p.min_rtt_us);
+                        let busy = self.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
+                        // Idle, anything short of the queueing threshold lets
+                        // the pace grow: the push must keep (nearly) the
+                        // whole link, and only a queue that builds holds it.
+                        let clear = if busy { min + (min / 4).max(50) } else { 2 * min + 100 };
                         if rtt > 2 * min + 100 {
                             self.bw_max -= self.bw_max / 16;
-                        } else if rate >= pace - pace / 10 && rtt <= min + (min / 4).max(50) {
+                        } else if rate >= pace - pace / 10 && rtt <= clear {
                             self.bw_max += self.bw_max / 32;
                         }
                     }
@@ -110,12 +116,17 @@ impl Governor {
             }
         }
         let busy = self.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
-        let want = if busy && self.bw_max > 0 {
-            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-            let y = (self.bw_max as f64 * self.share) as u64;
-            Some(self.base.map_or(y, |b| b.min(y)))
-        } else {
-            self.base
+        // Idle after the guest has faulted once, the push runs at the whole
+        // estimate, which the round trips keep correcting: a queue that
+        // builds lowers it, so the next rare fault does not meet a full one.
+        let share = if busy { Some(self.share) } else { self.last_demand.map(|_| 1.0) };
+        let want = match share {
+            Some(s) if self.bw_max > 0 => {
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+                let y = (self.bw_max as f64 * s) as u64;
+                Some(self.base.map_or(y, |b| b.min(y)))
+            }
+            _ => self.base,
         };
         if want != self.pace && conn.set_pacing(want) {
             if want != self.base {
@@ -313,9 +324,14 @@ mod tests {
         g.demand(ms(151));
         g.tick(&mut p, ms(151), &m);
         assert!(p.pace.unwrap() > lowered);
-        // No fault for the busy window: back to the configured rate.
+        // No fault for the busy window: the whole estimate, still corrected
+        // by round trips (a queue that builds lowers it).
         g.tick(&mut p, ms(200), &m);
-        assert_eq!(p.pace, None);
+        let idle = p.pace.expect("paced when idle after a fault");
+        assert!(idle > 75_000_000, "the whole estimate, not the busy share: {idle}");
+        p.advance(2_000_000, 500);
+        g.tick(&mut p, ms(230), &m);
+        assert!(p.pace.unwrap() < idle, "queueing lowers the idle pace");
         // Never faster than the configured rate.
         let mut g = Governor::new(0.75, Some(10_000_000));
         let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: Some(10_000_000) };
