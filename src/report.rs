@@ -139,6 +139,8 @@ pub struct PostcopyReport {
     pub recoveries: u64,
     /// Time the migration spent paused on a broken link.
     pub paused_ms: f64,
+    /// Destination: bulk connections (push streams) on the first link.
+    pub push_streams: u64,
 }
 
 /// What the guest did and how it checked out.
@@ -553,6 +555,7 @@ impl Report {
                 vcpu_blocktime_ms: pr.blocktime_ns.iter().map(|(tid, ns)| (vcpu_name(*tid), ns_ms(*ns))).collect(),
                 recoveries: pager::PagerMetrics::get(&metrics.recoveries),
                 paused_ms: ns_ms(pager::PagerMetrics::get(&metrics.paused_ns)),
+                push_streams: pager::PagerMetrics::get(&metrics.push_streams),
             },
             guest: guest_report(g, false),
             transport: if pr.rdma_device.is_some() { "rdma" } else { "tcp" }.into(),

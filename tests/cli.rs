@@ -205,7 +205,7 @@ fn garbage_and_oversized_frames_to_destination() {
     for (name, bytes) in [
         ("garbage", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()),
         ("oversized", vec![12, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]),
-        ("wrong magic hello", Msg::BulkHello { version: 1, session: 1 }.to_frame()),
+        ("wrong magic hello", Msg::BulkHello { version: 1, session: 1, streams: 1 }.to_frame()),
     ] {
         let (dest, addr) = spawn_dest(&[]);
         let mut s = TcpStream::connect(&addr).unwrap();

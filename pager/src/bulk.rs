@@ -99,6 +99,33 @@ impl Drop for BulkHandle {
     }
 }
 
+/// The receivers of one link's bulk connections (several with
+/// `--push-streams`): the link is as alive as its liveliest connection, has
+/// failed when any has, and its push is done when every stream's is.
+pub(crate) struct Bulks(pub(crate) Vec<BulkHandle>);
+
+impl Bulks {
+    /// The first receiver's failure, if any.
+    pub(crate) fn check(&self) -> Result<(), PagerError> {
+        self.0.iter().try_for_each(|b| b.link.check())
+    }
+
+    /// When any of the connections last delivered anything.
+    pub(crate) fn last_rx(&self) -> Instant {
+        self.0.iter().map(|b| b.link.last_rx()).max().unwrap_or_else(Instant::now)
+    }
+
+    /// Whether every stream sent PushDone.
+    pub(crate) fn push_done(&self) -> bool {
+        !self.0.is_empty() && self.0.iter().all(|b| b.link.push_done())
+    }
+
+    /// Tell every receiver to stop, without waiting.
+    pub(crate) fn stop(&self) {
+        self.0.iter().for_each(BulkHandle::stop);
+    }
+}
+
 /// Start receiving `conn` (bound to the session as `session`) on a thread of
 /// its own at `nice`.
 pub(crate) fn spawn(

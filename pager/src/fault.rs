@@ -34,7 +34,7 @@ use proto::wire::{self, MAX_REQUEST_RANGES, Msg, PageKind, ResumeState, SourceSt
 use proto::{PageBitmap, PageIdx, PageRange, ViewAddr};
 use transport::{Conn, Listener, TransportError, Wait};
 
-use crate::bulk::{self, BulkHandle};
+use crate::bulk::{self, Bulks};
 use crate::config::PagerConfig;
 use crate::error::{PagerError, error_chain};
 use crate::install::{Installer, PendingFault};
@@ -52,9 +52,9 @@ pub(crate) struct FaultLoop<'a> {
     /// `None` while paused.
     pub(crate) control: &'a mut Option<Box<dyn Conn>>,
     /// The current bulk receiver (`None` while paused or after completion).
-    pub(crate) bulk: Option<BulkHandle>,
+    pub(crate) bulk: Option<Bulks>,
     /// Receivers of broken links, still finishing; joined at the end.
-    pub(crate) retired: Vec<BulkHandle>,
+    pub(crate) retired: Vec<Bulks>,
     pub(crate) session: &'a mut DestSession,
     pub(crate) listener: &'a dyn Listener,
     pub(crate) inst: &'a Arc<Installer>,
@@ -291,7 +291,7 @@ impl FaultLoop<'_> {
                     )
                 });
                 match bulk {
-                    Ok(b) => self.bulk = Some(b),
+                    Ok(b) => self.bulk = Some(Bulks(vec![b])),
                     Err(e) => {
                         // Dropping the control connection makes the source try again.
                         tracing::warn!("the reconnecting source's bulk connection failed: {}", error_chain(&e));
@@ -502,8 +502,8 @@ impl FaultLoop<'_> {
         // Liveness: either connection counts.
         let mut last_rx = st.last_rx;
         if let Some(b) = &self.bulk {
-            b.link.check()?;
-            last_rx = last_rx.max(b.link.last_rx());
+            b.check()?;
+            last_rx = last_rx.max(b.last_rx());
         }
         if now.duration_since(last_rx) > self.cfg.peer_timeout {
             return Err(PagerError::PeerSilent(self.cfg.peer_timeout));
@@ -554,7 +554,7 @@ impl FaultLoop<'_> {
                 }
             }
         }
-        let push_done = self.bulk.as_ref().is_some_and(|b| b.link.push_done());
+        let push_done = self.bulk.as_ref().is_some_and(Bulks::push_done);
         let sweep = push_done && !st.swept;
         let retry_due = st.inflight.front().is_none_or(|&(t, _)| now.duration_since(t) >= self.cfg.retry_after);
         if sweep || (st.swept && retry_due) {

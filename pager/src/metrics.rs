@@ -115,6 +115,8 @@ pub struct PagerMetrics {
     pub rdma_bg_wc: AtomicU64,
     /// Ring slots the source wrote and this side installed (`--rdma-background write`).
     pub rdma_ring_receives: AtomicU64,
+    /// Bulk connections (push streams) on the first link.
+    pub push_streams: AtomicU64,
     /// Fault event read to page installed, per fault served over the network.
     pub fault_latency: Mutex<LatencyHist>,
     /// The same for faults on pages held here, mapped without a round trip.

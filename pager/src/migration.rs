@@ -22,7 +22,7 @@ use proto::wire::{Msg, ResumeState, ResumeTimes, SourceStats};
 use proto::{LatencyHist, PageBitmap};
 use transport::{Conn, Listener, TransportError, Wait};
 
-use crate::bulk::{self, BulkLink};
+use crate::bulk::{self, Bulks};
 use crate::config::{PagerConfig, default_nice};
 use crate::error::PagerError;
 use crate::fault::FaultLoop;
@@ -276,17 +276,25 @@ impl Run<'_> {
         let rdma_registration = rdma.as_ref().map_or(Duration::ZERO, |r| r.registration);
         let deadline = Instant::now() + self.cfg.handshake_timeout;
         let (bulk_conn, bulk_session) = self.accept_first_bulk(&layout, deadline)?;
-        let bulk = bulk::spawn(
-            bulk_conn,
-            bulk_session,
-            Arc::clone(&inst),
-            Arc::clone(&self.shared),
-            Arc::clone(&self.metrics),
-            nice,
-        )?;
+        // With several push streams the source opens the rest right after
+        // the first, each bound to the session the same way.
+        let streams = bulk_session.streams();
+        self.metrics.push_streams.store(u64::from(streams), Ordering::Relaxed);
+        let mut conns = vec![(bulk_conn, bulk_session)];
+        for _ in 1..streams {
+            conns.push(self.accept_first_bulk(&layout, deadline)?);
+        }
+        let bulk = Bulks(
+            conns
+                .into_iter()
+                .map(|(c, s)| {
+                    bulk::spawn(c, s, Arc::clone(&inst), Arc::clone(&self.shared), Arc::clone(&self.metrics), nice)
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        );
 
-        let pre = self.await_switchover(&bulk.link).and_then(|(state, outstanding, rounds)| {
-            self.wait_rounds(&bulk.link, rounds)?;
+        let pre = self.await_switchover(&bulk).and_then(|(state, outstanding, rounds)| {
+            self.wait_rounds(&bulk, rounds)?;
             Ok((state, outstanding))
         });
         let (state, outstanding) = match pre {
@@ -425,7 +433,7 @@ impl Run<'_> {
 
     /// Collect the guest state and outstanding set until Switchover, keeping
     /// the source alive meanwhile (precopy may run for a long time).
-    fn await_switchover(&mut self, bulk: &BulkLink) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
+    fn await_switchover(&mut self, bulk: &Bulks) -> Result<(Vec<u8>, PageBitmap, u32), PagerError> {
         let mut state = Vec::new();
         let mut last_rx = Instant::now();
         let mut last_tx = Instant::now();
@@ -544,7 +552,7 @@ impl Run<'_> {
     /// The wait ends when the bulk link is silent for the peer timeout (not
     /// after a fixed time: the last round may still be arriving), and keeps
     /// the source, which waits for the acknowledgement, hearing from us.
-    fn wait_rounds(&mut self, bulk: &BulkLink, rounds: u32) -> Result<(), PagerError> {
+    fn wait_rounds(&mut self, bulk: &Bulks, rounds: u32) -> Result<(), PagerError> {
         let started = Instant::now();
         let mut last_tx = Instant::now();
         // In slices, so that a receiver that failed is noticed.

@@ -127,7 +127,7 @@ mod tests {
         let client = std::thread::spawn(move || {
             let mut c = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap();
             std::thread::sleep(Duration::from_millis(150));
-            c.send(&Msg::BulkHello { version: wire::VERSION, session: 7 }).unwrap();
+            c.send(&Msg::BulkHello { version: wire::VERSION, session: 7, streams: 1 }).unwrap();
             std::thread::sleep(Duration::from_millis(200));
         });
         let layout = MemLayout::single(PageSize::Size4K, 1 << 20).unwrap();

@@ -512,6 +512,8 @@ pub struct DestBulk {
     layout: MemLayout,
     pushed: u64,
     switched: bool,
+    /// Bulk connections the source opens on this link (its BulkHello).
+    streams: u16,
 }
 
 /// What a legal bulk message means.
@@ -542,9 +544,15 @@ pub enum BulkEvent {
 }
 
 impl DestBulk {
+    /// How many bulk connections the source said it opens on this link
+    /// (known once bound; 1 before).
+    pub fn streams(&self) -> u16 {
+        self.streams
+    }
+
     /// A bulk machine for the session `session` over `layout`.
     pub fn new(session: u64, layout: MemLayout) -> Self {
-        DestBulk { phase: BulkPhase::AwaitHello, session, layout, pushed: 0, switched: false }
+        DestBulk { phase: BulkPhase::AwaitHello, session, layout, pushed: 0, switched: false, streams: 1 }
     }
 
     /// The guest switched over: push pages are legal from now on, precopy pages no longer.
@@ -584,7 +592,7 @@ impl DestBulk {
             BulkPhase::Done => "done",
         };
         match (self.phase, msg) {
-            (BulkPhase::AwaitHello, Msg::BulkHello { version, session }) => {
+            (BulkPhase::AwaitHello, Msg::BulkHello { version, session, streams }) => {
                 if *version < MIN_VERSION || *version > VERSION {
                     return Err(SessionError::Version { min: *version, max: *version });
                 }
@@ -592,6 +600,7 @@ impl DestBulk {
                     return Err(SessionError::Auth("bulk connection presented an unknown session"));
                 }
                 self.phase = BulkPhase::Streaming;
+                self.streams = (*streams).max(1);
                 Ok(BulkEvent::Bound)
             }
             (BulkPhase::Streaming, Msg::Pages { first, n_pages, kind, .. }) => {
@@ -1300,9 +1309,12 @@ mod tests {
         let data = vec![0; 4096];
         let push = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Push, data: &data };
         assert!(matches!(b.on_recv(&push), Err(SessionError::Unexpected { .. })));
-        assert!(matches!(b.on_recv(&Msg::BulkHello { version: 1, session: 8 }), Err(SessionError::Auth(_))));
+        assert!(matches!(
+            b.on_recv(&Msg::BulkHello { version: 1, session: 8, streams: 1 }),
+            Err(SessionError::Auth(_))
+        ));
         let mut b = DestBulk::new(9, layout());
-        assert_eq!(b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap(), BulkEvent::Bound);
+        assert_eq!(b.on_recv(&Msg::BulkHello { version: 1, session: 9, streams: 1 }).unwrap(), BulkEvent::Bound);
         let pre = Msg::Pages { first: PageIdx(0), n_pages: 1, kind: PageKind::Precopy, data: &data };
         assert_eq!(b.on_recv(&pre).unwrap(), BulkEvent::Pages);
         b.on_switchover();
@@ -1312,7 +1324,7 @@ mod tests {
         assert!(matches!(b.on_recv(&far), Err(SessionError::OutOfRange { .. })));
         assert!(matches!(b.on_recv(&Msg::PushDone { n_pushed: 0 }), Err(SessionError::Count { .. })));
         let mut b = DestBulk::new(9, layout());
-        b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap();
+        b.on_recv(&Msg::BulkHello { version: 1, session: 9, streams: 1 }).unwrap();
         b.on_switchover();
         b.on_recv(&push).unwrap();
         assert_eq!(b.on_recv(&Msg::PushDone { n_pushed: 3 }).unwrap(), BulkEvent::PushDone { lost: 2 });
@@ -1322,7 +1334,7 @@ mod tests {
     fn zero_runs_are_legal_where_pages_are_and_only_when_negotiated() {
         // Bulk: a Zeros push counts toward the push like Pages, range-checked.
         let mut b = DestBulk::new(9, layout());
-        b.on_recv(&Msg::BulkHello { version: 1, session: 9 }).unwrap();
+        b.on_recv(&Msg::BulkHello { version: 1, session: 9, streams: 1 }).unwrap();
         let pre = Msg::Zeros { first: PageIdx(0), n_pages: 4, kind: PageKind::Precopy };
         assert_eq!(
             b.on_recv(&pre).unwrap(),

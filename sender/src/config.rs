@@ -43,6 +43,9 @@ pub struct SenderConfig {
     /// The bulk connection's fixed pacing (`--push-rate`), bytes/s, if any:
     /// the push never goes faster.
     pub push_rate: Option<u64>,
+    /// Bulk connections the push uses, each with its own pusher over a
+    /// stripe of the pages (1 to 8).
+    pub push_streams: u32,
     /// Post-copy pages move by RDMA through this device (the destination
     /// reads them); `None`: TCP.
     pub rdma: Option<rdma::Config>,
@@ -66,6 +69,7 @@ impl Default for SenderConfig {
             push_yield: 1.0,
             push_rate: None,
             rdma: None,
+            push_streams: 1,
         }
     }
 }

@@ -2,7 +2,7 @@
 //! the control connection, in the order the destination listed them (its
 //! faulting pages first), until the destination confirms completion.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use proto::session::{SessionError, SourceEvent, SourceSession};
@@ -23,7 +23,7 @@ pub(crate) struct Demand<'a> {
     pub(crate) session: &'a mut SourceSession,
     pub(crate) map: &'a SourceMap,
     pub(crate) served: &'a AtomicPageBitmap,
-    pub(crate) hint: &'a AtomicU64,
+    pub(crate) hints: &'a crate::push::Hints,
     pub(crate) cfg: &'a SenderConfig,
     pub(crate) metrics: &'a SenderMetrics,
     pub(crate) ranges: Vec<PageRange>,
@@ -115,7 +115,7 @@ impl Demand<'_> {
         }
         if let Some(last) = self.ranges.last() {
             // The guest tends to want the neighbours of what it just asked for.
-            self.hint.store(last.end(), Ordering::Release);
+            self.hints.set(last.end());
         }
         Ok(())
     }

@@ -15,7 +15,7 @@
 //!   after a broken link for up to `recover_timeout`.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,7 @@ use crate::guest::SourceGuest;
 use crate::map::SourceMap;
 use crate::metrics::SenderMetrics;
 use crate::precopy::{self, PrecopyReport};
-use crate::push::{NO_HINT, Pusher};
+use crate::push::{Hints, Pusher};
 use crate::reconnect::{Channel, Dial, Reattached, reconnect};
 
 /// What the source measured.
@@ -117,10 +117,19 @@ pub fn run<G: SourceGuest>(
         }
         None => None,
     };
-    let mut bulk = dial(Channel::Bulk).map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
-    bulk.set_page_size(layout.page_size());
-    bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session_id })
-        .map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
+    // One bulk connection per push stream (`--push-streams`), all bound to
+    // the session; precopy uses the first.
+    let streams = cfg.push_streams.clamp(1, u32::from(wire::MAX_STREAMS));
+    let mut bulks = Vec::new();
+    for _ in 0..streams {
+        let mut b = dial(Channel::Bulk).map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
+        b.set_page_size(layout.page_size());
+        let streams = u16::try_from(streams).unwrap_or(1);
+        b.send(&Msg::BulkHello { version: wire::VERSION, session: session_id, streams })
+            .map_err(|e| fail(FailPhase::BeforeSwitchover)(e.into()))?;
+        bulks.push(b);
+    }
+    let mut bulk = bulks.remove(0);
 
     // Precopy rounds while the guest runs (hybrid, precopy); in pure
     // postcopy every page is outstanding.
@@ -174,7 +183,7 @@ pub fn run<G: SourceGuest>(
 
     // Without the acknowledgement the outcome is unknown: a reconnection
     // settles it.
-    let mut link = Link { control, bulk: Some(bulk), zero_scan: None, push: true };
+    let mut link = Link { control, bulk: Some(bulk), extra: bulks, zero_scan: None, push: true };
     let mut pushed = PageBitmap::full(layout.n_pages());
     for r in outstanding.runs() {
         pushed.clear_range(r);
@@ -191,7 +200,7 @@ pub fn run<G: SourceGuest>(
                 ResumeState::NotSwitched => return Err(take_back(guest, SenderError::NotSwitched)),
                 ResumeState::Running | ResumeState::Complete => {
                     pushed = r.have.clone();
-                    link = Link { control: r.control, bulk: r.bulk, zero_scan: None, push: true };
+                    link = Link { control: r.control, bulk: r.bulk, extra: Vec::new(), zero_scan: None, push: true };
                     settled = Some(r.state);
                 }
             }
@@ -270,7 +279,8 @@ pub fn run<G: SourceGuest>(
         };
         pushed = r.have;
         state = r.state;
-        link = Link { control: r.control, bulk: r.bulk, zero_scan: None, push: true };
+        // After a broken link, one stream.
+        link = Link { control: r.control, bulk: r.bulk, extra: Vec::new(), zero_scan: None, push: true };
     }
     Ok(SenderReport {
         total_time: started.elapsed(),
@@ -292,6 +302,8 @@ struct Link {
     control: Box<dyn Conn>,
     /// Taken by the pusher.
     bulk: Option<Box<dyn Conn>>,
+    /// More push streams (`--push-streams`, first link only).
+    extra: Vec<Box<dyn Conn>>,
     /// The guest's zero scan, for the first pusher (the result stays in
     /// the map across reconnections).
     zero_scan: Option<crate::guest::ZeroScan>,
@@ -327,43 +339,58 @@ fn serve_link(
 ) -> Result<(), SenderError> {
     let n = map.layout().n_pages();
     let served = Arc::new(AtomicPageBitmap::new(n));
-    let hint = Arc::new(AtomicU64::new(NO_HINT));
     let abort = Arc::new(AtomicBool::new(false));
     let push_failed = Arc::new(AtomicBool::new(false));
-    // Without a push (RDMA) the bulk connection stays open and idle.
-    let bulk = if link.push { link.bulk.take() } else { None };
-    let push_thread = match bulk {
-        Some(conn) => Some(spawn_pusher(
+    // Without a push (RDMA) the bulk connections stay open and idle.
+    let conns: Vec<Box<dyn Conn>> =
+        if link.push { link.bulk.take().into_iter().chain(link.extra.drain(..)).collect() } else { Vec::new() };
+    let run_pages = cfg.run_pages(map.layout().page_size());
+    let hints = Arc::new(Hints::new(n, conns.len(), run_pages));
+    let mut push_threads = Vec::new();
+    for (stripe, conn) in conns.into_iter().enumerate() {
+        if stripe >= hints.stripes().len() {
+            // More streams than stripes (a tiny guest): nothing for it.
+            let mut conn = conn;
+            conn.send(&Msg::PushDone { n_pushed: 0 })?;
+            continue;
+        }
+        push_threads.push(spawn_pusher(
             Pusher {
                 conn,
                 map: Arc::clone(map),
                 pushed: pushed.clone(),
                 served: Arc::clone(&served),
-                hint: Arc::clone(&hint),
+                hints: Arc::clone(&hints),
+                stripe,
                 abort: Arc::clone(&abort),
-                run_pages: cfg.run_pages(map.layout().page_size()),
+                run_pages,
                 governor: crate::push::Governor::new(cfg.push_yield, cfg.push_rate),
-                zero_scan: link.zero_scan.take(),
+                // The first stream scans for zero pages (the others read
+                // each page's words as they send it, as before the scan).
+                zero_scan: if stripe == 0 { link.zero_scan.take() } else { None },
                 metrics: Arc::clone(metrics),
             },
             &push_failed,
             cfg,
-        )?),
-        None => None,
-    };
+        )?);
+    }
     let mut demand = Demand {
         conn: &mut *link.control,
         session,
         map,
         served: &served,
-        hint: &hint,
+        hints: &hints,
         cfg,
         metrics,
         ranges: Vec::new(),
     };
     let served_result = demand.serve(&push_failed, stats);
     abort.store(true, Ordering::Release);
-    let push_result = push_thread.map(JoinHandle::join);
+    // The first failure among the streams, if any.
+    let push_result = push_threads.into_iter().map(JoinHandle::join).fold(None, |first, r| match (first, r) {
+        (Some(Ok(Err(e))), _) => Some(Ok(Err(e))),
+        (_, r) => Some(r),
+    });
     match served_result {
         Err(SenderError::PushStopped) => {
             // A destination that gives up drops the bulk connection and says

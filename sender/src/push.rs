@@ -23,13 +23,58 @@ use crate::metrics::SenderMetrics;
 /// No restart requested.
 pub(crate) const NO_HINT: u64 = u64::MAX;
 
+/// Where the demand server wants each push stream to restart, and a count
+/// of requests served (each stream's governor sees the guest faulting).
+/// With several streams (`--push-streams`) each pushes its own stripe of
+/// the pages, and a hint goes to the stripe it falls in.
+pub(crate) struct Hints {
+    stripes: Vec<(u64, u64)>,
+    slots: Vec<AtomicU64>,
+    served: AtomicU64,
+}
+
+impl Hints {
+    /// `streams` stripes over `n` pages, each a whole number of `run` pages.
+    pub(crate) fn new(n: u64, streams: usize, run: u64) -> Hints {
+        let streams = streams.max(1) as u64;
+        let per = n.div_ceil(streams).div_ceil(run.max(1)) * run.max(1);
+        let stripes: Vec<(u64, u64)> =
+            (0..streams).map(|i| ((i * per).min(n), ((i + 1) * per).min(n))).filter(|(lo, hi)| lo < hi).collect();
+        let slots = stripes.iter().map(|_| AtomicU64::new(NO_HINT)).collect();
+        Hints { stripes, slots, served: AtomicU64::new(0) }
+    }
+
+    /// The stripes (a stream each).
+    pub(crate) fn stripes(&self) -> &[(u64, u64)] {
+        &self.stripes
+    }
+
+    /// A request was served ending at `page`.
+    pub(crate) fn set(&self, page: u64) {
+        self.served.fetch_add(1, Ordering::Release);
+        if let Some(i) = self.stripes.iter().position(|&(lo, hi)| page >= lo && page < hi) {
+            self.slots[i].store(page, Ordering::Release);
+        }
+    }
+
+    fn take(&self, stripe: usize) -> u64 {
+        self.slots[stripe].swap(NO_HINT, Ordering::AcqRel)
+    }
+
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Acquire)
+    }
+}
+
 pub(crate) struct Pusher {
     pub(crate) conn: Box<dyn Conn>,
     pub(crate) map: Arc<SourceMap>,
     /// Pages that need no push (sent in precopy and clean, or pushed).
     pub(crate) pushed: PageBitmap,
     pub(crate) served: Arc<AtomicPageBitmap>,
-    pub(crate) hint: Arc<AtomicU64>,
+    pub(crate) hints: Arc<Hints>,
+    /// Which stripe of the pages this stream pushes.
+    pub(crate) stripe: usize,
     pub(crate) abort: Arc<AtomicBool>,
     pub(crate) run_pages: u64,
     pub(crate) governor: Governor,
@@ -173,15 +218,16 @@ impl Pusher {
         Some(PageRange::new(PageIdx(first), end - first))
     }
 
-    /// Push until every page is pushed or served, then send PushDone.
+    /// Push until every page of the stripe is pushed or served, then send PushDone.
     pub(crate) fn run(mut self) -> Result<u64, SenderError> {
-        let n = self.pushed.len();
-        let mut cursor = 0;
+        let (lo, n) = self.hints.stripes()[self.stripe];
+        let mut cursor = lo;
+        let mut seen = self.hints.served();
         let mut n_pushed = 0;
         let map = Arc::clone(&self.map);
         if let Some(scan) = self.zero_scan.take() {
             let t = std::time::Instant::now();
-            let mut z = PageBitmap::new(n);
+            let mut z = PageBitmap::new(self.pushed.len());
             scan(&mut z);
             let known = z.count_ones();
             map.set_known_zero(z);
@@ -194,17 +240,19 @@ impl Pusher {
             if self.abort.load(Ordering::Acquire) {
                 return Ok(n_pushed);
             }
-            let h = self.hint.swap(NO_HINT, Ordering::AcqRel);
+            let h = self.hints.take(self.stripe);
             let now = Instant::now();
-            if h != NO_HINT {
+            let s = self.hints.served();
+            if s != seen {
+                seen = s;
                 self.governor.demand(now);
             }
             self.governor.tick(&mut *self.conn, now, &self.metrics);
-            if h != NO_HINT && h < n {
+            if h != NO_HINT && h >= lo && h < n {
                 cursor = h;
                 SenderMetrics::add(&self.metrics.push_restarts, 1);
             }
-            let Some(run) = self.next_run(cursor, n).or_else(|| self.next_run(0, cursor.min(n))) else {
+            let Some(run) = self.next_run(cursor, n).or_else(|| self.next_run(lo, cursor.min(n))) else {
                 break;
             };
             let zero = map.send_run(&mut *self.conn, run, PageKind::Push)?;

@@ -123,7 +123,7 @@ fn attempt(
     let bulk = if state == ResumeState::Running {
         let mut bulk = dial(Channel::Bulk)?;
         bulk.set_page_size(ps);
-        bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session.session_id() })?;
+        bulk.send(&Msg::BulkHello { version: wire::VERSION, session: session.session_id(), streams: 1 })?;
         Some(bulk)
     } else {
         None

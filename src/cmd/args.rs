@@ -140,6 +140,10 @@ pub struct MigrationOpts {
     /// Pages per background push frame.
     #[arg(long, default_value_t = 256)]
     pub push_run: u32,
+    /// Bulk connections for the push, each with its own thread over a
+    /// stripe of the pages (1 to 8; after a broken link, one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=8))]
+    pub push_streams: u32,
     /// File holding a pre-shared key; both sides must use the same.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
@@ -699,6 +703,7 @@ impl MigrationOpts {
             ("--mode", name_of(&self.mode)),
             ("--prefetch-mode", name_of(&self.prefetch_mode)),
             ("--push-run", self.push_run.to_string()),
+            ("--push-streams", self.push_streams.to_string()),
             ("--peer-timeout-ms", self.peer_timeout_ms.to_string()),
             ("--max-rounds", self.max_rounds.to_string()),
             ("--downtime-budget-ms", self.downtime_budget_ms.to_string()),

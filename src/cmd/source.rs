@@ -76,6 +76,7 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
         prefetch_pages: prefetch.map_or(0, |p| p.pages),
         prefetch_around: prefetch.is_some_and(|p| p.mode == PrefetchMode::Around),
         push_run_pages: args.migration.push_run.clamp(1, 2048),
+        push_streams: args.migration.push_streams,
         peer_timeout,
         policy: args.migration.policy()?,
         background_nice: args.migration.background_nice,

@@ -14,6 +14,8 @@ pub const PAGES_PREFIX_LEN: usize = 16;
 pub const MAX_RUN_BYTES: u64 = 8 << 20;
 /// Largest guest state blob.
 pub const MAX_STATE_BYTES: u32 = 16 << 20;
+/// Most bulk connections (push streams) on one link.
+pub const MAX_STREAMS: u16 = 8;
 /// Most ranges in one RangeRequest.
 pub const MAX_REQUEST_RANGES: u32 = 4096;
 /// Most bitmap words in one Outstanding frame.

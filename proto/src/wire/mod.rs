@@ -71,7 +71,9 @@
 //!                  n_regions x (guest_offset u64, len_bytes u64), mac [32]
 //!                  mac = HMAC-SHA256(key, nonce || body-without-mac), or zeros
 //! 3  HelloAck      session u64, features u64 (the accepted subset)
-//! 4  BulkHello     magic u32, version u16, reserved u16, session u64
+//! 4  BulkHello     magic u32, version u16, streams u16, session u64
+//!                  (streams: how many bulk connections the source opens
+//!                  on this link, at most 8; 0 and 1 both mean one)
 //! 5  Error         code u16, len u16, message [len] (UTF-8, len <= 1024)
 //! 6  KeepAlive     (empty)
 //! 7  GuestState    opaque guest state, <= 16 MiB

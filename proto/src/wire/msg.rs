@@ -277,6 +277,9 @@ pub enum Msg<'a> {
         version: u16,
         /// Session cookie from HelloAck.
         session: u64,
+        /// How many bulk connections the source opens on this link (0
+        /// and 1 both mean one: the field was reserved, zero, before).
+        streams: u16,
     },
     /// Why the sender stops; it closes after this.
     Error {
@@ -522,10 +525,11 @@ pub fn decode<'a>(h: FrameHeader, body: &'a [u8], page_size: Option<PageSize>) -
         Tag::BulkHello => {
             check_magic(&mut rd)?;
             let version = rd.u16()?;
-            if rd.u16()? != 0 {
+            let streams = rd.u16()?;
+            if streams > MAX_STREAMS {
                 return Err(DecodeError::Reserved(tag));
             }
-            Msg::BulkHello { version, session: rd.u64()? }
+            Msg::BulkHello { version, session: rd.u64()?, streams }
         }
         Tag::Error => {
             let code = ErrorCode::from_u16(rd.u16()?);
@@ -829,10 +833,10 @@ impl Msg<'_> {
                 put_u64(out, *session);
                 put_u64(out, *features);
             }
-            Msg::BulkHello { version, session } => {
+            Msg::BulkHello { version, session, streams } => {
                 put_u32(out, MAGIC);
                 put_u16(out, *version);
-                put_u16(out, 0);
+                put_u16(out, *streams);
                 put_u64(out, *session);
             }
             Msg::Error { code, message } => {

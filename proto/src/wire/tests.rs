@@ -54,7 +54,7 @@ fn every_message_round_trips() {
         Msg::ServerHello(ServerHello { min_version: 1, max_version: 3, flags: 1, nonce: [9; NONCE_LEN] }),
         Msg::Hello(hello()),
         Msg::HelloAck { session: 0xdead_beef, features: 3 },
-        Msg::BulkHello { version: 1, session: 42 },
+        Msg::BulkHello { version: 1, session: 42, streams: 3 },
         Msg::Error { code: ErrorCode::Auth, message: "bad key: é" },
         Msg::KeepAlive,
         Msg::GuestState(b"state bytes"),
