@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
     let mut bulk = DestBulk::new(42, layout);
     if start % 3 >= 1 {
         let _ = d.on_recv(&Msg::Hello(hello()));
-        let _ = bulk.on_recv(&Msg::BulkHello { version: VERSION, session: 42 });
+        let _ = bulk.on_recv(&Msg::BulkHello { version: VERSION, session: 42, streams: 1 });
     }
     if start % 3 == 2 {
         let _ = d.on_recv(&Msg::GuestState(b"state"));

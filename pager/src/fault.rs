@@ -142,8 +142,10 @@ impl FaultLoop<'_> {
         };
         drop(self.bulk.take());
         self.retired.clear();
-        self.puller = None;
+        // The demand queue pair before the background's: a remotely
+        // writable ring must outlive every queue pair on the device.
         self.rdma = None;
+        self.puller = None;
         r
     }
 

@@ -461,6 +461,16 @@ impl Installer {
         self.install_src(run, Src::Data(data), kind, true)
     }
 
+    /// As [`Installer::install`], from a thread other than the fault thread
+    /// (the background RDMA readers): a copy the kernel refuses for now is
+    /// waited out here, not deferred (only the fault thread retries
+    /// deferred installs).
+    pub fn install_background(&self, first: PageIdx, data: &[u8], kind: PageKind) -> Result<u64, UffdError> {
+        let ps = self.map.layout().page_size().bytes_usize();
+        let run = PageRange::new(first, (data.len() / ps) as u64);
+        self.install_src(run, Src::Data(data), kind, false)
+    }
+
     /// Retry the installs deferred by the fault thread (after it has read
     /// the userfaultfd's events). Returns pages newly present.
     pub fn retry_deferred(&self) -> Result<u64, UffdError> {

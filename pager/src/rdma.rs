@@ -288,8 +288,10 @@ fn assemble(
             _dev: Arc::clone(&dev),
         },
         background: Some(match (ring, b_stage) {
+            // Every credit SEND is signaled: a slot's credit buffer is reused
+            // only once its last SEND completed, and that must come.
             (Some(mem), _) => Background::Written(RingReceiver {
-                sq: SendQueue::new(bq, bg_slots, BG_SIGNAL_EVERY, 2),
+                sq: SendQueue::new(bq, bg_slots, 1, 2),
                 mem,
                 slot_pages,
                 page_bytes,
@@ -549,21 +551,33 @@ impl Puller {
                 b.clamp(YIELD_STEP, slot_bytes)
             };
             let read_cap = if self.yield_to_demand && !active { idle_read } else { u64::MAX };
-            // Post while slots are free and the budget allows.
-            while !self.stage.free.is_empty() && in_bytes < budget {
-                let max_pages = ((budget - in_bytes).min(read_cap) / self.page_bytes).max(1);
-                let Some(r) = self.next_missing(inst, cursor, max_pages) else {
+            // Post while slots are free and the budget allows. The next READ
+            // is found before this one is posted: the last of a batch must be
+            // signaled, or the unsignaled ones before it never complete.
+            let max_pages = |in_bytes: u64| ((budget.saturating_sub(in_bytes)).min(read_cap) / self.page_bytes).max(1);
+            let mut next = None;
+            if !self.stage.free.is_empty() && in_bytes < budget {
+                next = self.next_missing(inst, cursor, max_pages(in_bytes));
+                if next.is_none() {
+                    // Nothing missing from here to the end.
                     cursor = n;
-                    break;
-                };
-                let slot = self.stage.free.pop().expect("checked");
+                }
+            }
+            while let Some(r) = next.take() {
+                let slot = self.stage.free.pop().expect("a free slot: checked before looking");
                 let (addr, rkey, _) = self
                     .offer
                     .locate(r.first.0, r.n_pages, self.page_bytes)
                     .ok_or_else(|| rdma_err("read", format!("page {} is in no region", r.first.0)))?;
                 let len = r.n_pages * self.page_bytes;
                 cursor = r.end();
-                let last = self.stage.free.is_empty() || cursor >= n || in_bytes + len >= budget;
+                if !self.stage.free.is_empty() && in_bytes + len < budget {
+                    next = self.next_missing(inst, cursor, max_pages(in_bytes + len));
+                    if next.is_none() {
+                        cursor = n;
+                    }
+                }
+                let last = next.is_none();
                 let t = Instant::now();
                 self.sq
                     .post(Op::Read(Remote { addr, rkey }), self.stage.sge(slot, len), (slot, r), last)
@@ -617,7 +631,7 @@ impl Puller {
                     latency = Some(u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX));
                 }
                 let data = self.stage.data(slot, r.n_pages * self.page_bytes);
-                inst.install(r.first, data, PageKind::Push)?;
+                inst.install_background(r.first, data, PageKind::Push)?;
                 self.stage.free.push(slot);
             }
             if rate_at.elapsed() >= RATE_WINDOW {
@@ -783,7 +797,16 @@ impl RingReceiver {
         let mut recvs = Vec::new();
         let mut last_rx = Instant::now();
         loop {
-            if stop.load(Ordering::Acquire) || shared.check().is_err() || inst.complete() {
+            if stop.load(Ordering::Acquire) || shared.check().is_err() {
+                return Ok(());
+            }
+            if inst.complete() {
+                // The ring stays registered until the run ends (the handle
+                // stops this thread): the source may still be writing into
+                // it, and its key must not name freed memory meanwhile.
+                while !stop.load(Ordering::Acquire) && shared.check().is_ok() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
                 return Ok(());
             }
             done.clear();
@@ -827,7 +850,7 @@ impl RingReceiver {
                     return Err(rdma_err("ring", format!("the source wrote pages {first}+{n} in a slot")));
                 }
                 let data = self.mem.data.data(slot, n * self.page_bytes);
-                inst.install(PageIdx(first), data, PageKind::Push)?;
+                inst.install_background(PageIdx(first), data, PageKind::Push)?;
                 PagerMetrics::add(&metrics.rdma_ring_receives, 1);
                 PagerMetrics::add(&metrics.rdma_bg_bytes, n * self.page_bytes);
                 // The receive goes back before the slot does: the source can
@@ -835,9 +858,25 @@ impl RingReceiver {
                 self.sq.post_recv(&self.mem.recv_wr(slot)).map_err(|e| rdma_err("posting a receive", e))?;
                 // The slot's credit buffer is reused only once its last SEND
                 // completed (the NIC may still be reading it).
+                let since = Instant::now();
                 while self.sq.any_in_flight(|s| *s == slot) {
                     done.clear();
-                    self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
+                    if self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))? == 0 {
+                        if stop.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        if since.elapsed() > peer_timeout {
+                            return Err(rdma_err(
+                                "ring",
+                                format!("a slot's credit SEND had no completion for {peer_timeout:?}"),
+                            ));
+                        }
+                        self.sq.arm().map_err(|e| rdma_err("arming", e))?;
+                        self.sq.wait(1);
+                    }
+                    if let Some((s, st)) = done.iter().find(|(_, st)| *st != WcStatus::Success) {
+                        return Err(rdma_err("giving back ring slot", format!("{s}: {st}")));
+                    }
                     pending.extend(recvs.drain(..));
                 }
                 self.mem.credits.write_u32(slot, slot);

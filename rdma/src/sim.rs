@@ -567,8 +567,14 @@ fn tx_loop(sh: &QpShared, w: &Mutex<TcpStream>, max_delay: u32, rng: &mut u64) {
         let (addr, len, carries) = (p.wr.sge.addr, p.wr.sge.len as usize, ty != T_READ);
         {
             let mut st = sh.st.lock();
-            if st.stop || st.error.is_some() {
-                // Flushed meanwhile (error) or torn down.
+            if st.stop {
+                continue;
+            }
+            if st.error.is_some() {
+                // The queue pair failed while this one waited: it is flushed
+                // like the rest.
+                let c = Completion { wr_id: p.wr.wr_id, status: WcStatus::Flushed, op: wc_op(p.wr.op), byte_len: 0 };
+                sh.push_cq(&mut st, c);
                 continue;
             }
             st.awaiting.push_back(p);

@@ -104,6 +104,11 @@ pub(crate) struct Governor {
     share: f64,
     base: Option<u64>,
     bw_max: u64,
+    /// The estimate as last measured unpaced: the paced estimate never
+    /// falls below a quarter of it, and grows by at least a 64th of it, so
+    /// round trips that stay high for reasons of their own (cross traffic,
+    /// a busy CPU) cannot walk it down to nothing.
+    bw_ref: u64,
     bw_at: Instant,
     last_demand: Option<Instant>,
     window: Option<(Instant, u64)>,
@@ -113,7 +118,7 @@ pub(crate) struct Governor {
 impl Governor {
     pub(crate) fn new(share: f64, base: Option<u64>) -> Governor {
         let now = Instant::now();
-        Governor { share, base, bw_max: 0, bw_at: now, last_demand: None, window: None, pace: base }
+        Governor { share, base, bw_max: 0, bw_ref: 0, bw_at: now, last_demand: None, window: None, pace: base }
     }
 
     /// A demand request was served.
@@ -141,6 +146,7 @@ impl Governor {
                         if rate >= self.bw_max || now.duration_since(self.bw_at) > BW_WINDOW {
                             (self.bw_max, self.bw_at) = (rate, now);
                         }
+                        self.bw_ref = self.bw_max;
                     } else if let Some(pace) = self.pace {
                         // Queueing shows as round trips above the path's
                         // minimum: then the estimate is too high. Keeping up
@@ -152,9 +158,9 @@ impl Governor {
                         // whole link, and only a queue that builds holds it.
                         let clear = if busy { min + (min / 4).max(50) } else { 2 * min + 100 };
                         if rtt > 2 * min + 100 {
-                            self.bw_max -= self.bw_max / 16;
+                            self.bw_max = (self.bw_max - self.bw_max / 16).max(self.bw_ref / 4);
                         } else if rate >= pace - pace / 10 && rtt <= clear {
-                            self.bw_max += self.bw_max / 32;
+                            self.bw_max += (self.bw_max / 32).max(self.bw_ref / 64);
                         }
                     }
                 }
@@ -380,6 +386,14 @@ mod tests {
         p.advance(2_000_000, 500);
         g.tick(&mut p, ms(230), &m);
         assert!(p.pace.unwrap() < idle, "queueing lowers the idle pace");
+        // Round trips that stay high for seconds (cross traffic, a busy CPU)
+        // do not walk the pace down to nothing: a quarter of the last
+        // unpaced measurement (100 MB/s) is the floor.
+        for i in 0..400 {
+            p.advance(500_000, 5_000);
+            g.tick(&mut p, ms(260 + 25 * i), &m);
+        }
+        assert!(p.pace.unwrap() >= 25_000_000, "{:?}", p.pace);
         // Never faster than the configured rate.
         let mut g = Governor::new(0.75, Some(10_000_000));
         let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: Some(10_000_000) };

@@ -313,10 +313,27 @@ impl Writer {
                     break;
                 };
                 // The slot's header buffer may be read by the NIC until its
-                // last WRITE completed.
+                // last WRITE completed (every header is signaled, so that
+                // completion comes). Credits polled meanwhile are kept.
+                let since = Instant::now();
                 while self.sq.any_in_flight(|w| *w == Wr::Header(slot)) {
                     done.clear();
-                    self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
+                    if self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))? == 0 {
+                        if abort.load(Ordering::Acquire) {
+                            return Ok(());
+                        }
+                        if since.elapsed() > peer_timeout {
+                            return Err(rdma_err(
+                                "ring",
+                                format!("a header WRITE had no completion for {peer_timeout:?}"),
+                            ));
+                        }
+                        self.sq.arm().map_err(|e| rdma_err("arming", e))?;
+                        self.sq.wait(1);
+                    }
+                    if let Some((w, st)) = done.iter().find(|(_, st)| *st != WcStatus::Success) {
+                        return Err(rdma_err("writing", format!("{w:?}: {st}")));
+                    }
                 }
                 free.pop();
                 cursor = first + pages;
@@ -331,9 +348,10 @@ impl Writer {
                     Remote { addr: self.ring.addr + u64::from(slot) * self.ring.slot_bytes, rkey: self.ring.rkey };
                 self.sq.post(Op::Write(remote), data, Wr::Data(slot), false).map_err(|e| rdma_err("writing", e))?;
                 let hdr = Remote { addr: self.ring.headers + u64::from(slot) * HEADER_BYTES, rkey: self.ring.rkey };
-                let last = free.is_empty() || cursor >= n || self.sq.room() < 2;
+                // Signaled: one completion per run (it covers the data WRITE
+                // before it), and the header buffer's reuse waits for it.
                 self.sq
-                    .post(Op::WriteImm(hdr, slot), self.header_sge(slot), Wr::Header(slot), last)
+                    .post(Op::WriteImm(hdr, slot), self.header_sge(slot), Wr::Header(slot), true)
                     .map_err(|e| rdma_err("writing", e))?;
                 SenderMetrics::add(&metrics.rdma_writes, 2);
                 SenderMetrics::add(&metrics.rdma_write_bytes, len);
@@ -343,9 +361,10 @@ impl Writer {
                 return Ok(());
             }
             done.clear();
-            recvs.clear();
+            // (Credits polled while waiting for a header stay in `recvs`.)
             let before = self.sq.completions;
             let mut k = self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
+            k += recvs.len();
             if k == 0 {
                 self.sq.arm().map_err(|e| rdma_err("arming", e))?;
                 k = self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))?;
@@ -384,6 +403,7 @@ impl Writer {
                 let wr = self.credit_wr(b);
                 self.sq.post_recv(&wr).map_err(|e| rdma_err("posting a receive", e))?;
             }
+            recvs.clear();
         }
     }
 }
