@@ -75,7 +75,10 @@ fn migrations_over_the_software_rdma_device_in_every_mode_with_both_guests() {
                 "{what}: {credits} credits, {slots} slots: {}",
                 src["rdma"]
             );
-            assert_eq!(src["rdma"]["background_writes"].as_u64().unwrap(), 2 * slots, "{what}");
+            // Two WRITEs per slot (data, header); at the end up to a ring's
+            // worth may land after the destination already had every page.
+            let writes = src["rdma"]["background_writes"].as_u64().unwrap();
+            assert!(writes >= 2 * slots && writes <= 2 * (slots + 16), "{what}: {writes} writes, {slots} slots");
         } else if mode == "postcopy" {
             assert!(x["background_reads"].as_u64().unwrap() > 0, "{what}");
             assert_eq!(src["rdma"]["background_writes"], 0, "{what}");

@@ -601,6 +601,14 @@ impl Installer {
                 // under the gate at most GATED_COPY_PAGES, so the fault thread
                 // never waits behind more than one short copy.
                 let stop = self.present.next_with_below(at, end, true).map_or(end, |p| p.0);
+                if stop == at {
+                    // Another installer made `at` present since it was
+                    // looked at (the background and a demand reply racing
+                    // for it): look again, as a duplicate. Without this the
+                    // copy would be of zero bytes, which the kernel refuses.
+                    drop(guard);
+                    continue;
+                }
                 let stop = if self.gate.is_some() { stop.min(at + GATED_COPY_PAGES) } else { stop };
                 let len = usize::try_from(stop - at).expect("within run") * ps;
                 let dst = self.map.addr(PageIdx(at));
