@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use proto::session::{DestEvent, DestSession, SessionError};
 use proto::wire::{Msg, PageKind};
 use proto::{MemLayout, PageIdx, PageRange};
-use rdma::queue::SendQueue;
+use rdma::queue::{SendQueue, WaitEnd};
 use rdma::setup::{Answer, HEADER_BYTES, Offer, Ring};
 use rdma::{Access, Device, MemoryRegion, Op, QpCaps, Remote, Sge, WcStatus};
 use transport::{Conn, Wait};
@@ -858,26 +858,18 @@ impl RingReceiver {
                 self.sq.post_recv(&self.mem.recv_wr(slot)).map_err(|e| rdma_err("posting a receive", e))?;
                 // The slot's credit buffer is reused only once its last SEND
                 // completed (the NIC may still be reading it).
-                let since = Instant::now();
-                while self.sq.any_in_flight(|s| *s == slot) {
-                    done.clear();
-                    if self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))? == 0 {
-                        if stop.load(Ordering::Acquire) {
-                            return Ok(());
-                        }
-                        if since.elapsed() > peer_timeout {
-                            return Err(rdma_err(
-                                "ring",
-                                format!("a slot's credit SEND had no completion for {peer_timeout:?}"),
-                            ));
-                        }
-                        self.sq.arm().map_err(|e| rdma_err("arming", e))?;
-                        self.sq.wait(1);
+                let end = self
+                    .sq
+                    .wait_for(|s| *s == slot, &mut recvs, stop, peer_timeout)
+                    .map_err(|e| rdma_err("giving back a ring slot", e))?;
+                pending.extend(recvs.drain(..));
+                match end {
+                    WaitEnd::Done => {}
+                    WaitEnd::Stopped => return Ok(()),
+                    WaitEnd::TimedOut => {
+                        let why = format!("a slot's credit SEND had no completion for {peer_timeout:?}");
+                        return Err(rdma_err("ring", why));
                     }
-                    if let Some((s, st)) = done.iter().find(|(_, st)| *st != WcStatus::Success) {
-                        return Err(rdma_err("giving back ring slot", format!("{s}: {st}")));
-                    }
-                    pending.extend(recvs.drain(..));
                 }
                 self.mem.credits.write_u32(slot, slot);
                 let last = pending.is_empty();

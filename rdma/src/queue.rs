@@ -7,8 +7,21 @@
 
 use std::collections::VecDeque;
 use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use crate::verbs::{Completion, Op, QueuePair, SendWr, Sge, VerbsError, WcOp, WcStatus};
+
+/// How [`SendQueue::wait_for`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitEnd {
+    /// Nothing it waited for is in flight.
+    Done,
+    /// The stop flag was set.
+    Stopped,
+    /// The timeout passed first.
+    TimedOut,
+}
 
 /// A send queue with its contexts: `T` says what each request was for.
 pub struct SendQueue<T> {
@@ -160,6 +173,41 @@ impl<T> SendQueue<T> {
     /// Whether a request for `pred`'s context is still in flight.
     pub fn any_in_flight(&self, mut pred: impl FnMut(&T) -> bool) -> bool {
         self.inflight.iter().any(|(_, _, c)| pred(c))
+    }
+
+    /// Poll until no request whose context `pred` names is in flight (a
+    /// buffer it reads may be reused then). Receives polled meanwhile are
+    /// appended to `recvs`; a request that failed is an error. RDMA never
+    /// times out, so the caller bounds the wait: `stop`, and `timeout`.
+    pub fn wait_for(
+        &mut self,
+        mut pred: impl FnMut(&T) -> bool,
+        recvs: &mut Vec<Completion>,
+        stop: &AtomicBool,
+        timeout: Duration,
+    ) -> Result<WaitEnd, VerbsError>
+    where
+        T: std::fmt::Debug,
+    {
+        let since = Instant::now();
+        let mut done = Vec::new();
+        while self.any_in_flight(&mut pred) {
+            done.clear();
+            if self.poll_with_recvs(&mut done, Some(&mut *recvs))? == 0 {
+                if stop.load(Ordering::Acquire) {
+                    return Ok(WaitEnd::Stopped);
+                }
+                if since.elapsed() > timeout {
+                    return Ok(WaitEnd::TimedOut);
+                }
+                self.arm()?;
+                self.wait(1);
+            }
+            if let Some((c, st)) = done.iter().find(|(_, st)| *st != WcStatus::Success) {
+                return Err(VerbsError::QpError(format!("{c:?}: {st}")));
+            }
+        }
+        Ok(WaitEnd::Done)
     }
 
     /// The queue pair (to connect it).

@@ -22,9 +22,8 @@ fn caps(sq: u32, cq: u32) -> QpCaps {
     QpCaps { max_send_wr: sq, max_recv_wr: 16, cq_depth: cq }
 }
 
-/// Two connected queue pairs on two devices ("hosts").
-fn pair(cfg: SimConfig, c: QpCaps) -> (Arc<SimDevice>, SimQp, Arc<SimDevice>, SimQp) {
-    let (da, db) = (SimDevice::open(LO, cfg), SimDevice::open(LO, SimConfig { seed: cfg.seed + 1, ..cfg }));
+/// A queue pair on each device, connected to each other.
+fn connect(da: &SimDevice, db: &SimDevice, c: QpCaps) -> (SimQp, SimQp) {
     let mut a = da.create_sim_qp(c).unwrap();
     let mut b = db.create_sim_qp(c).unwrap();
     let (ea, eb) = (a.endpoint(), b.endpoint());
@@ -34,7 +33,13 @@ fn pair(cfg: SimConfig, c: QpCaps) -> (Arc<SimDevice>, SimQp, Arc<SimDevice>, Si
         b
     });
     a.connect(&eb, deadline).unwrap();
-    let b = t.join().unwrap();
+    (a, t.join().unwrap())
+}
+
+/// Two connected queue pairs on two devices ("hosts").
+fn pair(cfg: SimConfig, c: QpCaps) -> (Arc<SimDevice>, SimQp, Arc<SimDevice>, SimQp) {
+    let (da, db) = (SimDevice::open(LO, cfg), SimDevice::open(LO, SimConfig { seed: cfg.seed + 1, ..cfg }));
+    let (a, b) = connect(&da, &db, c);
     (da, a, db, b)
 }
 
@@ -191,18 +196,7 @@ fn hazard_3_writes_on_two_queue_pairs_land_out_of_order() {
     // the engine never writes into a page it does not own).
     let da = SimDevice::open(LO, SimConfig::default());
     let db = SimDevice::open(LO, SimConfig { seed: 2, ..SimConfig::default() });
-    let mk = || {
-        let mut a = da.create_sim_qp(caps(8, 32)).unwrap();
-        let mut b = db.create_sim_qp(caps(8, 32)).unwrap();
-        let (ea, eb) = (a.endpoint(), b.endpoint());
-        let d = Instant::now() + Duration::from_secs(5);
-        let t = std::thread::spawn(move || {
-            b.connect(&ea, d).unwrap();
-            b
-        });
-        a.connect(&eb, d).unwrap();
-        (a, t.join().unwrap())
-    };
+    let mk = || connect(&da, &db, caps(8, 32));
     let (mut slow, s_peer) = mk();
     let (mut fast, f_peer) = mk();
     let old = buf(&da, 4096, 0xAA, Access::LOCAL);
@@ -227,18 +221,7 @@ fn a_buffer_reused_before_its_completion_is_corrupted_later() {
     // back to the free list only after their completion is polled.)
     let da = SimDevice::open(LO, SimConfig::default());
     let db = SimDevice::open(LO, SimConfig { seed: 3, ..SimConfig::default() });
-    let mk = || {
-        let mut a = da.create_sim_qp(caps(8, 32)).unwrap();
-        let mut b = db.create_sim_qp(caps(8, 32)).unwrap();
-        let (ea, eb) = (a.endpoint(), b.endpoint());
-        let d = Instant::now() + Duration::from_secs(5);
-        let t = std::thread::spawn(move || {
-            b.connect(&ea, d).unwrap();
-            b
-        });
-        a.connect(&eb, d).unwrap();
-        (a, t.join().unwrap())
-    };
+    let mk = || connect(&da, &db, caps(8, 32));
     let (mut slow, sp) = mk();
     let (mut fast, fp) = mk();
     let src = buf(&db, 8192, 0, Access::REMOTE_READ);
@@ -363,15 +346,7 @@ proptest::proptest! {
     fn every_read_lands_once_with_its_bytes(seed in 0u64..1000, n in 50usize..200) {
         let cfg = SimConfig { seed, max_delay_us: 200 };
         let (da, a1, db, b1) = pair(cfg, caps(16, 64));
-        let (_, a2, _, b2) = {
-            let mut x = da.create_sim_qp(caps(16, 64)).unwrap();
-            let mut y = db.create_sim_qp(caps(16, 64)).unwrap();
-            let (ex, ey) = (x.endpoint(), y.endpoint());
-            let d = Instant::now() + Duration::from_secs(5);
-            let t = std::thread::spawn(move || { y.connect(&ex, d).unwrap(); y });
-            x.connect(&ey, d).unwrap();
-            (0, x, 0, t.join().unwrap())
-        };
+        let (a2, b2) = connect(&da, &db, caps(16, 64));
         let pages = 256usize;
         let src = buf(&db, pages * 4096, 0, Access::REMOTE_READ);
         for p in 0..pages {

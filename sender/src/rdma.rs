@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use proto::PageBitmap;
 use proto::session::{SessionError, SourceEvent, SourceSession};
 use proto::wire::Msg;
-use rdma::queue::SendQueue;
+use rdma::queue::{SendQueue, WaitEnd};
 use rdma::setup::{Answer, HEADER_BYTES, Offer, RemoteRegion, Ring};
 use rdma::{Access, Device, MemoryRegion, Op, QpCaps, QueuePair, RecvWr, Remote, Sge, WcStatus};
 use transport::{Conn, Wait};
@@ -315,24 +315,15 @@ impl Writer {
                 // The slot's header buffer may be read by the NIC until its
                 // last WRITE completed (every header is signaled, so that
                 // completion comes). Credits polled meanwhile are kept.
-                let since = Instant::now();
-                while self.sq.any_in_flight(|w| *w == Wr::Header(slot)) {
-                    done.clear();
-                    if self.sq.poll_with_recvs(&mut done, Some(&mut recvs)).map_err(|e| rdma_err("ring", e))? == 0 {
-                        if abort.load(Ordering::Acquire) {
-                            return Ok(());
-                        }
-                        if since.elapsed() > peer_timeout {
-                            return Err(rdma_err(
-                                "ring",
-                                format!("a header WRITE had no completion for {peer_timeout:?}"),
-                            ));
-                        }
-                        self.sq.arm().map_err(|e| rdma_err("arming", e))?;
-                        self.sq.wait(1);
-                    }
-                    if let Some((w, st)) = done.iter().find(|(_, st)| *st != WcStatus::Success) {
-                        return Err(rdma_err("writing", format!("{w:?}: {st}")));
+                let end = self
+                    .sq
+                    .wait_for(|w| *w == Wr::Header(slot), &mut recvs, abort, peer_timeout)
+                    .map_err(|e| rdma_err("writing", e))?;
+                match end {
+                    WaitEnd::Done => {}
+                    WaitEnd::Stopped => return Ok(()),
+                    WaitEnd::TimedOut => {
+                        return Err(rdma_err("ring", format!("a header WRITE had no completion for {peer_timeout:?}")));
                     }
                 }
                 free.pop();
