@@ -99,6 +99,34 @@ fn migrations_over_the_software_rdma_device_in_every_mode_with_both_guests() {
 }
 
 #[test]
+fn zero_pages_cross_as_zero_runs_not_as_rdma_data() {
+    let dir = std::env::temp_dir().join(format!("postcopy-rdma-zeros-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for (background, memory) in [("read", "shmem"), ("write", "anon")] {
+        let what = format!("{background}/{memory}");
+        let path = dir.join(format!("{background}.json"));
+        let mut c = bin();
+        c.args(["migrate", "--mem", "128M", "--touch", "0.25", "--memory", memory])
+            .args(["--transport", "rdma", "--rdma-device", "sim", "--rdma-background", background])
+            .args(["--run-after-ms", "200", "--quiet", "--report"])
+            .arg(&path);
+        let out = run_limited(c, Duration::from_secs(120));
+        assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+        let r = report(&path);
+        let total = r["postcopy"]["pages_total"].as_u64().unwrap();
+        let zero = r["postcopy"]["pages_zero"].as_u64().unwrap();
+        assert!(zero >= total * 3 / 4, "{what}: {zero} of {total} pages as zeros");
+        assert_eq!(r["guest"]["verify_ok"], true, "{what}: {}", r["guest"]);
+        assert_eq!(r["guest"]["verified_pages"], total, "{what}");
+        // The touched quarter crossed by RDMA, and little else.
+        let x = &r["rdma"];
+        let moved = x["background_bytes"].as_u64().unwrap() + x["demand_bytes"].as_u64().unwrap();
+        assert!(moved < (128 << 20) * 35 / 100, "{what}: {moved} bytes by RDMA for 32 MiB touched");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn rdma_where_there_is_none_is_a_clear_error_before_anything_starts() {
     for device in [None, Some("mlx5_0")] {
         let mut c = bin();

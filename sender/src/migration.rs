@@ -233,9 +233,18 @@ pub fn run<G: SourceGuest>(
     if !link.push
         && let Some(r) = rdma.as_mut()
     {
+        // Zero pages go as Zeros frames, not as data read or written.
+        let mut done = pushed.clone();
+        if session.zeros() {
+            let scan = link.zero_scan.take();
+            let (covered, sent) =
+                crate::rdma::send_zero_runs(&mut *link.control, &map, scan, &pushed, &metrics).map_err(after())?;
+            tracing::debug!(sent, "zero runs sent ahead of the RDMA reads");
+            done = covered;
+        }
         // The destination may have asked for the background to be written
         // into its ring rather than read.
-        r.start_writer(pushed.clone(), &metrics, cfg.peer_timeout).map_err(fail(FailPhase::AfterSwitchover))?;
+        r.start_writer(done, &metrics, cfg.peer_timeout).map_err(fail(FailPhase::AfterSwitchover))?;
     }
     loop {
         let served = if state == ResumeState::Complete {

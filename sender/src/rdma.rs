@@ -398,3 +398,65 @@ impl Writer {
         }
     }
 }
+
+/// With RDMA the destination reads pages itself, so the ones that read as
+/// zero would cross as data: once the guest is paused for good, find the
+/// outstanding pages (not in `done`) that read as zero (never populated,
+/// by the guest's scan, or all-zero words, read as the pusher reads them)
+/// and send them as data-less Zeros frames on the control connection, in
+/// address order, as the destination's background reads go; it installs
+/// them as zero pages and its readers skip them once present. Returns
+/// `done` with those pages added (for the ring writer) and the number sent.
+pub(crate) fn send_zero_runs(
+    control: &mut dyn Conn,
+    map: &SourceMap,
+    scan: Option<crate::guest::ZeroScan>,
+    done: &PageBitmap,
+    metrics: &SenderMetrics,
+) -> Result<(PageBitmap, u64), SenderError> {
+    let n = map.layout().n_pages();
+    let mut never = PageBitmap::new(n);
+    if let Some(scan) = scan {
+        scan(&mut never);
+    }
+    map.set_known_zero(never);
+    let mut covered = done.clone();
+    let mut sent = 0;
+    let mut run: Option<(u64, u64)> = None;
+    // A Zeros frame names at most a Pages frame's worth of pages.
+    let most = (proto::wire::MAX_RUN_BYTES / map.layout().page_size().bytes()).max(1);
+    let flush = |control: &mut dyn Conn, r: (u64, u64), covered: &mut PageBitmap| -> Result<u64, SenderError> {
+        let (first, len) = r;
+        let mut at = first;
+        while at < first + len {
+            let k = (first + len - at).min(most);
+            let n_pages = u32::try_from(k).unwrap_or(u32::MAX);
+            control.send(&Msg::Zeros { first: proto::PageIdx(at), n_pages, kind: proto::wire::PageKind::Demand })?;
+            at += k;
+        }
+        covered.set_range(proto::PageRange::new(proto::PageIdx(first), len));
+        Ok(len)
+    };
+    let mut at = 0;
+    while let Some(p) = done.next_with(at, false) {
+        let end = done.next_with_below(p.0, n, true).map_or(n, |q| q.0);
+        for q in p.0..end {
+            if map.is_zero(proto::PageIdx(q)) {
+                run = match run {
+                    Some((f, l)) if f + l == q => Some((f, l + 1)),
+                    Some(r) => {
+                        sent += flush(control, r, &mut covered)?;
+                        Some((q, 1))
+                    }
+                    None => Some((q, 1)),
+                };
+            }
+        }
+        at = end;
+    }
+    if let Some(r) = run {
+        sent += flush(control, r, &mut covered)?;
+    }
+    SenderMetrics::add(&metrics.pages_zero, sent);
+    Ok((covered, sent))
+}
