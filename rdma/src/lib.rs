@@ -19,28 +19,6 @@ pub use verbs::{
 
 use std::sync::Arc;
 
-/// Which device to open: `sim` (the software device, bound to `bind` so a
-/// peer in another namespace can reach it) or a real one by name.
-pub fn open(name: &str, bind: std::net::IpAddr, seed: u64) -> Result<Arc<dyn Device>, VerbsError> {
-    if name == "sim" {
-        return Ok(sim::SimDevice::open(bind, sim::SimConfig { seed, ..sim::SimConfig::default() }));
-    }
-    #[cfg(feature = "rdma")]
-    {
-        let d = hw::open(if name.is_empty() || name == "any" { None } else { Some(name) })?;
-        Ok(d)
-    }
-    #[cfg(not(feature = "rdma"))]
-    {
-        Err(VerbsError::NoDevice {
-            name: Some(name.to_string()),
-            why: "this build has no libibverbs support (build with --features rdma); only the software device \
-                  `sim` is available"
-                .into(),
-        })
-    }
-}
-
 /// What a side was told about RDMA on its command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
@@ -62,6 +40,19 @@ impl Config {
         if self.device == "sim" {
             return Ok(sim::SimDevice::open(bind, sim::SimConfig { seed: self.seed, max_delay_us: self.sim_delay_us }));
         }
-        open(&self.device, bind, self.seed)
+        #[cfg(feature = "rdma")]
+        {
+            let name = &self.device;
+            Ok(hw::open(if name.is_empty() || name == "any" { None } else { Some(name.as_str()) })?)
+        }
+        #[cfg(not(feature = "rdma"))]
+        {
+            Err(VerbsError::NoDevice {
+                name: Some(self.device.clone()),
+                why: "this build has no libibverbs support (build with --features rdma); only the software device \
+                      `sim` is available"
+                    .into(),
+            })
+        }
     }
 }

@@ -210,11 +210,6 @@ impl<T> SendQueue<T> {
         Ok(WaitEnd::Done)
     }
 
-    /// The queue pair (to connect it).
-    pub fn qp_mut(&mut self) -> &mut dyn QueuePair {
-        &mut *self.qp
-    }
-
     /// Whether an unsignaled request waits for a signaled one behind it.
     pub fn needs_signal(&self) -> bool {
         self.inflight.back().is_some_and(|(_, s, _)| !s)

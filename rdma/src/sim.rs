@@ -39,7 +39,7 @@ use std::io::{Read, Write};
 use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -367,7 +367,6 @@ struct QpShared {
     caps: QpCaps,
     /// Extra delay before each request (tests inject interleavings with it).
     delay_us: AtomicU32,
-    stopped: AtomicBool,
 }
 
 impl QpShared {
@@ -465,7 +464,6 @@ impl SimQp {
                 event,
                 caps,
                 delay_us: AtomicU32::new(0),
-                stopped: AtomicBool::new(false),
             }),
             dev,
             token: random_u64(),
@@ -909,7 +907,6 @@ impl Drop for SimQp {
             st.stop = true;
             self.shared.work.notify_all();
         }
-        self.shared.stopped.store(true, Ordering::Release);
         if let Some(s) = &self.stream {
             let _ = s.shutdown(Shutdown::Both);
         }
