@@ -101,9 +101,6 @@ fn dest_memory(
     populate: Populate,
     cancel: &AtomicBool,
 ) -> Result<(Arc<GuestMemory>, Option<Populator>), guest::MemoryError> {
-    // 2 MiB pages are hugetlbfs: anonymous huge pages, installed by
-    // UFFDIO_COPY (the shared-memory backend serves 4 KiB pages).
-    let backing = if layout.page_size() == proto::PageSize::Size2M { Backing::Anonymous } else { backing };
     let mem = Arc::new(GuestMemory::with_backing(layout, backing)?);
     if populate == Populate::Before {
         mem.populate_alias(2, cancel)?;

@@ -291,6 +291,10 @@ pub struct Report {
     pub link: LinkReport,
     /// How post-copy pages moved: "tcp" or "rdma".
     pub transport: String,
+    /// Destination: how pages were installed: "continue" (written into
+    /// shared memory, mapped by UFFDIO_CONTINUE on minor faults) or "copy"
+    /// (UFFDIO_COPY into anonymous memory).
+    pub install: String,
     /// What RDMA did, when it was used.
     pub rdma: Option<RdmaReport>,
     /// Source: the bulk connection's pacing rate, Gbit/s (0: unpaced).
@@ -387,8 +391,15 @@ pub fn summary(r: &Report) -> String {
     let mut s = String::new();
     let gib = r.mem_bytes as f64 / f64::from(1u32 << 30);
     s += &format!(
-        "postcopy {}: {} guest, {gib:.2} GiB, {} vCPU, {}, prefetch {} ({})\n",
-        r.mode, r.guest_kind, r.vcpus, r.pattern, r.prefetch.pages, r.prefetch.mode
+        "postcopy {}: {} guest, {gib:.2} GiB in {} KiB pages{}, {} vCPU, {}, prefetch {} ({})\n",
+        r.mode,
+        r.guest_kind,
+        r.page_size / 1024,
+        if r.install.is_empty() { String::new() } else { format!(", UFFDIO_{}", r.install.to_uppercase()) },
+        r.vcpus,
+        r.pattern,
+        r.prefetch.pages,
+        r.prefetch.mode
     );
     s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
     s += &format!(
@@ -559,6 +570,7 @@ impl Report {
             },
             guest: guest_report(g, false),
             transport: if pr.rdma_device.is_some() { "rdma" } else { "tcp" }.into(),
+            install: if pr.minor_faults { "continue" } else { "copy" }.into(),
             rdma: pr.rdma_device.as_ref().map(|d| {
                 let get = |c: &std::sync::atomic::AtomicU64| pager::PagerMetrics::get(c);
                 RdmaReport {

@@ -1,6 +1,6 @@
 //! 2 MiB pages end to end with the workload guest: hugetlbfs memory on both
-//! sides (reserved by the test and given back), every mode, every page
-//! verified; and a migration the reserve cannot hold is refused up front.
+//! sides (reserved by the test and given back), shared (minor faults) and
+//! anonymous on the destination, every mode, every page verified; and a migration the reserve cannot hold is refused up front.
 
 use std::time::Duration;
 
@@ -17,23 +17,30 @@ fn two_mib_pages_migrate_in_every_mode() {
     };
     let dir = std::env::temp_dir().join(format!("postcopy-huge-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for mode in ["postcopy", "hybrid", "precopy"] {
-        let report = dir.join(format!("{mode}.json"));
-        let mut c = bin();
-        c.args(["migrate", "--mem", "64M", "--page-size", "2M", "--vcpus", "2", "--mode", mode])
-            .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
-            .args(["--run-after-ms", "200", "--report"])
-            .arg(&report);
-        let out = run_limited(c, Duration::from_secs(120));
-        assert!(out.status.success(), "{mode}: {}", String::from_utf8_lossy(&out.stderr));
-        let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-        assert_eq!(r["page_size"], 2 << 20, "{mode}");
-        assert_eq!(r["postcopy"]["pages_total"], 32, "{mode}");
-        assert_eq!(r["guest"]["verify_ok"], true, "{mode}: {}", r["guest"]);
-        assert_eq!(r["guest"]["verified_pages"], 32, "{mode}");
-        assert_eq!(r["guest"]["violations"], 0, "{mode}");
-        if mode == "postcopy" {
-            assert!(r["postcopy"]["faults"].as_u64().unwrap() > 0, "{mode}: the guest faulted on huge pages");
+    // Shared memory (a hugetlbfs memfd: minor faults, UFFDIO_CONTINUE) and
+    // anonymous huge pages (UFFDIO_COPY), in every mode.
+    for (memory, install) in [("shmem", "continue"), ("anon", "copy")] {
+        for mode in ["postcopy", "hybrid", "precopy"] {
+            let what = format!("{memory} {mode}");
+            let report = dir.join(format!("{memory}-{mode}.json"));
+            let mut c = bin();
+            c.args(["migrate", "--mem", "64M", "--page-size", "2M", "--vcpus", "2", "--mode", mode])
+                .args(["--memory", memory])
+                .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
+                .args(["--run-after-ms", "200", "--report"])
+                .arg(&report);
+            let out = run_limited(c, Duration::from_secs(120));
+            assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+            let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            assert_eq!(r["page_size"], 2 << 20, "{what}");
+            assert_eq!(r["install"], install, "{what}");
+            assert_eq!(r["postcopy"]["pages_total"], 32, "{what}");
+            assert_eq!(r["guest"]["verify_ok"], true, "{what}: {}", r["guest"]);
+            assert_eq!(r["guest"]["verified_pages"], 32, "{what}");
+            assert_eq!(r["guest"]["violations"], 0, "{what}");
+            if mode == "postcopy" {
+                assert!(r["postcopy"]["faults"].as_u64().unwrap() > 0, "{what}: the guest faulted on huge pages");
+            }
         }
     }
     // More than the reserve holds: refused before anything starts.

@@ -4,8 +4,9 @@
 //! * [`Backing::Anonymous`]: private anonymous mappings, never populated up
 //!   front, so on a destination every page is missing until the pager
 //!   installs it (UFFDIO_COPY).
-//! * [`Backing::Shmem`]: one memfd per region, mapped shared for the guest,
-//!   plus a second shared *alias* mapping of the same pages for the pager.
+//! * [`Backing::Shmem`]: one memfd per region (hugetlbfs for 2 MiB pages),
+//!   mapped shared for the guest, plus a second shared *alias* mapping of
+//!   the same pages for the pager.
 //!   The pager populates the page cache through the alias before the guest
 //!   runs, writes arriving pages straight into it and maps them into the
 //!   guest's view with UFFDIO_CONTINUE: one copy (socket to page cache), no
@@ -55,9 +56,6 @@ pub enum MemoryError {
         #[source]
         source: nix::Error,
     },
-    /// The backing cannot serve this page size.
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// madvise failed.
     #[error("madvise({advice}) on {n_pages} pages at {first} failed")]
     Advise {
@@ -118,9 +116,6 @@ impl GuestMemory {
 
     /// Map memory for `layout` with the given backing. Nothing is populated.
     pub fn with_backing(layout: MemLayout, backing: Backing) -> Result<GuestMemory, MemoryError> {
-        if backing == Backing::Shmem && layout.page_size() != PageSize::Size4K {
-            return Err(MemoryError::Unsupported("shmem backing serves 4 KiB pages; use hugetlbfs for 2 MiB pages"));
-        }
         let mut maps = Vec::with_capacity(2 * layout.regions().len());
         let mut files = Vec::new();
         let mut regions = Vec::with_capacity(layout.regions().len());
@@ -139,7 +134,13 @@ impl GuestMemory {
                     opts.map_anon().map_err(map_err)?.into()
                 }
                 Backing::Shmem => {
-                    let fd = memfd_create(c"postcopy-guest", MFdFlags::MFD_CLOEXEC)
+                    // 2 MiB pages: a hugetlbfs memfd (pages from the reserve).
+                    let huge = if layout.page_size() == PageSize::Size2M {
+                        MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB
+                    } else {
+                        MFdFlags::empty()
+                    };
+                    let fd = memfd_create(c"postcopy-guest", MFdFlags::MFD_CLOEXEC | huge)
                         .map_err(|source| MemoryError::Memfd { region: i, source })?;
                     let file = File::from(fd);
                     file.set_len(r.len_bytes).map_err(map_err)?;

@@ -73,6 +73,10 @@ pub struct PagerReport {
     pub rdma_device: Option<String>,
     /// Registering the staging memory took this long.
     pub rdma_registration: Duration,
+    /// Whether pages were written through an alias of shared memory and
+    /// mapped by UFFDIO_CONTINUE (minor faults) rather than installed by
+    /// UFFDIO_COPY.
+    pub minor_faults: bool,
 }
 
 /// A finished run: the guest (running on, all memory local) and the report.
@@ -233,6 +237,7 @@ impl Run<'_> {
         // Register all of guest memory before the guest can run: every page is
         // missing until installed.
         let alias = guest.alias_regions();
+        let minor_faults = alias.is_some();
         let map = GuestMap::new(layout.clone(), guest.regions());
         let handed_over = guest.take_userfaultfd();
         let view_is_local = handed_over.is_none();
@@ -387,6 +392,7 @@ impl Run<'_> {
             blocktime_ns,
             rdma_device,
             rdma_registration,
+            minor_faults,
         };
         Ok(Outcome { guest, report })
     }

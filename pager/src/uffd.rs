@@ -24,7 +24,10 @@ use nix::errno::Errno;
 use proto::ViewAddr;
 use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 
-use ::uffd::{COPY_MODE_DONTWAKE, Event, FEATURE_MINOR_SHMEM, FEATURE_MISSING_SHMEM, UffdioContinue, UffdioCopy};
+use ::uffd::{
+    COPY_MODE_DONTWAKE, Event, FEATURE_MINOR_HUGETLBFS, FEATURE_MINOR_SHMEM, FEATURE_MISSING_SHMEM, UffdioContinue,
+    UffdioCopy,
+};
 
 /// Size of one `struct uffd_msg`.
 pub const MSG_LEN: usize = ::uffd::MSG_LEN;
@@ -137,12 +140,13 @@ fn classify(copied: i64, errno: Errno, op: &'static str, dst: ViewAddr, len: usi
 impl Userfault {
     /// A nonblocking userfaultfd reporting faulting thread ids; with
     /// `shared`, also able to report missing and minor faults on shared
-    /// memory. Not user-mode-only: a KVM vCPU's faults on guest memory are
+    /// memory (shmem, and hugetlbfs for 2 MiB pages). Not user-mode-only: a KVM vCPU's faults on guest memory are
     /// taken in kernel mode.
     pub fn new(shared: bool) -> Result<Userfault, UffdError> {
         let mut features = FeatureFlags::THREAD_ID;
         if shared {
-            features |= FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM | FEATURE_MISSING_SHMEM);
+            features |=
+                FeatureFlags::from_bits_retain(FEATURE_MINOR_SHMEM | FEATURE_MINOR_HUGETLBFS | FEATURE_MISSING_SHMEM);
         }
         let uffd = UffdBuilder::new()
             .close_on_exec(true)

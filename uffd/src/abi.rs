@@ -5,6 +5,8 @@
 
 /// UFFD_FEATURE_MISSING_SHMEM.
 pub const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+/// UFFD_FEATURE_MINOR_HUGETLBFS.
+pub const FEATURE_MINOR_HUGETLBFS: u64 = 1 << 9;
 /// UFFD_FEATURE_MINOR_SHMEM.
 pub const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 /// UFFD_FEATURE_WP_UNPOPULATED: write-protect covers never-touched pages.
