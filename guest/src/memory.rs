@@ -305,6 +305,15 @@ impl GuestMemory {
         self.regions[i].host.offset_by(off)
     }
 
+    /// The 64-bit word `offset` bytes into the guest's pages laid end to end
+    /// (page `offset / page size`, at `offset % page size`); 8-aligned.
+    pub fn word_at(&self, offset: u64) -> &AtomicU64 {
+        assert!(offset.is_multiple_of(8), "word offset {offset} not 8-aligned");
+        let shift = self.page_size().shift();
+        let w = usize::try_from((offset & ((1 << shift) - 1)) / 8).expect("below a page");
+        self.word(PageIdx(offset >> shift), w)
+    }
+
     /// Word `w` of page `p` as an atomic. Panics if out of range.
     #[inline]
     pub fn word(&self, p: PageIdx, w: usize) -> &AtomicU64 {

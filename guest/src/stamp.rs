@@ -29,7 +29,9 @@ use crate::memory::GuestMemory;
 /// Mixed into word 1 so a zero page never looks tagged.
 pub const TAG: u64 = 0x5043_5059_7461_6721;
 
-/// Where the version table and the data pages are.
+/// Where the version table and the data pages are. Its "pages" are units
+/// of `page_bytes`: the memory's own pages for the workload guest, always 4
+/// KiB for the VM guest (its program strides 4 KiB whatever backs it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StampLayout {
     /// First page of the version table.
@@ -38,12 +40,31 @@ pub struct StampLayout {
     pub data_first: u64,
     /// Pages in the guest.
     pub n_pages: u64,
+    /// Bytes per page (a multiple of 8 dividing the memory's page size, or
+    /// equal to it).
+    pub page_bytes: u64,
 }
 
 impl StampLayout {
     /// A table at `table_first` covering `n_pages` pages of `page_bytes`, data after it.
     pub fn new(table_first: u64, n_pages: u64, page_bytes: u64) -> StampLayout {
-        StampLayout { table_first, data_first: table_first + table_pages(n_pages, page_bytes), n_pages }
+        StampLayout { table_first, data_first: table_first + table_pages(n_pages, page_bytes), n_pages, page_bytes }
+    }
+
+    /// Word `w` of stamp page `p`.
+    #[inline]
+    fn word<'m>(&self, mem: &'m GuestMemory, p: u64, w: usize) -> &'m std::sync::atomic::AtomicU64 {
+        mem.word_at(p * self.page_bytes + w as u64 * 8)
+    }
+
+    /// The table entry of data page `p`.
+    #[inline]
+    fn entry<'m>(&self, mem: &'m GuestMemory, p: u64) -> &'m std::sync::atomic::AtomicU64 {
+        mem.word_at(self.table_first * self.page_bytes + p * 8)
+    }
+
+    fn words_per_page(&self) -> usize {
+        usize::try_from(self.page_bytes / 8).expect("a page fits memory")
     }
 
     /// Data pages.
@@ -86,16 +107,15 @@ pub fn table_word(mem: &GuestMemory, table_first: u64, p: u64) -> &std::sync::at
 
 /// Write the initial content of every data page (version 1) and its table entry.
 pub fn initialize(mem: &GuestMemory, l: StampLayout) {
-    let wpp = words_per_page(mem);
+    let wpp = l.words_per_page();
     for p in l.data_first..l.n_pages {
-        let page = PageIdx(p);
-        mem.word(page, 0).store(1, Ordering::Relaxed);
-        mem.word(page, 1).store(p ^ TAG, Ordering::Relaxed);
+        l.word(mem, p, 0).store(1, Ordering::Relaxed);
+        l.word(mem, p, 1).store(p ^ TAG, Ordering::Relaxed);
         for w in 2..wpp - 1 {
-            mem.word(page, w).store(fill(p, w as u64), Ordering::Relaxed);
+            l.word(mem, p, w).store(fill(p, w as u64), Ordering::Relaxed);
         }
-        mem.word(page, wpp - 1).store(1, Ordering::Relaxed);
-        table_word(mem, l.table_first, p).store(1, Ordering::Release);
+        l.word(mem, p, wpp - 1).store(1, Ordering::Relaxed);
+        l.entry(mem, p).store(1, Ordering::Release);
     }
 }
 
@@ -126,22 +146,21 @@ const MAX_PROBLEMS: usize = 8;
 /// `total_stores` is the number of stores the guest made over its whole life
 /// (both hosts).
 pub fn verify(mem: &GuestMemory, l: StampLayout, total_stores: u64) -> VerifyReport {
-    let wpp = words_per_page(mem);
+    let wpp = l.words_per_page();
     let mut r = VerifyReport::default();
     let mut sum: u64 = 0;
     for p in l.data_first..l.n_pages {
-        let page = PageIdx(p);
-        let t = table_word(mem, l.table_first, p).load(Ordering::Acquire);
+        let t = l.entry(mem, p).load(Ordering::Acquire);
         sum = sum.wrapping_add(t);
-        let w0 = mem.word(page, 0).load(Ordering::Acquire);
-        let wl = mem.word(page, wpp - 1).load(Ordering::Acquire);
-        let tag = mem.word(page, 1).load(Ordering::Relaxed);
+        let w0 = l.word(mem, p, 0).load(Ordering::Acquire);
+        let wl = l.word(mem, p, wpp - 1).load(Ordering::Acquire);
+        let tag = l.word(mem, p, 1).load(Ordering::Relaxed);
         let mut problem = None;
         if w0 != t || wl != t {
             problem = Some(format!("page {p}: version words {w0}/{wl}, table says {t}"));
         } else if tag != p ^ TAG {
             problem = Some(format!("page {p}: tag names page {}", tag ^ TAG));
-        } else if let Some(w) = (2..wpp - 1).find(|&w| mem.word(page, w).load(Ordering::Relaxed) != fill(p, w as u64)) {
+        } else if let Some(w) = (2..wpp - 1).find(|&w| l.word(mem, p, w).load(Ordering::Relaxed) != fill(p, w as u64)) {
             problem = Some(format!("page {p}: fill word {w} corrupt"));
         }
         match problem {

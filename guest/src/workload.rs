@@ -400,7 +400,12 @@ fn sum_states(vcpus: &[VcpuState]) -> GuestStats {
 /// Verify every page of a stopped guest whose final state is `state`.
 pub fn verify(mem: &GuestMemory, state: &WorkloadState) -> VerifyReport {
     let touched = touched_pages(&state.config, mem);
-    let l = StampLayout { table_first: 0, data_first: state.table_pages, n_pages: touched };
+    let l = StampLayout {
+        table_first: 0,
+        data_first: state.table_pages,
+        n_pages: touched,
+        page_bytes: mem.page_size().bytes(),
+    };
     let mut r = stamp::verify(mem, l, state.total_stores());
     // Memory the guest never touched must read as zeros.
     let wpp = words_per_page(mem);

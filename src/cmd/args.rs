@@ -608,9 +608,6 @@ impl GuestOpts {
         if self.touch != 1.0 {
             bail!("--touch applies to the workload guest only");
         }
-        if self.page_size()? != PageSize::Size4K {
-            bail!("the VM guest uses 4 KiB pages (--page-size 4K)");
-        }
         let active_pages = match w.pattern {
             Pattern::Uniform => 0,
             Pattern::Hotset { bytes, fraction } if fraction >= 1.0 => bytes.div_ceil(4096),

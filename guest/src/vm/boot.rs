@@ -19,8 +19,6 @@
 
 use std::sync::atomic::Ordering;
 
-use proto::{GuestOffset, PageIdx};
-
 use crate::memory::GuestMemory;
 use crate::vm::program;
 
@@ -125,9 +123,7 @@ pub fn write(mem: &GuestMemory, image: &[u8]) {
         if v == 0 {
             continue; // fresh memory is zero
         }
-        let gpa = k as u64 * 8;
-        let page = mem.layout().page_of(GuestOffset(gpa)).expect("boot area is mapped");
-        mem.word(page, usize::try_from(gpa % 4096 / 8).expect("small")).store(v, Ordering::Relaxed);
+        mem.word_at(k as u64 * 8).store(v, Ordering::Relaxed);
     }
 }
 
@@ -148,7 +144,7 @@ pub fn verify(mem: &GuestMemory, image: &[u8], vcpus: u32) -> (u64, Vec<String>)
                 continue;
             }
             let want = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-            let have = mem.word(PageIdx(p as u64), w).load(Ordering::Relaxed);
+            let have = mem.word_at(gpa).load(Ordering::Relaxed);
             if want != have {
                 good = false;
                 if problems.len() < 4 {

@@ -250,11 +250,10 @@ fn layout_of(mem: &GuestMemory) -> Result<StampLayout, VmError> {
     if l.regions().len() != 1 || l.regions()[0].guest.0 != 0 {
         return Err(VmError::Config("the VM guest uses one memory region at guest address 0".into()));
     }
-    if l.page_size().bytes() != 4096 {
-        return Err(VmError::Config("the VM guest uses 4 KiB pages".into()));
-    }
-    let s = StampLayout::new(boot::BOOT_END / 4096, l.n_pages(), 4096);
-    if s.data_first + 64 > l.n_pages() {
+    // The program stamps and strides 4 KiB units whatever the page size
+    // behind them (2 MiB pages hold 512 units each).
+    let s = StampLayout::new(boot::BOOT_END / 4096, l.len_bytes() / 4096, 4096);
+    if s.data_first + 64 > s.n_pages {
         return Err(VmError::Config("guest memory too small for the VM guest (needs a few MiB)".into()));
     }
     Ok(s)
@@ -449,13 +448,10 @@ impl Vm {
     /// destination it may still be missing.
     pub fn restore(mem: Arc<GuestMemory>, state: &VmState) -> Result<Vm, VmError> {
         let s = layout_of(&mem)?;
-        if state.n_pages != mem.layout().n_pages() || state.data_first != s.data_first {
+        if state.n_pages != s.n_pages || state.data_first != s.data_first {
             return Err(VmError::Config(format!(
-                "state is for {} pages (data from {}), memory has {} (data from {})",
-                state.n_pages,
-                state.data_first,
-                mem.layout().n_pages(),
-                s.data_first
+                "state is for {} 4 KiB units (data from {}), memory has {} (data from {})",
+                state.n_pages, state.data_first, s.n_pages, s.data_first
             )));
         }
         let machine = Machine::new(&mem)?;
@@ -528,8 +524,7 @@ impl Vm {
     fn set_quiesce(&self, v: u64) {
         for i in 0..self.config.vcpus {
             let gpa = boot::ctl_block(i) + program::CTL_QUIESCE;
-            let w = usize::try_from(gpa % 4096 / 8).expect("small");
-            self.mem.word(PageIdx(gpa / 4096), w).store(v, Ordering::Release);
+            self.mem.word_at(gpa).store(v, Ordering::Release);
         }
     }
 
@@ -674,11 +669,14 @@ impl Vm {
                 .get_dirty_log(slot, usize::try_from(size).expect("mapped"))
                 .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
             let first = self.mem.layout().region_pages(i).first.0;
+            // One bit per 4 KiB frame, whatever the page size: a written
+            // frame dirties the page that holds it.
+            let shift = self.mem.page_size().shift() - 12;
             for (w, word) in bits.iter().enumerate() {
                 let mut word = *word;
                 while word != 0 {
                     let b = u64::from(word.trailing_zeros());
-                    found += into.set_range(PageRange::new(PageIdx(first + w as u64 * 64 + b), 1));
+                    found += into.set_range(PageRange::new(PageIdx(first + ((w as u64 * 64 + b) >> shift)), 1));
                     word &= word - 1;
                 }
             }
@@ -790,8 +788,7 @@ pub fn verify_from(
     let mut r = stamp::verify(mem, s, state.total_stores());
     // The heartbeat interval depends on the host's TSC rate: take it from
     // memory (its value was written at boot), and check everything else.
-    let hb_ticks =
-        mem.word(PageIdx(boot::ctl_block(0) / 4096), usize::try_from(program::CTL_HB_TICKS / 8).expect("small"));
+    let hb_ticks = mem.word_at(boot::ctl_block(0) + program::CTL_HB_TICKS);
     let ticks = hb_ticks.load(Ordering::Relaxed);
     let image =
         boot::image(mem.layout().len_bytes(), state.config.vcpus, s.data_first, ticks).map_err(VmError::Config)?;
@@ -814,6 +811,11 @@ pub fn verify_from(
             }
         }
     }
+    // Counted in 4 KiB units: say it in the memory's pages (exact when all
+    // checked out).
+    let units = mem.page_size().bytes() / 4096;
+    r.verified_pages /= units;
+    r.bad_pages = r.bad_pages.div_ceil(units);
     Ok((r, next))
 }
 
