@@ -48,7 +48,7 @@ pub struct GuestSummary {
 }
 
 /// Allocates shared guest memory in the background at the lowest priority.
-struct Populator {
+pub struct Populator {
     cancel: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -107,6 +107,66 @@ fn dest_memory(
     }
     let populator = (backing == Backing::Shmem && populate == Populate::Background).then(|| Populator::start(&mem));
     Ok((mem, populator))
+}
+
+/// Prepared memory and how long preparing it took.
+type PreparedMemory = (Arc<GuestMemory>, Option<Populator>, Duration);
+
+/// Destination memory created and populated in a thread of its own before
+/// the source's hello says what it needs (`dest --prepare-mem`).
+pub struct Prepared {
+    layout: MemLayout,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Result<PreparedMemory, guest::MemoryError>>>,
+}
+
+impl Prepared {
+    /// Start preparing memory for `layout`.
+    pub fn start(layout: MemLayout, backing: Backing, populate: Populate) -> std::io::Result<Prepared> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let (l, c) = (layout.clone(), Arc::clone(&cancel));
+        let thread = std::thread::Builder::new().name("prepare".into()).spawn(move || {
+            let t = std::time::Instant::now();
+            let (mem, populator) = dest_memory(l, backing, populate, &c)?;
+            Ok((mem, populator, t.elapsed()))
+        })?;
+        Ok(Prepared { layout, cancel, thread: Some(thread) })
+    }
+
+    /// The layout being prepared.
+    pub fn layout(&self) -> &MemLayout {
+        &self.layout
+    }
+
+    /// The memory, once ready, if it was prepared for `layout` (`None`
+    /// otherwise: it is dropped). Waiting stops early when `cancel` is set.
+    pub fn take(
+        mut self,
+        layout: &MemLayout,
+        cancel: &AtomicBool,
+    ) -> Option<Result<PreparedMemory, guest::MemoryError>> {
+        if *layout != self.layout {
+            return None;
+        }
+        let thread = self.thread.take()?;
+        while !thread.is_finished() {
+            if cancel.load(Ordering::Relaxed) {
+                self.cancel.store(true, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // A panic there is a bug here: pass it on.
+        Some(thread.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 fn regions_of(mem: &GuestMemory) -> Vec<HostAddr> {
@@ -419,7 +479,12 @@ impl DestAny {
         cancel: &AtomicBool,
     ) -> Result<Self, guest::MemoryError> {
         let (mem, populator) = dest_memory(layout, backing, populate, cancel)?;
-        Ok(DestAny { mem, kind, workload: None, vm: None, _populate: populator })
+        Ok(DestAny::with_memory(kind, mem, populator))
+    }
+
+    /// A guest of `kind` over memory made ready before (see [`Prepared`]).
+    pub fn with_memory(kind: GuestKind, mem: Arc<GuestMemory>, populator: Option<Populator>) -> Self {
+        DestAny { mem, kind, workload: None, vm: None, _populate: populator }
     }
 
     /// The guest kind.

@@ -269,6 +269,10 @@ pub struct Report {
     /// Destination: creating, populating and registering guest memory,
     /// before the source pauses the guest.
     pub setup_ms: f64,
+    /// Destination: creating and populating guest memory ahead, started
+    /// before the source connected (`dest --prepare-mem`; 0 if not): the
+    /// part still running when the hello came is in `setup_ms`.
+    pub prepare_ms: f64,
     /// Destination: whether the source acknowledged completion (false when
     /// the link broke after every page was here and it did not come back).
     pub completion_confirmed: bool,
@@ -403,9 +407,10 @@ pub fn summary(r: &Report) -> String {
     );
     s += &format!("  status       {}{}\n", r.status, r.error.as_ref().map(|e| format!(": {e}")).unwrap_or_default());
     s += &format!(
-        "  time         total {:.1} ms (setup {:.1} ms), postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, evict {:.2} ms, restore {:.2} ms)\n",
+        "  time         total {:.1} ms (setup {:.1} ms{}), postcopy {:.1} ms, downtime {:.2} ms (pause to sent {:.2} ms, evict {:.2} ms, restore {:.2} ms)\n",
         r.total_time_ms,
         r.setup_ms,
+        if r.prepare_ms > 0.0 { format!("; memory prepared ahead in {:.1} ms", r.prepare_ms) } else { String::new() },
         r.postcopy.time_ms,
         r.downtime_ms,
         r.downtime.pause_to_sent_ms,

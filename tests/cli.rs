@@ -312,6 +312,41 @@ fn unauthenticated_source_is_refused() {
     }
 }
 
+/// `dest --prepare-mem`: memory made ready before the source connects is
+/// the guest's when the layouts match, and replaced by fresh memory when they
+/// do not; either way every page arrives and verifies.
+#[test]
+fn prepared_memory_is_used_when_it_fits_and_replaced_when_not() {
+    let _g = SERIAL.lock();
+    let d = scratch("prepare");
+    for (prepare, used) in [("128M", true), ("64M", false)] {
+        let report = d.join(format!("prepare-{prepare}.json"));
+        let (dest, addr) =
+            spawn_dest(&["--prepare-mem", prepare, "--run-after-ms", "100", "--report", report.to_str().unwrap()]);
+        let mut c = bin();
+        c.args(["source", "--connect", &addr, "--mem", "128M", "--run-before-ms", "300", "--run-after-ms", "50"]);
+        let out = run_limited(c, Duration::from_secs(60));
+        let dout = wait_output(dest, Duration::from_secs(30));
+        let derr = String::from_utf8_lossy(&dout.stderr);
+        assert!(out.status.success() && dout.status.success(), "{prepare}: {derr}");
+        let r = Report::read(&report).unwrap();
+        assert!(
+            r.guest.verify_ok && r.guest.verified_pages == r.postcopy.pages_total,
+            "{prepare}: {:?}",
+            r.guest.problems
+        );
+        assert_eq!(r.prepare_ms > 0.0, used, "{prepare}: prepared memory used");
+        assert_eq!(derr.contains("prepared for another layout"), !used, "{prepare}: {derr}");
+    }
+    // migrate prepares by default; --no-prepare leaves it to the hello.
+    for (extra, prepared) in [(&[][..], true), (&["--no-prepare"][..], false)] {
+        let report = d.join(format!("migrate-{prepared}.json"));
+        let (out, r) = migrate(&[&["--mem", "64M"], extra].concat(), &report);
+        assert_clean(&out, &r);
+        assert_eq!(r.prepare_ms > 0.0, prepared, "{extra:?}");
+    }
+}
+
 #[test]
 fn bad_command_lines_are_clear_errors() {
     for (args, needle) in [
@@ -322,6 +357,12 @@ fn bad_command_lines_are_clear_errors() {
         (vec!["migrate", "--mem", "4K"], "--mem"),
         (vec!["migrate", "--tick-ms", "0"], "--tick-ms"),
         (vec!["migrate", "--link", "veth:fast"], "--link"),
+        (vec!["dest", "--listen", "127.0.0.1:0", "--prepare-mem", "100000G"], "--prepare-mem"),
+        (vec!["dest", "--listen", "127.0.0.1:0", "--prepare-mem", "64M", "--prepare-page-size", "8K"], "page size"),
+        (
+            vec!["dest", "--listen", "127.0.0.1:0", "--prepare-mem", "64M", "--vmm-uffd-socket", "/tmp/x"],
+            "cannot be used",
+        ),
         (
             vec!["source", "--connect", "127.0.0.1", "--mem", "1M", "--run-before-ms", "0", "--run-after-ms", "0"],
             "resolve",

@@ -270,6 +270,11 @@ impl Pusher {
             SenderMetrics::add(&self.metrics.bytes_sent, sent - sent_before);
             sent_before = sent;
             cursor = run.end();
+            // Kept current: the destination may complete on this run's pages
+            // (the rest came by demand) and the source acknowledge with its
+            // figures before this loop ends.
+            let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            self.metrics.push_ns.store(ns, Ordering::Relaxed);
         }
         self.conn.send(&Msg::PushDone { n_pushed })?;
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);

@@ -280,6 +280,67 @@ pub struct DestArgs {
     /// The destination's time series.
     #[command(flatten)]
     pub timeline: TimelineOpts,
+    /// Guest memory made ready before the source connects.
+    #[command(flatten)]
+    pub prepare: PrepareOpts,
+}
+
+/// Guest memory the destination creates and populates at start, while it
+/// waits for the source (as a VMM started for an incoming migration
+/// allocates the memory it is configured with), so that the migration does
+/// not wait for it. A source announcing another layout gets fresh memory.
+#[derive(Args, Clone, Debug, PartialEq)]
+pub struct PrepareOpts {
+    /// Prepare memory for a guest of this size (like 1G) at start.
+    #[arg(long, conflicts_with = "vmm_uffd_socket")]
+    pub prepare_mem: Option<String>,
+    /// Its page size (4K or 2M).
+    #[arg(long, default_value = "4K", requires = "prepare_mem")]
+    pub prepare_page_size: String,
+    /// Its regions (laid out as `--regions` lays out the source's).
+    #[arg(long, default_value_t = 1, requires = "prepare_mem")]
+    pub prepare_regions: u32,
+}
+
+impl PrepareOpts {
+    /// The layout to prepare, if any.
+    pub fn layout(&self) -> Result<Option<MemLayout>> {
+        let Some(mem) = &self.prepare_mem else { return Ok(None) };
+        let ps = parse_page_size(&self.prepare_page_size).context("--prepare-page-size")?;
+        build_layout(mem, ps, self.prepare_regions).context("--prepare-mem").map(Some)
+    }
+}
+
+/// A page size on the command line.
+fn parse_page_size(s: &str) -> Result<PageSize> {
+    match s.to_ascii_uppercase().as_str() {
+        "4K" | "4096" => Ok(PageSize::Size4K),
+        "2M" | "2097152" => Ok(PageSize::Size2M),
+        other => bail!("the page size must be 4K or 2M, not {other:?}"),
+    }
+}
+
+/// `bytes` of memory (a size like 1G) in `regions` regions of `page_size`
+/// pages, each followed by a 1 GiB-aligned hole as a VM's memory map has.
+fn build_layout(mem: &str, page_size: PageSize, regions: u32) -> Result<MemLayout> {
+    let bytes = parse_size(mem).map_err(|e| anyhow!("--mem: {e}"))?;
+    let ps = page_size.bytes();
+    if bytes < 16 * ps || bytes % ps != 0 {
+        bail!("--mem must be a multiple of the page size ({ps} bytes) and at least 16 pages, got {bytes} bytes");
+    }
+    if regions == 0 || u64::from(regions) > bytes / ps / 16 || regions > 64 {
+        bail!("--regions must be 1..=64 and leave each region at least 16 pages");
+    }
+    let n_pages = bytes / ps;
+    let per = n_pages / u64::from(regions);
+    let mut descs = Vec::new();
+    let mut guest = 0u64;
+    for i in 0..u64::from(regions) {
+        let pages = if i + 1 == u64::from(regions) { n_pages - per * i } else { per };
+        descs.push(RegionDesc { guest: GuestOffset(guest), len_bytes: pages * ps });
+        guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
+    }
+    Ok(MemLayout::new(page_size, descs)?)
 }
 
 /// What `dest --vmm-uffd-socket` does with a VMM it cannot serve.
@@ -524,6 +585,11 @@ pub struct MigrateArgs {
     /// The destination's own options.
     #[command(flatten)]
     pub dest: DestOpts,
+    /// Do not have the destination prepare guest memory while the source's
+    /// guest runs before migrating (`dest --prepare-mem`): it is then
+    /// created when the source's hello arrives.
+    #[arg(long)]
+    pub no_prepare: bool,
     /// No progress line.
     #[arg(long)]
     pub quiet: bool,
@@ -562,35 +628,24 @@ pub(crate) fn prefetch_of(pages: Option<u32>, mode: PrefetchModeArg) -> Result<O
 impl GuestOpts {
     /// The page size asked for.
     pub fn page_size(&self) -> Result<PageSize> {
-        match self.page_size.to_ascii_uppercase().as_str() {
-            "4K" | "4096" => Ok(PageSize::Size4K),
-            "2M" | "2097152" => Ok(PageSize::Size2M),
-            other => bail!("--page-size must be 4K or 2M, not {other:?}"),
-        }
+        parse_page_size(&self.page_size).context("--page-size")
     }
 
     /// The memory layout these options describe.
     pub fn layout(&self) -> Result<MemLayout> {
-        let bytes = parse_size(&self.mem).map_err(|e| anyhow!("--mem: {e}"))?;
-        let page_size = self.page_size()?;
-        let ps = page_size.bytes();
-        if bytes < 16 * ps || bytes % ps != 0 {
-            bail!("--mem must be a multiple of the page size ({ps} bytes) and at least 16 pages, got {bytes} bytes");
-        }
-        if self.regions == 0 || u64::from(self.regions) > bytes / ps / 16 || self.regions > 64 {
-            bail!("--regions must be 1..=64 and leave each region at least 16 pages");
-        }
-        let n_pages = bytes / ps;
-        let per = n_pages / u64::from(self.regions);
-        let mut regions = Vec::new();
-        let mut guest = 0u64;
-        for i in 0..u64::from(self.regions) {
-            let pages = if i + 1 == u64::from(self.regions) { n_pages - per * i } else { per };
-            regions.push(RegionDesc { guest: GuestOffset(guest), len_bytes: pages * ps });
-            // Leave a 1 GiB-aligned hole after each region, as a VM's memory map would.
-            guest = (guest + pages * ps).next_multiple_of(1 << 30) + (1 << 30);
-        }
-        Ok(MemLayout::new(page_size, regions)?)
+        build_layout(&self.mem, self.page_size()?, self.regions)
+    }
+
+    /// `dest` options preparing memory for this guest's layout.
+    pub fn prepare_args(&self) -> Vec<String> {
+        vec![
+            "--prepare-mem".into(),
+            self.mem.clone(),
+            "--prepare-page-size".into(),
+            self.page_size.clone(),
+            "--prepare-regions".into(),
+            self.regions.to_string(),
+        ]
     }
 
     /// The VM guest's configuration.

@@ -17,7 +17,7 @@ use transport::tcp::{TcpListen, TcpOptions};
 use super::args::{DestArgs, PopulateArg, VmmOnFailure, prefetch_of, read_key};
 use super::migrate::die_with_parent;
 use super::progress::{Progress, progress_lines};
-use crate::adapters::{DestAny, GuestSummary, Populate};
+use crate::adapters::{DestAny, GuestSummary, Populate, Prepared};
 use crate::report::{Report, ms, summary};
 
 /// Run the destination. Returns the process exit code.
@@ -31,6 +31,22 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let peer_timeout = Duration::from_millis(args.peer_timeout_ms.max(100));
     args.transport.check()?;
     let vmm = args.vmm_uffd_socket.as_deref().map(VmmListener::bind).transpose()?;
+    let populate = match args.opts.populate {
+        PopulateArg::Before => Populate::Before,
+        PopulateArg::Background => Populate::Background,
+    };
+    // Memory prepared while no source is here yet: the hello then finds it ready.
+    let prepared = match args.prepare.layout()? {
+        Some(layout) => {
+            crate::host::check_room(layout.len_bytes(), "--prepare-mem")?;
+            crate::host::check_huge_pages(&layout, 1, "--prepare-mem")?;
+            Some(Prepared::start(layout, args.opts.memory.backing(), populate).context("starting to prepare memory")?)
+        }
+        None => None,
+    };
+    let prepared_bytes = prepared.as_ref().map_or(0, |p| p.layout().len_bytes());
+    let prepared = RefCell::new(prepared);
+    let prepare_took = std::cell::Cell::new(None::<Duration>);
     let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
         .with_context(|| format!("listening on {}", args.listen))?;
     if args.announce {
@@ -43,7 +59,9 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     // What this host can give is read when the source arrives, not at start.
     let max_mem_bytes = match max_mem {
         Some(b) => b,
-        None => crate::host::default_max_mem()?,
+        // Prepared memory is this guest's if the layout matches, and freed
+        // for it if not.
+        None => crate::host::default_max_mem()? + prepared_bytes,
     };
     let metrics = Arc::new(PagerMetrics::default());
     let cfg = PagerConfig {
@@ -75,10 +93,6 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
             })
         })
     };
-    let populate = match args.opts.populate {
-        PopulateArg::Before => Populate::Before,
-        PopulateArg::Background => Populate::Background,
-    };
     // A VMM's peer pidfd, kept out here to end it if its memory cannot be served.
     let vmm_peer: RefCell<Option<(VmmPeer, Option<OwnedFd>)>> = RefCell::new(None);
     let outcome = match &vmm {
@@ -90,6 +104,22 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
                     return Err(pager::GuestError::Memory(
                         "the source serves a VMM's snapshot memory: run the destination with --vmm-uffd-socket".into(),
                     ));
+                }
+                if let Some(p) = prepared.borrow_mut().take() {
+                    match p.take(&acc.layout, cancel) {
+                        Some(Ok((mem, populator, took))) => {
+                            prepare_took.set(Some(took));
+                            return Ok(DestAny::with_memory(acc.guest_kind, mem, populator));
+                        }
+                        Some(Err(e)) => return Err(pager::GuestError::Memory(Box::new(e))),
+                        None => tracing::warn!(
+                            "memory was prepared for another layout than the source's ({} bytes in {} regions of {} \
+                             byte pages): creating it afresh",
+                            acc.layout.len_bytes(),
+                            acc.layout.regions().len(),
+                            acc.layout.page_size().bytes()
+                        ),
+                    }
                 }
                 DestAny::new(acc.guest_kind, acc.layout.clone(), args.opts.memory.backing(), populate, cancel)
                     .map_err(|e| pager::GuestError::Memory(Box::new(e)))
@@ -221,6 +251,7 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     };
     let pr = &pr;
     let mut report = Report::destination(pr, &metrics, &g, kind, vcpu_failure);
+    report.prepare_ms = prepare_took.get().map_or(0.0, ms);
     if kind == GuestKind::Snapshot {
         // A VMM's vCPUs are not ours to watch: it judges its own guest.
         report.guest.heartbeats_ok = true;

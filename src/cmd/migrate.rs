@@ -124,6 +124,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         ])
         .args(args.dest.to_args())
         .args(args.transport.to_args())
+        .args(if args.no_prepare { Vec::new() } else { args.guest.prepare_args() })
         .stdout(Stdio::piped());
     if let Some(n) = args.migration.background_nice {
         dest_cmd.args(["--background-nice", &n.to_string()]);
