@@ -46,12 +46,17 @@ pub struct LinkSpec {
     pub rate_bps: Option<u64>,
     /// Round-trip delay to add.
     pub rtt: Option<Duration>,
+    /// The rate limit honors the engine's marks (`:prio`): an HTB with a
+    /// class for DSCP EF (the control connection: demand) served ahead of
+    /// the rest, instead of one FIFO (tbf). Models a host that controls the
+    /// bottleneck's queue.
+    pub prio: bool,
 }
 
 impl LinkSpec {
     /// Loopback.
     pub fn loopback() -> LinkSpec {
-        LinkSpec { veth: false, rate_bps: None, rtt: None }
+        LinkSpec { veth: false, rate_bps: None, rtt: None, prio: false }
     }
 }
 
@@ -94,18 +99,25 @@ impl FromStr for LinkSpec {
         match parts.next() {
             Some("loopback") if s == "loopback" => return Ok(LinkSpec::loopback()),
             Some("veth") => {}
-            _ => bail!("link {s:?}: expected loopback or veth[:RATE][:RTT] (e.g. veth:10gbit:100us)"),
+            _ => bail!("link {s:?}: expected loopback or veth[:RATE][:RTT][:prio] (e.g. veth:10gbit:100us)"),
         }
-        let mut spec = LinkSpec { veth: true, rate_bps: None, rtt: None };
+        let mut spec = LinkSpec { veth: true, rate_bps: None, rtt: None, prio: false };
         for p in parts {
             let l = p.to_ascii_lowercase();
-            if l.ends_with("bit") {
+            if l == "prio" {
+                if std::mem::replace(&mut spec.prio, true) {
+                    bail!("link {s:?}: prio twice");
+                }
+            } else if l.ends_with("bit") {
                 if spec.rate_bps.replace(parse_rate(p)?).is_some() {
                     bail!("link {s:?}: two rates");
                 }
             } else if spec.rtt.replace(parse_duration(p)?).is_some() {
                 bail!("link {s:?}: two delays");
             }
+        }
+        if spec.prio && spec.rate_bps.is_none() {
+            bail!("link {s:?}: prio needs a rate (the queue it orders is the rate limit's)");
         }
         Ok(spec)
     }
@@ -225,7 +237,11 @@ impl NetLab {
             ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            if let Some(bps) = spec.rate_bps {
+            if let Some(bps) = spec.rate_bps
+                && spec.prio
+            {
+                shape_prio(ns, dev, bps)?;
+            } else if let Some(bps) = spec.rate_bps {
                 // tbf's bucket must hold what arrives in a timer tick (and a
                 // 64 KiB GSO packet): 4 ms at the rate, at least 256 KiB.
                 let burst = (bps / 8 / 250).max(256 << 10);
@@ -253,6 +269,28 @@ impl NetLab {
             }
         }
         Ok(lab)
+    }
+
+    /// Bytes the source's end of a `:prio` link served in its urgent class
+    /// (DSCP EF) so far; `None` for a FIFO link.
+    pub fn urgent_bytes(&self) -> Result<Option<u64>> {
+        if !self.spec.prio {
+            return Ok(None);
+        }
+        let dev = format!("pcl{}s", std::process::id());
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.src_ns, "tc", "-s", "class", "show", "dev", &dev, "classid", "1:10"])
+            .stdin(Stdio::null())
+            .output()
+            .context("running tc")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let sent = text
+            .split_whitespace()
+            .skip_while(|w| *w != "Sent")
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| anyhow!("tc -s class show: no byte count in {text:?}"))?;
+        Ok(Some(sent))
     }
 
     /// A command that runs `exe` in the source's (`src`) or the
@@ -421,6 +459,30 @@ impl Drop for NetLab {
     }
 }
 
+/// Shape `dev` in `ns` to `bps` with an HTB whose class 1:10 (packets
+/// marked DSCP EF, the engine's control connection) has priority over class
+/// 1:20 (everything else): each class has its own queue, so a demand reply
+/// waits at most for the packet on the wire, not behind the push's backlog.
+fn shape_prio(ns: &str, dev: &str, bps: u64) -> Result<()> {
+    // As tbf's bucket: what arrives in a 4 ms timer tick, at least 256 KiB.
+    let burst = (bps / 8 / 250).max(256 << 10).to_string();
+    let (rate, urgent, rest) = (format!("{bps}bit"), format!("{}bit", bps / 10), format!("{}bit", bps - bps / 10));
+    let tc = |args: &[&str]| run("ip", &[&["netns", "exec", ns, "tc"], args].concat());
+    tc(&["qdisc", "add", "dev", dev, "root", "handle", "1:", "htb", "default", "20"])?;
+    tc(&["class", "add", "dev", dev, "parent", "1:", "classid", "1:1", "htb", "rate", &rate, "burst", &burst])?;
+    for (id, r, prio) in [("1:10", &urgent, "0"), ("1:20", &rest, "1")] {
+        tc(&[
+            "class", "add", "dev", dev, "parent", "1:1", "classid", id, "htb", "rate", r, "ceil", &rate, "burst",
+            &burst, "cburst", &burst, "prio", prio,
+        ])?;
+    }
+    // DSCP EF: the TOS byte 0xb8 under the mask of its six DSCP bits.
+    tc(&[
+        "filter", "add", "dev", dev, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "tos",
+        "0xb8", "0xfc", "flowid", "1:10",
+    ])
+}
+
 /// Chunks a relay holds per direction before it stops reading.
 const RELAY_QUEUE_BYTES: usize = 16 << 20;
 
@@ -545,11 +607,23 @@ mod tests {
         assert_eq!("loopback".parse::<LinkSpec>().unwrap(), LinkSpec::loopback());
         let l: LinkSpec = "veth:10gbit:100us".parse().unwrap();
         assert_eq!((l.veth, l.rate_bps, l.rtt), (true, Some(10_000_000_000), Some(Duration::from_micros(100))));
+        assert!(!l.prio);
+        assert!("veth:1gbit:100us:prio".parse::<LinkSpec>().unwrap().prio);
         let l: LinkSpec = "veth:1ms".parse().unwrap();
         assert_eq!((l.rate_bps, l.rtt), (None, Some(Duration::from_millis(1))));
         assert_eq!("veth:2.5gbit".parse::<LinkSpec>().unwrap().rate_bps, Some(2_500_000_000));
-        for bad in ["", "lo", "veth:10gbit:1gbit", "veth:fast", "veth:-1ms", "veth:0gbit", "loopback:1gbit", "veth:99s"]
-        {
+        for bad in [
+            "",
+            "lo",
+            "veth:10gbit:1gbit",
+            "veth:fast",
+            "veth:-1ms",
+            "veth:0gbit",
+            "loopback:1gbit",
+            "veth:99s",
+            "veth:prio",
+            "veth:1gbit:prio:prio",
+        ] {
             assert!(bad.parse::<LinkSpec>().is_err(), "{bad}");
         }
     }

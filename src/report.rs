@@ -197,6 +197,10 @@ pub struct LinkReport {
     pub measured_rtt_us: f64,
     /// Measured before the run: one TCP stream's rate, Gbit/s.
     pub measured_gbit: f64,
+    /// A `:prio` link: bytes the source's queue served in its urgent class
+    /// (packets marked DSCP EF: the control connection, which carries the
+    /// demand replies) during the run.
+    pub urgent_bytes: Option<u64>,
 }
 
 /// What RDMA did (`transport: "rdma"`): work requests posted per operation,

@@ -271,6 +271,43 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
     assert!(namespaces_of(pid).is_empty(), "stale namespaces of a dead lab were removed");
 }
 
+/// A `:prio` link serves the engine's DSCP EF marks from their own class:
+/// with marks on, the control connection (which carries every demand reply)
+/// crosses the urgent class; with them off, nothing does.
+#[test]
+fn marked_demand_crosses_the_urgent_class_of_a_prio_link() {
+    if let Err(why) = netns_available() {
+        eprintln!("SKIPPED: network namespaces cannot be created here: {why}");
+        return;
+    }
+    let _g = SERIAL.lock();
+    let d = scratch("prio");
+    for dscp in ["on", "off"] {
+        let report = d.join(format!("{dscp}.json"));
+        let mut c = bin();
+        c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "100", "--run-after-ms", "100"])
+            .args(["--link", "veth:1gbit:100us:prio", "--dscp", dscp, "--report"])
+            .arg(&report);
+        let out = run_limited(c, Duration::from_secs(120));
+        assert!(out.status.success(), "{dscp}: {}", String::from_utf8_lossy(&out.stderr));
+        let r = Report::read(&report).unwrap();
+        assert!(r.clean(), "{dscp}: {:?} {:?}", r.error, r.guest.problems);
+        let urgent = r.link.urgent_bytes.expect("a prio link counts its urgent class");
+        if dscp == "on" {
+            assert!(r.postcopy.pages_demand > 0, "the guest faulted");
+            assert!(
+                urgent >= r.postcopy.pages_demand * 4096,
+                "{urgent} bytes for {} demand pages",
+                r.postcopy.pages_demand
+            );
+            // The push (marked LE) stays out of it.
+            assert!(urgent < r.bytes_transferred / 2, "{urgent} of {}", r.bytes_transferred);
+        } else {
+            assert_eq!(urgent, 0, "unmarked traffic is not urgent");
+        }
+    }
+}
+
 #[test]
 fn migrate_prints_progress_when_not_on_a_terminal() {
     let _g = SERIAL.lock();

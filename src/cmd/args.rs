@@ -180,6 +180,12 @@ pub struct MigrationOpts {
     /// 1 over loopback, which has no bottleneck queue to share).
     #[arg(long)]
     pub push_yield: Option<f64>,
+    /// Mark the control connection, which carries the demand replies, DSCP
+    /// EF (socket priority 6) and the push's connections DSCP LE (priority
+    /// 1), so that queues which tell them apart (a host's qdisc, a
+    /// network's) serve demand first; `off` leaves the marks alone.
+    #[arg(long, value_enum, default_value = "on")]
+    pub dscp: Switch,
     /// After switchover, how long (seconds) a broken link may stay broken
     /// while the sides reconnect before giving up; 0 disables recovery.
     #[arg(long, default_value_t = 300)]
@@ -771,8 +777,18 @@ impl MigrationOpts {
         push_opt(&mut a, "--background-nice", self.background_nice);
         push_opt(&mut a, "--push-rate", self.push_rate.as_ref());
         push_opt(&mut a, "--push-yield", self.push_yield);
+        a.extend(["--dscp".into(), name_of(&self.dscp)]);
         a
     }
+}
+
+/// On or off, on the command line.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 impl DestOpts {

@@ -197,6 +197,12 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     drop(bar);
     source.0 = None;
     dest.0 = None;
+    if let Some(lab) = &lab {
+        link_report.urgent_bytes = lab.urgent_bytes().unwrap_or_else(|e| {
+            eprintln!("postcopy: warning: reading the link's queue counters: {e:#}");
+            None
+        });
+    }
     drop(lab);
     let mut merged = Report::read(&dest_report).unwrap_or_else(|e| Report {
         status: "failed".into(),

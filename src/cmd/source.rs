@@ -9,7 +9,7 @@ use guest::{GuestMemory, Workload};
 use pager::PrefetchMode;
 use sender::{FailPhase, SenderConfig, SenderMetrics};
 use transport::Conn;
-use transport::tcp::{TcpConn, TcpOptions};
+use transport::tcp::{Marking, TcpConn, TcpOptions};
 
 use super::args::{GuestArg, SourceArgs, prefetch_of, read_key};
 use super::migrate::die_with_parent;
@@ -87,7 +87,12 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
         ..SenderConfig::default()
     };
     let metrics = Arc::new(SenderMetrics::default());
-    let opts = TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() };
+    let marks = args.migration.dscp == super::args::Switch::On;
+    let opts = TcpOptions {
+        send_timeout: peer_timeout,
+        marking: if marks { Marking::Urgent } else { Marking::None },
+        ..TcpOptions::default()
+    };
     let before_accesses = guest.accesses();
     let base = Report {
         side: "source".into(),
@@ -110,7 +115,12 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
         Ok(control) => {
             let addr = args.connect.clone();
             let recover_addr = args.recover_addr.clone().unwrap_or_else(|| addr.clone());
-            let bulk_opts = TcpOptions { notsent_lowat: Some(256 * 1024), max_pacing_rate: push_rate, ..opts.clone() };
+            let bulk_opts = TcpOptions {
+                notsent_lowat: Some(256 * 1024),
+                max_pacing_rate: push_rate,
+                marking: if marks { Marking::Bulk } else { Marking::None },
+                ..opts.clone()
+            };
             // The first bulk connection goes where the control one went; after
             // a broken link both go to the recovery address.
             let mut first_bulk = true;

@@ -33,6 +33,8 @@ pub struct TcpOptions {
     /// connection itself (no fq needed), so it never fills the bottleneck's
     /// queue ahead of another connection's packets.
     pub max_pacing_rate: Option<u64>,
+    /// How this connection's packets are marked.
+    pub marking: Marking,
 }
 
 impl Default for TcpOptions {
@@ -42,6 +44,33 @@ impl Default for TcpOptions {
             notsent_lowat: None,
             recv_buf: 4 << 20,
             max_pacing_rate: None,
+            marking: Marking::None,
+        }
+    }
+}
+
+/// How a connection's packets are marked, for queues that tell traffic
+/// apart: the DSCP field (IP_TOS, IPV6_TCLASS), which networks and a host's
+/// classifiers read, and the socket priority (SO_PRIORITY), which a host's
+/// qdiscs read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Marking {
+    /// Left as the system marks it.
+    #[default]
+    None,
+    /// Latency first: DSCP EF (46), priority 6 (TC_PRIO_INTERACTIVE).
+    Urgent,
+    /// Yields to everything: DSCP LE (1, RFC 8622), priority 1 (TC_PRIO_FILLER).
+    Bulk,
+}
+
+impl Marking {
+    /// The DSCP codepoint and the socket priority, if any.
+    pub fn dscp_and_priority(self) -> Option<(u8, i32)> {
+        match self {
+            Marking::None => None,
+            Marking::Urgent => Some((46, 6)),
+            Marking::Bulk => Some((1, 1)),
         }
     }
 }
@@ -97,6 +126,15 @@ impl TcpConn {
         if let Some(lowat) = opts.notsent_lowat {
             let v = libc::c_int::try_from(lowat).unwrap_or(libc::c_int::MAX);
             set_int_opt(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
+        }
+        if let Some((dscp, priority)) = opts.marking.dscp_and_priority() {
+            let tos = libc::c_int::from(dscp) << 2;
+            match stream.peer_addr()? {
+                SocketAddr::V4(_) => set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos)?,
+                SocketAddr::V6(_) => set_int_opt(stream.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?,
+            }
+            // After IP_TOS, which sets a priority of its own.
+            set_int_opt(stream.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, priority)?;
         }
         if let Some(rate) = opts.max_pacing_rate {
             let len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("small");
@@ -674,6 +712,29 @@ mod tests {
         });
         let a = l.accept(Instant::now() + Duration::from_secs(5)).unwrap();
         (a, t.join().unwrap())
+    }
+
+    fn int_opt(fd: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+        let mut v: libc::c_int = -1;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap();
+        // SAFETY: an open socket; `v` and `len` are live and of the length passed.
+        let r = unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&raw mut v).cast(), &raw mut len) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        v
+    }
+
+    #[test]
+    fn marked_connections_carry_their_dscp_and_priority() {
+        let l = TcpListen::bind("127.0.0.1:0", TcpOptions::default()).unwrap();
+        let addr = l.local_addr().to_string();
+        for (marking, tos, priority) in [(Marking::Urgent, 0xb8, 6), (Marking::Bulk, 0x04, 1), (Marking::None, 0, 0)] {
+            let c = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions { marking, ..TcpOptions::default() })
+                .unwrap();
+            let _peer = l.accept(Instant::now() + Duration::from_secs(5)).unwrap();
+            let fd = c.readiness();
+            assert_eq!(int_opt(fd, libc::IPPROTO_IP, libc::IP_TOS), tos, "{marking:?}");
+            assert_eq!(int_opt(fd, libc::SOL_SOCKET, libc::SO_PRIORITY), priority, "{marking:?}");
+        }
     }
 
     #[test]
