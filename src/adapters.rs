@@ -18,6 +18,8 @@ use sender::SourceGuest;
 pub struct GuestSummary {
     /// vCPUs.
     pub vcpus: u32,
+    /// Guest memory held in 2 MiB pages when the guest stopped (destination).
+    pub huge_bytes: u64,
     /// Access pattern.
     pub pattern: String,
     /// Share of accesses that are stores.
@@ -105,7 +107,7 @@ fn dest_memory(
     if populate == Populate::Before {
         mem.populate_alias(2, cancel)?;
     }
-    let populator = (backing == Backing::Shmem && populate == Populate::Background).then(|| Populator::start(&mem));
+    let populator = (backing.is_shared() && populate == Populate::Background).then(|| Populator::start(&mem));
     Ok((mem, populator))
 }
 
@@ -396,6 +398,7 @@ fn finish_workload(w: Workload, mem: &GuestMemory) -> GuestSummary {
     }
     GuestSummary {
         vcpus,
+        huge_bytes: 0,
         pattern,
         store_ratio,
         accesses_total: r.total.accesses,
@@ -441,6 +444,7 @@ pub(crate) fn finish_vm(vm: Vm, mem: &GuestMemory, checkpoints: &mut Vec<guest::
     };
     GuestSummary {
         vcpus: u32::try_from(tids.len()).expect("bounded"),
+        huge_bytes: 0,
         pattern,
         store_ratio,
         accesses_total: r.total.accesses,
@@ -533,13 +537,15 @@ impl DestAny {
 
     /// Stop the guest and verify every page.
     pub fn finish(mut self) -> GuestSummary {
-        if let Some(w) = self.workload.take() {
-            return finish_workload(w, &self.mem);
-        }
-        if let Some(v) = self.vm.take() {
-            return finish_vm(v, &self.mem, &mut Vec::new());
-        }
-        GuestSummary { problems: vec!["the guest was never resumed".into()], ..GuestSummary::default() }
+        let huge_bytes = self.mem.huge_bytes().unwrap_or(0);
+        let summary = if let Some(w) = self.workload.take() {
+            finish_workload(w, &self.mem)
+        } else if let Some(v) = self.vm.take() {
+            finish_vm(v, &self.mem, &mut Vec::new())
+        } else {
+            GuestSummary { problems: vec!["the guest was never resumed".into()], ..GuestSummary::default() }
+        };
+        GuestSummary { huge_bytes, ..summary }
     }
 }
 

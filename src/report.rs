@@ -303,6 +303,9 @@ pub struct Report {
     /// shared memory, mapped by UFFDIO_CONTINUE on minor faults) or "copy"
     /// (UFFDIO_COPY into anonymous memory).
     pub install: String,
+    /// Destination: guest memory held in 2 MiB pages when the guest stopped
+    /// (hugetlbfs pages, or transparent huge pages with `--memory thp`).
+    pub memory_huge_bytes: u64,
     /// What RDMA did, when it was used.
     pub rdma: Option<RdmaReport>,
     /// Source: the bulk connection's pacing rate, Gbit/s (0: unpaced).
@@ -580,6 +583,7 @@ impl Report {
             guest: guest_report(g, false),
             transport: if pr.rdma_device.is_some() { "rdma" } else { "tcp" }.into(),
             install: if pr.minor_faults { "continue" } else { "copy" }.into(),
+            memory_huge_bytes: g.huge_bytes,
             rdma: pr.rdma_device.as_ref().map(|d| {
                 let get = |c: &std::sync::atomic::AtomicU64| pager::PagerMetrics::get(c);
                 RdmaReport {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{HugePages, bin, run_limited};
+use common::{HugePages, ShmemThp, bin, run_limited};
 
 #[test]
 fn two_mib_pages_migrate_in_every_mode() {
@@ -45,9 +45,40 @@ fn two_mib_pages_migrate_in_every_mode() {
             assert_eq!(r["postcopy"]["pages_total"], 32, "{what}");
             assert_eq!(r["guest"]["verify_ok"], true, "{what}: {}", r["guest"]);
             assert_eq!(r["guest"]["verified_pages"], 32, "{what}");
+            assert_eq!(r["memory_huge_bytes"], 64 << 20, "{what}: held in huge pages");
             assert_eq!(r["guest"]["violations"], 0, "{what}");
             if mode == "postcopy" {
                 assert!(r["postcopy"]["faults"].as_u64().unwrap() > 0, "{what}: the guest faulted on huge pages");
+            }
+        }
+    }
+    // Transparent huge pages of shared memory (no reserve on the
+    // destination), at 2 MiB and at 4 KiB pages: the page cache really holds
+    // huge pages, and the guest verifies.
+    match ShmemThp::allow() {
+        None => eprintln!("SKIPPED (thp): shmem_enabled cannot be set here"),
+        Some(_thp) => {
+            for (guest, ps, mode) in [
+                ("workload", "2M", "postcopy"),
+                ("workload", "2M", "hybrid"),
+                ("vm", "2M", "hybrid"),
+                ("workload", "4K", "hybrid"),
+            ] {
+                let what = format!("thp {guest} {ps} {mode}");
+                let report = dir.join(format!("thp-{guest}-{ps}-{mode}.json"));
+                let mut c = bin();
+                c.args(["migrate", "--mem", "64M", "--page-size", ps, "--vcpus", "2", "--mode", mode])
+                    .args(["--guest", guest, "--memory", "thp"])
+                    .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
+                    .args(["--run-after-ms", "200", "--report"])
+                    .arg(&report);
+                let out = run_limited(c, Duration::from_secs(120));
+                assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+                let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+                assert_eq!(r["install"], "continue", "{what}");
+                assert_eq!(r["memory_huge_bytes"], 64 << 20, "{what}: the page cache holds huge pages");
+                assert_eq!(r["guest"]["verify_ok"], true, "{what}: {}", r["guest"]);
+                assert_eq!(r["guest"]["verified_pages"], r["postcopy"]["pages_total"], "{what}");
             }
         }
     }

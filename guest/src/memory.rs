@@ -82,6 +82,19 @@ pub enum Backing {
     Anonymous,
     /// memfd (shmem) memory with an alias mapping.
     Shmem,
+    /// The same, asking for transparent huge pages (MADV_HUGEPAGE on both
+    /// mappings: 2 MiB folios in the page cache where the host's
+    /// `shmem_enabled` allows them, 4 KiB ones otherwise). The guest's view
+    /// is still mapped a 4 KiB entry at a time: userfaultfd installs shared
+    /// memory with page-table entries, not huge mappings.
+    ShmemThp,
+}
+
+impl Backing {
+    /// Shared memory with an alias (served by UFFDIO_CONTINUE).
+    pub fn is_shared(self) -> bool {
+        matches!(self, Backing::Shmem | Backing::ShmemThp)
+    }
 }
 
 /// Where one region lives in this process.
@@ -133,9 +146,10 @@ impl GuestMemory {
                     }
                     opts.map_anon().map_err(map_err)?.into()
                 }
-                Backing::Shmem => {
-                    // 2 MiB pages: a hugetlbfs memfd (pages from the reserve).
-                    let huge = if layout.page_size() == PageSize::Size2M {
+                Backing::Shmem | Backing::ShmemThp => {
+                    // 2 MiB pages: a hugetlbfs memfd (pages from the reserve),
+                    // unless transparent huge pages are asked for.
+                    let huge = if layout.page_size() == PageSize::Size2M && backing == Backing::Shmem {
                         MFdFlags::MFD_HUGETLB | MFdFlags::MFD_HUGE_2MB
                     } else {
                         MFdFlags::empty()
@@ -146,6 +160,20 @@ impl GuestMemory {
                     file.set_len(r.len_bytes).map_err(map_err)?;
                     let guest = MmapOptions::new().len(len).map_raw(&file).map_err(map_err)?;
                     let a = MmapOptions::new().len(len).map_raw(&file).map_err(map_err)?;
+                    if backing == Backing::ShmemThp {
+                        for m in [&guest, &a] {
+                            let ptr = std::ptr::NonNull::new(m.as_mut_ptr().cast()).expect("mapped");
+                            // SAFETY: a whole mapping we just made; the advice
+                            // changes how pages are allocated, not content.
+                            unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_HUGEPAGE) }
+                                .map_err(|source| MemoryError::Advise {
+                                    advice: "MADV_HUGEPAGE",
+                                    first: layout.region_pages(i).first,
+                                    n_pages: layout.region_pages(i).n_pages,
+                                    source,
+                                })?;
+                        }
+                    }
                     alias.push(HostAddr(a.as_mut_ptr() as usize));
                     maps.push(a);
                     files.push(file);
@@ -169,7 +197,7 @@ impl GuestMemory {
 
     /// Where each region's alias mapping starts (shmem backing only).
     pub fn alias_regions(&self) -> Option<&[HostAddr]> {
-        (self.backing == Backing::Shmem).then_some(&self.alias[..])
+        self.backing.is_shared().then_some(&self.alias[..])
     }
 
     /// Allocate every page of a shmem backing and map it in the alias view
@@ -180,7 +208,7 @@ impl GuestMemory {
     /// while the pager writes. No-op for anonymous memory.
     pub fn populate_alias(&self, threads: usize, cancel: &std::sync::atomic::AtomicBool) -> Result<(), MemoryError> {
         use std::sync::atomic::{AtomicUsize, Ordering};
-        if self.backing != Backing::Shmem {
+        if !self.backing.is_shared() {
             return Ok(());
         }
         // 64 MiB chunks, handed out to the threads in turn.
@@ -221,6 +249,38 @@ impl GuestMemory {
             }
         });
         failed.into_inner().map_or(Ok(()), Err)
+    }
+
+    /// Bytes of this memory held in 2 MiB pages now: hugetlbfs pages, or
+    /// transparent huge pages (read from /proc/self/smaps: for shared
+    /// memory its alias, which maps the page cache as it is held; the
+    /// guest's view of shared memory is mapped a 4 KiB entry at a time).
+    pub fn huge_bytes(&self) -> std::io::Result<u64> {
+        let starts: Vec<usize> = match self.alias_regions() {
+            Some(a) => a.iter().map(|h| h.0).collect(),
+            None => self.regions.iter().map(|r| r.host.0).collect(),
+        };
+        let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+        let mut total_kb = 0u64;
+        let mut ours = false;
+        for line in smaps.lines() {
+            // A mapping's header: "start-end perms offset dev inode [path]".
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((start, _)) = range.split_once('-')
+                && let Ok(start) = usize::from_str_radix(start, 16)
+            {
+                ours = starts.contains(&start);
+                continue;
+            }
+            if !ours {
+                continue;
+            }
+            let Some((key, value)) = line.split_once(':') else { continue };
+            if matches!(key, "ShmemPmdMapped" | "AnonHugePages" | "Shared_Hugetlb" | "Private_Hugetlb") {
+                total_kb += value.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        Ok(total_kb * 1024)
     }
 
     /// The layout.
@@ -401,7 +461,7 @@ mod tests {
             ],
         )
         .unwrap();
-        for backing in [Backing::Anonymous, Backing::Shmem] {
+        for backing in [Backing::Anonymous, Backing::Shmem, Backing::ShmemThp] {
             check_memory(GuestMemory::with_backing(layout.clone(), backing).unwrap());
         }
     }
@@ -423,7 +483,7 @@ mod tests {
                 assert_eq!(zeros, vec![false, false, true, true, true, false, false, false]);
             }
             // Shared memory keeps its content: only the guest's mapping went.
-            Backing::Shmem => assert!(zeros.iter().all(|z| !z)),
+            Backing::Shmem | Backing::ShmemThp => assert!(zeros.iter().all(|z| !z)),
         }
         if let Some(alias) = m.alias_regions() {
             m.populate_alias(2, &std::sync::atomic::AtomicBool::new(false)).unwrap();

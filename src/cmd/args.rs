@@ -42,6 +42,10 @@ pub enum MemoryArg {
     Shmem,
     /// Private anonymous memory: pages are installed with UFFDIO_COPY.
     Anon,
+    /// Shared memory as `shmem`, in transparent huge pages where the host's
+    /// shmem_enabled allows (advise or always); needs no huge-page reserve,
+    /// at 4 KiB or 2 MiB pages.
+    Thp,
 }
 
 impl MemoryArg {
@@ -49,6 +53,7 @@ impl MemoryArg {
         match self {
             MemoryArg::Shmem => Backing::Shmem,
             MemoryArg::Anon => Backing::Anonymous,
+            MemoryArg::Thp => Backing::ShmemThp,
         }
     }
 }

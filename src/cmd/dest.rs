@@ -39,7 +39,9 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let prepared = match args.prepare.layout()? {
         Some(layout) => {
             crate::host::check_room(layout.len_bytes(), "--prepare-mem")?;
-            crate::host::check_huge_pages(&layout, 1, "--prepare-mem")?;
+            if args.opts.memory.backing() != guest::Backing::ShmemThp {
+                crate::host::check_huge_pages(&layout, 1, "--prepare-mem")?;
+            }
             Some(Prepared::start(layout, args.opts.memory.backing(), populate).context("starting to prepare memory")?)
         }
         None => None,

@@ -75,7 +75,9 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
     let layout = args.guest.layout()?;
     let mem = layout.len_bytes();
     crate::host::check_room(mem.saturating_mul(2), "a migration on one host (source and destination)")?;
-    crate::host::check_huge_pages(&layout, 2, "a migration on one host (source and destination)")?;
+    // Transparent huge pages on the destination need no reserve.
+    let copies = if args.dest.memory == super::args::MemoryArg::Thp { 1 } else { 2 };
+    crate::host::check_huge_pages(&layout, copies, "a migration on one host (source and destination)")?;
     let exe = std::env::current_exe().context("locating the postcopy executable")?;
     // Ctrl-C or a TERM stops both sides and removes the lab's namespaces.
     let interrupted = Arc::new(AtomicBool::new(false));

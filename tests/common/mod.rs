@@ -94,3 +94,29 @@ impl Drop for HugePages {
         let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.before.to_string());
     }
 }
+
+/// Transparent huge pages allowed for shared memory that asks for them
+/// (`shmem_enabled` set to `advise`) for a test, the setting given back
+/// when it ends.
+pub struct ShmemThp {
+    before: String,
+}
+
+const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+impl ShmemThp {
+    /// Allow them; `None` if this host has no such setting or refuses.
+    pub fn allow() -> Option<ShmemThp> {
+        let now = std::fs::read_to_string(SHMEM_ENABLED).ok()?;
+        // "always within_size advise [never] deny force": the bracketed one.
+        let before = now.split_whitespace().find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))?.to_string();
+        std::fs::write(SHMEM_ENABLED, "advise").ok()?;
+        Some(ShmemThp { before })
+    }
+}
+
+impl Drop for ShmemThp {
+    fn drop(&mut self) {
+        let _ = std::fs::write(SHMEM_ENABLED, &self.before);
+    }
+}
