@@ -82,11 +82,12 @@ pub enum Backing {
     Anonymous,
     /// memfd (shmem) memory with an alias mapping.
     Shmem,
-    /// The same, asking for transparent huge pages (MADV_HUGEPAGE on both
-    /// mappings: 2 MiB folios in the page cache where the host's
-    /// `shmem_enabled` allows them, 4 KiB ones otherwise). The guest's view
-    /// is still mapped a 4 KiB entry at a time: userfaultfd installs shared
-    /// memory with page-table entries, not huge mappings.
+    /// The same, asking for transparent huge pages (MADV_HUGEPAGE on the
+    /// alias, through which every page is allocated: 2 MiB folios in the
+    /// page cache where the host's `shmem_enabled` allows them, 4 KiB ones
+    /// otherwise). The guest's view is still mapped a 4 KiB entry at a
+    /// time: userfaultfd installs shared memory with page-table entries, not
+    /// huge mappings.
     ShmemThp,
 }
 
@@ -161,18 +162,18 @@ impl GuestMemory {
                     let guest = MmapOptions::new().len(len).map_raw(&file).map_err(map_err)?;
                     let a = MmapOptions::new().len(len).map_raw(&file).map_err(map_err)?;
                     if backing == Backing::ShmemThp {
-                        for m in [&guest, &a] {
-                            let ptr = std::ptr::NonNull::new(m.as_mut_ptr().cast()).expect("mapped");
-                            // SAFETY: a whole mapping we just made; the advice
-                            // changes how pages are allocated, not content.
-                            unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_HUGEPAGE) }
-                                .map_err(|source| MemoryError::Advise {
-                                    advice: "MADV_HUGEPAGE",
-                                    first: layout.region_pages(i).first,
-                                    n_pages: layout.region_pages(i).n_pages,
-                                    source,
-                                })?;
-                        }
+                        // On the alias only: every page is allocated through
+                        // it (the guest's view only maps what is there).
+                        let ptr = std::ptr::NonNull::new(a.as_mut_ptr().cast()).expect("mapped");
+                        // SAFETY: a whole mapping we just made; the advice
+                        // changes how pages are allocated, not content.
+                        unsafe { nix::sys::mman::madvise(ptr, len, nix::sys::mman::MmapAdvise::MADV_HUGEPAGE) }
+                            .map_err(|source| MemoryError::Advise {
+                                advice: "MADV_HUGEPAGE",
+                                first: layout.region_pages(i).first,
+                                n_pages: layout.region_pages(i).n_pages,
+                                source,
+                            })?;
                     }
                     alias.push(HostAddr(a.as_mut_ptr() as usize));
                     maps.push(a);
@@ -251,14 +252,15 @@ impl GuestMemory {
         failed.into_inner().map_or(Ok(()), Err)
     }
 
-    /// Bytes of this memory held in 2 MiB pages now: hugetlbfs pages, or
-    /// transparent huge pages (read from /proc/self/smaps: for shared
-    /// memory its alias, which maps the page cache as it is held; the
-    /// guest's view of shared memory is mapped a 4 KiB entry at a time).
+    /// Bytes of this memory mapped in 2 MiB pages now: hugetlbfs pages, or
+    /// transparent huge pages mapped whole (read from /proc/self/smaps: for
+    /// shared memory its alias, which is populated through 2 MiB-aligned
+    /// faults and so maps the page cache's huge folios whole; the guest's
+    /// view of shared memory is mapped a 4 KiB entry at a time).
     pub fn huge_bytes(&self) -> std::io::Result<u64> {
-        let starts: Vec<usize> = match self.alias_regions() {
-            Some(a) => a.iter().map(|h| h.0).collect(),
-            None => self.regions.iter().map(|r| r.host.0).collect(),
+        let spans: Vec<(usize, usize)> = match self.alias_regions() {
+            Some(a) => a.iter().zip(&self.regions).map(|(h, r)| (h.0, h.0 + r.len_bytes)).collect(),
+            None => self.regions.iter().map(|r| (r.host.0, r.host.0 + r.len_bytes)).collect(),
         };
         let smaps = std::fs::read_to_string("/proc/self/smaps")?;
         let mut total_kb = 0u64;
@@ -266,10 +268,12 @@ impl GuestMemory {
         for line in smaps.lines() {
             // A mapping's header: "start-end perms offset dev inode [path]".
             if let Some((range, _)) = line.split_once(' ')
-                && let Some((start, _)) = range.split_once('-')
-                && let Ok(start) = usize::from_str_radix(start, 16)
+                && let Some((start, end)) = range.split_once('-')
+                && let (Ok(start), Ok(end)) = (usize::from_str_radix(start, 16), usize::from_str_radix(end, 16))
             {
-                ours = starts.contains(&start);
+                // A mapping of ours, or a piece of one (the kernel may split
+                // or merge them).
+                ours = spans.iter().any(|&(s, e)| start < e && s < end);
                 continue;
             }
             if !ours {

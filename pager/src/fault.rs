@@ -410,7 +410,7 @@ impl FaultLoop<'_> {
                 continue;
             }
             let local = self.inst.is_held(page);
-            self.inst.add_pending(PendingFault { page, t_read, tid: f.tid, local });
+            self.inst.add_pending(PendingFault { page, t_read, tid: f.tid, local })?;
             if local {
                 // Its content is here already (precopy): map it now.
                 PagerMetrics::add(&self.metrics.faults_local, 1);

@@ -415,7 +415,7 @@ impl Installer {
     }
 
     /// Record a fault; completes it at once if its page is already present.
-    pub fn add_pending(&self, f: PendingFault) {
+    pub fn add_pending(&self, f: PendingFault) -> Result<(), UffdError> {
         {
             let mut p = self.pending.lock();
             p.push(f);
@@ -424,8 +424,31 @@ impl Installer {
         fence(Ordering::SeqCst);
         if self.present.get(f.page) {
             PagerMetrics::add(&self.metrics.faults_resolved_early, 1);
+            self.remap_present(f.page)?;
             self.complete_waiting(PageRange::new(f.page, 1));
         }
+        Ok(())
+    }
+
+    /// A fault on a page already present. Usually it raced the install
+    /// that woke its thread, which has retried by now; but the kernel may
+    /// also have dropped the mapping of a shared-memory page whose content
+    /// stays in the page cache (swapped out and in, or collapsed into a huge
+    /// page by khugepaged), and then nothing but a new UFFDIO_CONTINUE
+    /// resolves the fault. So map it again where that is how pages are
+    /// installed (EEXIST: it is still mapped), and wake the page's waiters.
+    fn remap_present(&self, page: PageIdx) -> Result<(), UffdError> {
+        let ps = self.map.layout().page_size().bytes_usize();
+        let dst = self.map.addr(page);
+        if let Backend::Continue { .. } = &self.backend {
+            // SAFETY: one page of the guest's view, registered for minor
+            // faults with this uffd; its content is in the page cache (it
+            // was written before it was marked present).
+            if unsafe { self.uffd.cont(dst, ps) }? == CopyOutcome::Done {
+                return Ok(());
+            }
+        }
+        self.uffd.wake(dst, ps)
     }
 
     fn kind_counter(&self, kind: PageKind) -> &std::sync::atomic::AtomicU64 {
@@ -1134,19 +1157,61 @@ pub(crate) mod tests {
             let f = fixture(shmem);
             f.inst.begin_postcopy();
             let t = Instant::now();
-            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 7, local: false });
-            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 8, local: false });
-            f.inst.add_pending(PendingFault { page: PageIdx(9), t_read: t, tid: 7, local: false });
+            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 7, local: false }).unwrap();
+            f.inst.add_pending(PendingFault { page: PageIdx(3), t_read: t, tid: 8, local: false }).unwrap();
+            f.inst.add_pending(PendingFault { page: PageIdx(9), t_read: t, tid: 7, local: false }).unwrap();
             assert_eq!(f.inst.n_pending(), 3);
             f.inst.install(PageIdx(0), &page_data(0, 4, 0), PageKind::Demand).unwrap();
             assert_eq!(f.inst.n_pending(), 1, "both faults on page 3 done");
             assert_eq!(f.metrics.fault_latency.lock().count(), 2);
             // A fault read after its page arrived completes at once.
-            f.inst.add_pending(PendingFault { page: PageIdx(1), t_read: Instant::now(), tid: 9, local: false });
+            f.inst
+                .add_pending(PendingFault { page: PageIdx(1), t_read: Instant::now(), tid: 9, local: false })
+                .unwrap();
             assert_eq!(f.inst.n_pending(), 1);
             assert_eq!(get(&f.metrics.faults_resolved_early), 1);
             let block = f.metrics.blocktime_ns.lock();
             assert_eq!(block.keys().copied().collect::<Vec<_>>(), vec![7, 8, 9]);
+        }
+    }
+
+    /// The kernel may drop a shared page's mapping while the page cache
+    /// keeps it (swap, khugepaged): the guest's next access is a minor fault
+    /// on a page we call present, and only a new CONTINUE resolves it. Here
+    /// the mapping is dropped by hand (MADV_DONTNEED on the guest's view).
+    #[test]
+    fn a_fault_on_a_present_page_whose_mapping_went_is_mapped_again() {
+        for shmem in [true, false] {
+            let f = fixture(shmem);
+            f.inst.begin_postcopy();
+            f.inst.install(PageIdx(4), &page_data(4, 1, 3), PageKind::Demand).unwrap();
+            assert_eq!(read(&f, 4), 3 ^ 4);
+            let addr = f.guest.as_ptr() as usize + 4 * PG;
+            if shmem {
+                let p = std::ptr::NonNull::new(addr as *mut std::ffi::c_void).unwrap();
+                // SAFETY: one page of the fixture's shared guest view; its
+                // content stays in the page cache.
+                unsafe { nix::sys::mman::madvise(p, PG, nix::sys::mman::MmapAdvise::MADV_DONTNEED) }.unwrap();
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            // SAFETY: the mapping outlives the thread (the fixture lives on
+            // until the thread answered, or the test failed).
+            std::thread::spawn(move || tx.send(unsafe { std::ptr::read_volatile(addr as *const u8) }));
+            let mut buf = vec![0u8; 64 * crate::uffd::MSG_LEN];
+            let mut faults = Vec::new();
+            let t0 = Instant::now();
+            while shmem && faults.is_empty() {
+                assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no minor fault");
+                f.inst.uffd().read_events(&mut buf, &mut faults, &mut Vec::new()).unwrap();
+                std::thread::yield_now();
+            }
+            // What the fault loop does with each fault it reads.
+            f.inst
+                .add_pending(PendingFault { page: PageIdx(4), t_read: Instant::now(), tid: 1, local: false })
+                .unwrap();
+            let got = rx.recv_timeout(std::time::Duration::from_secs(5)).expect("the faulting thread was resolved");
+            assert_eq!(got, 3 ^ 4, "shmem={shmem}: the page cache's content, mapped again");
+            assert_eq!(f.inst.n_pending(), 0);
         }
     }
 

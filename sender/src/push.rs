@@ -272,13 +272,13 @@ impl Pusher {
             cursor = run.end();
             // Kept current: the destination may complete on this run's pages
             // (the rest came by demand) and the source acknowledge with its
-            // figures before this loop ends.
+            // figures before this loop ends. The longest stream's time.
             let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            self.metrics.push_ns.store(ns, Ordering::Relaxed);
+            self.metrics.push_ns.fetch_max(ns, Ordering::Relaxed);
         }
         self.conn.send(&Msg::PushDone { n_pushed })?;
         let ns = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.metrics.push_ns.store(ns, Ordering::Relaxed);
+        self.metrics.push_ns.fetch_max(ns, Ordering::Relaxed);
         SenderMetrics::add(&self.metrics.bytes_sent, self.conn.bytes_sent() - sent_before);
         tracing::debug!(n_pushed, "push done");
         Ok(n_pushed)

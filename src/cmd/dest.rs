@@ -38,9 +38,11 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     // Memory prepared while no source is here yet: the hello then finds it ready.
     let prepared = match args.prepare.layout()? {
         Some(layout) => {
-            crate::host::check_room(layout.len_bytes(), "--prepare-mem")?;
-            if args.opts.memory.backing() != guest::Backing::ShmemThp {
+            // 2 MiB pages come from the huge-page reserve, but with THP.
+            if layout.page_size() == proto::PageSize::Size2M && args.opts.memory.backing() != guest::Backing::ShmemThp {
                 crate::host::check_huge_pages(&layout, 1, "--prepare-mem")?;
+            } else {
+                crate::host::check_room(layout.len_bytes(), "--prepare-mem")?;
             }
             Some(Prepared::start(layout, args.opts.memory.backing(), populate).context("starting to prepare memory")?)
         }
@@ -61,9 +63,10 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     // What this host can give is read when the source arrives, not at start.
     let max_mem_bytes = match max_mem {
         Some(b) => b,
-        // Prepared memory is this guest's if the layout matches, and freed
-        // for it if not.
-        None => crate::host::default_max_mem()? + prepared_bytes,
+        // A guest the size of the prepared memory fits: it is that memory if
+        // the layout matches, and takes its place (freed first) if not.
+        // Anything larger must fit in what is available besides.
+        None => crate::host::default_max_mem()?.max(prepared_bytes),
     };
     let metrics = Arc::new(PagerMetrics::default());
     let cfg = PagerConfig {

@@ -129,9 +129,16 @@ impl TcpConn {
         }
         if let Some((dscp, priority)) = opts.marking.dscp_and_priority() {
             let tos = libc::c_int::from(dscp) << 2;
-            match stream.peer_addr()? {
-                SocketAddr::V4(_) => set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos)?,
-                SocketAddr::V6(_) => set_int_opt(stream.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?,
+            match stream.local_addr() {
+                Ok(SocketAddr::V4(_)) => set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos)?,
+                Ok(SocketAddr::V6(_)) => {
+                    set_int_opt(stream.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?;
+                    // An IPv4-mapped peer's packets are IPv4: they take
+                    // IP_TOS (refused for a pure IPv6 socket, which is fine).
+                    let _ = set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos);
+                }
+                // No address to tell the family by: left unmarked.
+                Err(_) => {}
             }
             // After IP_TOS, which sets a priority of its own.
             set_int_opt(stream.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, priority)?;
