@@ -3,11 +3,27 @@
 //! anonymous on the destination, every mode, both guests, every page
 //! verified; and a migration the reserve cannot hold is refused up front.
 
+use std::path::Path;
 use std::time::Duration;
 
 mod common;
 
 use common::{HugePages, ShmemThp, bin, run_limited};
+
+/// Migrate a 64 MiB guest (2 vCPUs) in `mode` with `memory` at `ps`
+/// pages; the run must succeed, and its report is returned.
+fn migrate_64m(dir: &Path, guest: &str, memory: &str, ps: &str, mode: &str, what: &str) -> serde_json::Value {
+    let report = dir.join(format!("{}.json", what.replace(' ', "-")));
+    let mut c = bin();
+    c.args(["migrate", "--mem", "64M", "--page-size", ps, "--vcpus", "2", "--mode", mode])
+        .args(["--guest", guest, "--memory", memory])
+        .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
+        .args(["--run-after-ms", "200", "--report"])
+        .arg(&report);
+    let out = run_limited(c, Duration::from_secs(120));
+    assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap()
+}
 
 #[test]
 fn two_mib_pages_migrate_in_every_mode() {
@@ -30,16 +46,7 @@ fn two_mib_pages_migrate_in_every_mode() {
                 continue;
             }
             let what = format!("{guest} {memory} {mode}");
-            let report = dir.join(format!("{guest}-{memory}-{mode}.json"));
-            let mut c = bin();
-            c.args(["migrate", "--mem", "64M", "--page-size", "2M", "--vcpus", "2", "--mode", mode])
-                .args(["--guest", guest, "--memory", memory])
-                .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
-                .args(["--run-after-ms", "200", "--report"])
-                .arg(&report);
-            let out = run_limited(c, Duration::from_secs(120));
-            assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
-            let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+            let r = migrate_64m(&dir, guest, memory, "2M", mode, &what);
             assert_eq!(r["page_size"], 2 << 20, "{what}");
             assert_eq!(r["install"], install, "{what}");
             assert_eq!(r["postcopy"]["pages_total"], 32, "{what}");
@@ -65,16 +72,7 @@ fn two_mib_pages_migrate_in_every_mode() {
                 ("workload", "4K", "hybrid"),
             ] {
                 let what = format!("thp {guest} {ps} {mode}");
-                let report = dir.join(format!("thp-{guest}-{ps}-{mode}.json"));
-                let mut c = bin();
-                c.args(["migrate", "--mem", "64M", "--page-size", ps, "--vcpus", "2", "--mode", mode])
-                    .args(["--guest", guest, "--memory", "thp"])
-                    .args(if mode == "hybrid" { &["--postcopy-after", "2"][..] } else { &[] })
-                    .args(["--run-after-ms", "200", "--report"])
-                    .arg(&report);
-                let out = run_limited(c, Duration::from_secs(120));
-                assert!(out.status.success(), "{what}: {}", String::from_utf8_lossy(&out.stderr));
-                let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+                let r = migrate_64m(&dir, guest, "thp", ps, mode, &what);
                 assert_eq!(r["install"], "continue", "{what}");
                 assert_eq!(r["memory_huge_bytes"], 64 << 20, "{what}: the page cache holds huge pages");
                 assert_eq!(r["guest"]["verify_ok"], true, "{what}: {}", r["guest"]);

@@ -323,7 +323,7 @@ impl PrepareOpts {
 }
 
 /// A page size on the command line.
-fn parse_page_size(s: &str) -> Result<PageSize> {
+pub(crate) fn parse_page_size(s: &str) -> Result<PageSize> {
     match s.to_ascii_uppercase().as_str() {
         "4K" | "4096" => Ok(PageSize::Size4K),
         "2M" | "2097152" => Ok(PageSize::Size2M),

@@ -30,11 +30,7 @@ pub fn source(args: &SourceArgs) -> Result<i32> {
         if args.migration.mode.mode() != proto::wire::Mode::Postcopy {
             bail!("--memory-file serves a snapshot that does not change: only --mode postcopy applies");
         }
-        let ps = match args.file_page_size.to_ascii_uppercase().as_str() {
-            "4K" | "4096" => proto::PageSize::Size4K,
-            "2M" | "2097152" => proto::PageSize::Size2M,
-            other => bail!("--file-page-size must be 4K or 2M, not {other:?}"),
-        };
+        let ps = super::args::parse_page_size(&args.file_page_size).context("--file-page-size")?;
         let regions = args.file_regions.as_deref().map(crate::snapshot::parse_regions).transpose()?;
         let snap = crate::snapshot::SnapshotSource::open(path, ps, regions.as_deref())?;
         let layout = sender::SourceGuest::layout(&snap).clone();
