@@ -141,6 +141,9 @@ pub struct PostcopyReport {
     pub paused_ms: f64,
     /// Destination: bulk connections (push streams) on the first link.
     pub push_streams: u64,
+    /// Source: how often the push governor set a pace that yields the
+    /// link to demand (0: it never yielded, or yielding is off).
+    pub push_yields: u64,
 }
 
 /// What the guest did and how it checked out.
@@ -579,6 +582,8 @@ impl Report {
                 recoveries: pager::PagerMetrics::get(&metrics.recoveries),
                 paused_ms: ns_ms(pager::PagerMetrics::get(&metrics.paused_ns)),
                 push_streams: pager::PagerMetrics::get(&metrics.push_streams),
+                // The source's figure: `migrate` takes it from its report.
+                push_yields: 0,
             },
             guest: guest_report(g, false),
             transport: if pr.rdma_device.is_some() { "rdma" } else { "tcp" }.into(),

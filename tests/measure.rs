@@ -308,6 +308,40 @@ fn marked_demand_crosses_the_urgent_class_of_a_prio_link() {
     }
 }
 
+/// Several push streams over a shaped link share one governor: it yields
+/// the link to demand (the source counts the paces it set), every stripe
+/// arrives, and nothing has to be asked for again.
+#[test]
+fn several_push_streams_yield_a_shaped_link_together() {
+    if let Err(why) = netns_available() {
+        eprintln!("SKIPPED: network namespaces cannot be created here: {why}");
+        return;
+    }
+    let _g = SERIAL.lock();
+    let d = scratch("streams");
+    let report = d.join("streams.json");
+    let mut c = bin();
+    c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "100", "--run-after-ms", "100"])
+        .args(["--link", "veth:1gbit:100us", "--push-streams", "3", "--access-rate", "2000", "--report"])
+        .arg(&report);
+    let out = run_limited(c, Duration::from_secs(120));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let r = Report::read(&report).unwrap();
+    assert!(r.clean(), "{:?} {:?}", r.error, r.guest.problems);
+    assert_eq!(r.postcopy.push_streams, 3);
+    let p = &r.postcopy;
+    assert!(p.faults > 0, "the guest faulted");
+    assert!(
+        p.pages_pushed + p.pages_demand >= p.pages_total,
+        "{} + {} of {}",
+        p.pages_pushed,
+        p.pages_demand,
+        p.pages_total
+    );
+    assert_eq!(p.pages_rerequested, 0);
+    assert!(p.push_yields > 0, "the streams' governor never yielded to the faulting guest");
+}
+
 #[test]
 fn migrate_prints_progress_when_not_on_a_terminal() {
     let _g = SERIAL.lock();

@@ -355,6 +355,7 @@ fn serve_link(
         if link.push { link.bulk.take().into_iter().chain(link.extra.drain(..)).collect() } else { Vec::new() };
     let run_pages = cfg.run_pages(map.layout().page_size());
     let hints = Arc::new(Hints::new(n, conns.len(), run_pages));
+    let governor = crate::push::Governor::new(cfg.push_yield, cfg.push_rate, hints.stripes().len());
     let mut push_threads = Vec::new();
     for (stripe, conn) in conns.into_iter().enumerate() {
         if stripe >= hints.stripes().len() {
@@ -373,7 +374,7 @@ fn serve_link(
                 stripe,
                 abort: Arc::clone(&abort),
                 run_pages,
-                governor: crate::push::Governor::new(cfg.push_yield, cfg.push_rate),
+                governor: governor.lane(stripe),
                 // The first stream scans for zero pages (the others read
                 // each page's words as they send it, as before the scan).
                 zero_scan: if stripe == 0 { link.zero_scan.take() } else { None },

@@ -77,7 +77,7 @@ pub(crate) struct Pusher {
     pub(crate) stripe: usize,
     pub(crate) abort: Arc<AtomicBool>,
     pub(crate) run_pages: u64,
-    pub(crate) governor: Governor,
+    pub(crate) governor: Lane,
     /// The guest's zero scan, run first (off the demand thread).
     pub(crate) zero_scan: Option<crate::guest::ZeroScan>,
     pub(crate) metrics: Arc<SenderMetrics>,
@@ -90,19 +90,32 @@ const SAMPLE_WINDOW: Duration = Duration::from_millis(25);
 /// How long a bandwidth maximum stands before a lower sample replaces it.
 const BW_WINDOW: Duration = Duration::from_secs(2);
 
-/// Yields the bottleneck to demand replies: while the guest faults (a
-/// request was served in the last `BUSY_FOR`), the bulk connection is paced
-/// at `share` of the bandwidth it measured (acknowledged bytes over
-/// `SAMPLE_WINDOW`, the maximum over `BW_WINDOW`, taken while unpaced);
-/// idle after the first fault, at the whole estimate (before it, at its
-/// configured rate). While paced, round trips well above the path's
-/// minimum (queueing) lower the estimate by a sixteenth, and
-/// acknowledgements that keep up with the pace without queueing raise it by
-/// a thirty-second, so an estimate taken too early (slow start, a burst)
-/// neither holds the push down nor lets it fill the queue for good.
+/// Yields the bottleneck to demand replies, for every push stream at once:
+/// while the guest faults (a request was served in the last `BUSY_FOR`),
+/// the bulk connections are paced at `share` of the bandwidth they measured
+/// together (each stream's acknowledged bytes over its own `SAMPLE_WINDOW`,
+/// summed; the maximum over `BW_WINDOW`, taken while unpaced), split evenly
+/// among the streams still pushing; idle after the first fault, at the
+/// whole estimate (before it, at the configured rate). While paced, round
+/// trips well above the path's minimum (queueing, on any stream) lower the
+/// estimate by a sixteenth, and deliveries that keep up with the pace
+/// without queueing raise it by a thirty-second, so an estimate taken too
+/// early (slow start, a burst) neither holds the push down nor lets it fill
+/// the queue for good.
+///
+/// One governor for all streams, not one each: streams that share a
+/// bottleneck each measure only their share of it, and a stream that
+/// happened to measure while another took the link locked itself to that
+/// (at 1 Gbit one of two streams pushed at a fifth of the link for 10 s
+/// after the other had finished).
 pub(crate) struct Governor {
     share: f64,
+    /// Each connection's configured pacing (`--push-rate`), if any.
     base: Option<u64>,
+    state: parking_lot::Mutex<GovState>,
+}
+
+struct GovState {
     bw_max: u64,
     /// The estimate as last measured unpaced: the paced estimate never
     /// falls below a quarter of it, and grows by at least a 64th of it, so
@@ -111,80 +124,182 @@ pub(crate) struct Governor {
     bw_ref: u64,
     bw_at: Instant,
     last_demand: Option<Instant>,
+    /// When the estimate was last corrected (once per `SAMPLE_WINDOW`,
+    /// however many streams report).
+    decided: Option<Instant>,
+    /// The pace over all streams while yielding, bytes/s.
+    total: Option<u64>,
+    lanes: Vec<LaneSample>,
+}
+
+/// What one stream last measured of its connection.
+#[derive(Clone, Copy, Default)]
+struct LaneSample {
+    pushing: bool,
+    rate: Option<u64>,
+    rtt_us: u32,
+    min_rtt_us: u32,
+}
+
+/// One stream's handle on the shared [`Governor`]: its own sampling window
+/// and the pace it last set on its connection.
+pub(crate) struct Lane {
+    gov: Arc<Governor>,
+    index: usize,
     window: Option<(Instant, u64)>,
-    pace: Option<u64>,
+    applied: Option<u64>,
 }
 
 impl Governor {
-    pub(crate) fn new(share: f64, base: Option<u64>) -> Governor {
+    /// A governor over `streams` connections.
+    pub(crate) fn new(share: f64, base: Option<u64>, streams: usize) -> Arc<Governor> {
         let now = Instant::now();
-        Governor { share, base, bw_max: 0, bw_ref: 0, bw_at: now, last_demand: None, window: None, pace: base }
+        let lanes = vec![LaneSample { pushing: true, ..LaneSample::default() }; streams.max(1)];
+        Arc::new(Governor {
+            share,
+            base,
+            state: parking_lot::Mutex::new(GovState {
+                bw_max: 0,
+                bw_ref: 0,
+                bw_at: now,
+                last_demand: None,
+                decided: None,
+                total: None,
+                lanes,
+            }),
+        })
+    }
+
+    /// Stream `index`'s handle.
+    pub(crate) fn lane(self: &Arc<Governor>, index: usize) -> Lane {
+        Lane { gov: Arc::clone(self), index, window: None, applied: self.base }
     }
 
     /// A demand request was served.
-    fn demand(&mut self, now: Instant) {
-        self.last_demand = Some(now);
+    fn demand(&self, now: Instant) {
+        self.state.lock().last_demand = Some(now);
     }
 
-    /// Sample the path and set the pace for what comes next.
-    fn tick(&mut self, conn: &mut dyn Conn, now: Instant, metrics: &SenderMetrics) {
-        if self.share >= 1.0 {
-            return;
+    /// Correct the estimate from what the streams last measured (false:
+    /// not every stream has measured yet).
+    fn decide(&self, st: &mut GovState, now: Instant) -> bool {
+        // Every stream still pushing counts, or a sum would take one
+        // stream's share for the path.
+        if st.lanes.iter().any(|l| l.pushing && l.rate.is_none()) {
+            return false;
         }
-        let yielding = self.pace != self.base;
-        // TCP_INFO only once per window, not per frame.
-        let due = self.window.is_none_or(|(t0, _)| now.duration_since(t0) >= SAMPLE_WINDOW);
-        if let Some(p) = if due { conn.path_info() } else { None } {
-            match self.window {
-                None => self.window = Some((now, p.bytes_acked)),
-                Some((t0, a0)) => {
-                    let dt = now.duration_since(t0).as_secs_f64();
-                    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-                    let rate = (p.bytes_acked.saturating_sub(a0) as f64 / dt) as u64;
-                    self.window = Some((now, p.bytes_acked));
-                    if !yielding {
-                        if rate >= self.bw_max || now.duration_since(self.bw_at) > BW_WINDOW {
-                            (self.bw_max, self.bw_at) = (rate, now);
-                        }
-                        self.bw_ref = self.bw_max;
-                    } else if let Some(pace) = self.pace {
-                        // Queueing shows as round trips above the path's
-                        // minimum: then the estimate is too high. Keeping up
-                        // with the pace without queueing: the path may take more.
-                        let (rtt, min) = (p.rtt_us, p.min_rtt_us);
-                        let busy = self.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
-                        // Idle, anything short of the queueing threshold lets
-                        // the pace grow: the push must keep (nearly) the
-                        // whole link, and only a queue that builds holds it.
-                        let clear = if busy { min + (min / 4).max(50) } else { 2 * min + 100 };
-                        if rtt > 2 * min + 100 {
-                            self.bw_max = (self.bw_max - self.bw_max / 16).max(self.bw_ref / 4);
-                        } else if rate >= pace - pace / 10 && rtt <= clear {
-                            self.bw_max += (self.bw_max / 32).max(self.bw_ref / 64);
-                        }
-                    }
+        // The streams cross the same queue: their mean round trip is its
+        // delay (the largest of several noisy ones would read queueing
+        // into noise), the smallest minimum the path's.
+        let (mut rate, mut rtt_sum, mut min, mut n) = (0u64, 0u64, u32::MAX, 0u64);
+        for l in st.lanes.iter().filter(|l| l.pushing) {
+            rate += l.rate.unwrap_or(0);
+            rtt_sum += u64::from(l.rtt_us);
+            min = min.min(l.min_rtt_us);
+            n += 1;
+        }
+        if n == 0 {
+            return false;
+        }
+        let rtt = u32::try_from(rtt_sum / n).unwrap_or(u32::MAX);
+        let busy = st.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
+        tracing::trace!(rate, rtt, min, bw = st.bw_max, total = ?st.total, busy, "push governor");
+        match st.total {
+            None => {
+                if rate >= st.bw_max || now.duration_since(st.bw_at) > BW_WINDOW {
+                    (st.bw_max, st.bw_at) = (rate, now);
+                }
+                st.bw_ref = st.bw_max;
+            }
+            Some(pace) => {
+                // Queueing shows as round trips above the path's minimum:
+                // then the estimate is too high. Keeping up with the pace
+                // without queueing: the path may take more. Idle, anything
+                // short of the queueing threshold lets the pace grow: the
+                // push must keep (nearly) the whole link, and only a queue
+                // that builds holds it.
+                let clear = if busy { min + (min / 4).max(50) } else { 2 * min + 100 };
+                if rtt > 2 * min + 100 {
+                    st.bw_max = (st.bw_max - st.bw_max / 16).max(st.bw_ref / 4);
+                } else if rate >= pace - pace / 10 && rtt <= clear {
+                    st.bw_max += (st.bw_max / 32).max(st.bw_ref / 64);
                 }
             }
         }
-        let busy = self.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
+        true
+    }
+
+    /// The pace for each stream now, and whether that is yielding.
+    fn want(&self, st: &mut GovState, now: Instant, metrics: &SenderMetrics) -> Option<u64> {
+        let busy = st.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
         // Idle after the guest has faulted once, the push runs at the whole
         // estimate, which the round trips keep correcting: a queue that
         // builds lowers it, so the next rare fault does not meet a full one.
-        let share = if busy { Some(self.share) } else { self.last_demand.map(|_| 1.0) };
-        let want = match share {
-            Some(s) if self.bw_max > 0 => {
+        let share = if busy { Some(self.share) } else { st.last_demand.map(|_| 1.0) };
+        let streams = st.lanes.iter().filter(|l| l.pushing).count().max(1) as u64;
+        let per = match share {
+            Some(s) if st.bw_max > 0 => {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-                let y = (self.bw_max as f64 * s) as u64;
+                let y = (st.bw_max as f64 * s) as u64 / streams;
                 Some(self.base.map_or(y, |b| b.min(y)))
             }
             _ => self.base,
         };
-        if want != self.pace && conn.set_pacing(want) {
-            if want != self.base {
+        let total = if per == self.base { None } else { per.map(|p| p * streams) };
+        if total != st.total {
+            if total.is_some() {
                 SenderMetrics::add(&metrics.push_yields, 1);
             }
-            self.pace = want;
+            st.total = total;
         }
+        per
+    }
+}
+
+impl Lane {
+    /// A demand request was served.
+    pub(crate) fn demand(&self, now: Instant) {
+        self.gov.demand(now);
+    }
+
+    /// Sample this stream's path, and set its pace for what comes next.
+    pub(crate) fn tick(&mut self, conn: &mut dyn Conn, now: Instant, metrics: &SenderMetrics) {
+        if self.gov.share >= 1.0 {
+            return;
+        }
+        // TCP_INFO only once per window, not per frame.
+        let due = self.window.is_none_or(|(t0, _)| now.duration_since(t0) >= SAMPLE_WINDOW);
+        let mut sample = None;
+        if let Some(p) = if due { conn.path_info() } else { None } {
+            if let Some((t0, a0)) = self.window {
+                let dt = now.duration_since(t0).as_secs_f64();
+                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
+                let rate = (p.bytes_acked.saturating_sub(a0) as f64 / dt) as u64;
+                sample =
+                    Some(LaneSample { pushing: true, rate: Some(rate), rtt_us: p.rtt_us, min_rtt_us: p.min_rtt_us });
+            }
+            self.window = Some((now, p.bytes_acked));
+        }
+        let want = {
+            let mut st = self.gov.state.lock();
+            if let Some(s) = sample {
+                st.lanes[self.index] = s;
+                if st.decided.is_none_or(|t| now.duration_since(t) >= SAMPLE_WINDOW) && self.gov.decide(&mut st, now) {
+                    st.decided = Some(now);
+                }
+            }
+            self.gov.want(&mut st, now, metrics)
+        };
+        if want != self.applied && conn.set_pacing(want) {
+            self.applied = want;
+        }
+    }
+}
+
+impl Drop for Lane {
+    /// A stream that is done leaves its share to the others.
+    fn drop(&mut self) {
+        self.gov.state.lock().lanes[self.index].pushing = false;
     }
 }
 
@@ -357,7 +472,7 @@ mod tests {
     #[test]
     fn the_push_yields_while_the_guest_faults_and_tracks_the_path() {
         let m = SenderMetrics::default();
-        let mut g = Governor::new(0.75, None);
+        let mut g = Governor::new(0.75, None, 1).lane(0);
         let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
@@ -400,7 +515,7 @@ mod tests {
         }
         assert!(p.pace.unwrap() >= 25_000_000, "{:?}", p.pace);
         // Never faster than the configured rate.
-        let mut g = Governor::new(0.75, Some(10_000_000));
+        let mut g = Governor::new(0.75, Some(10_000_000), 1).lane(0);
         let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: Some(10_000_000) };
         for i in 0..=2 {
             p.advance(2_500_000, 100);
@@ -410,10 +525,54 @@ mod tests {
         g.tick(&mut p, ms(60), &m);
         assert_eq!(p.pace, Some(10_000_000));
         // A share of 1 never touches the pacing.
-        let mut g = Governor::new(1.0, None);
+        let mut g = Governor::new(1.0, None, 1).lane(0);
         g.demand(ms(0));
         p.pace = Some(1);
         g.tick(&mut p, ms(30), &m);
         assert_eq!(p.pace, Some(1));
+    }
+
+    #[test]
+    fn streams_share_one_estimate_and_a_finished_stream_leaves_its_share() {
+        let m = SenderMetrics::default();
+        let gov = Governor::new(0.75, None, 2);
+        let (mut a, mut b) = (gov.lane(0), gov.lane(1));
+        let path = || Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
+        let (mut pa, mut pb) = (path(), path());
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Unpaced, the link split unevenly: 80 and 20 MB/s (2 and 0.5 MB
+        // per 25 ms), 100 MB/s in all.
+        for i in 0..=4 {
+            pa.advance(2_000_000, 100);
+            a.tick(&mut pa, ms(25 * i), &m);
+            pb.advance(500_000, 100);
+            b.tick(&mut pb, ms(25 * i), &m);
+        }
+        assert_eq!((pa.pace, pb.pace), (None, None));
+        // A fault: three quarters of the whole path's 100 MB/s, half each,
+        // not three quarters of what each stream happened to get.
+        a.demand(ms(101));
+        a.tick(&mut pa, ms(101), &m);
+        b.tick(&mut pb, ms(101), &m);
+        assert_eq!(pa.pace, Some(37_500_000));
+        assert_eq!(pb.pace, Some(37_500_000));
+        assert_eq!(SenderMetrics::get(&m.push_yields), 1, "one yield, however many streams");
+        // Queueing (the streams' mean round trip far above the minimum)
+        // lowers both alike.
+        pa.advance(900_000, 300);
+        pb.advance(900_000, 500);
+        a.demand(ms(126));
+        a.tick(&mut pa, ms(126), &m);
+        b.tick(&mut pb, ms(127), &m);
+        a.demand(ms(150));
+        a.tick(&mut pa, ms(152), &m);
+        b.tick(&mut pb, ms(152), &m);
+        assert!(pa.pace.unwrap() < 37_500_000 && pa.pace == pb.pace, "{:?} {:?}", pa.pace, pb.pace);
+        // The second stream is done: the first takes the whole share.
+        let before = pa.pace.unwrap();
+        drop(b);
+        a.tick(&mut pa, ms(153), &m);
+        assert_eq!(pa.pace, Some(before * 2));
     }
 }

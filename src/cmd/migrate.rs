@@ -229,6 +229,7 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         merged.precopy.pages_evicted = evicted;
     }
     merged.push_rate_gbit = src.as_ref().map_or(0.0, |s| s.push_rate_gbit);
+    merged.postcopy.push_yields = src.as_ref().map_or(0, |s| s.postcopy.push_yields);
     merged.source = src.map(Box::new);
     merged.link = link_report;
     if !dest_status.success() || !src_status.success() {

@@ -169,6 +169,7 @@ fn migrate_guest(args: &SourceArgs, mut guest: SourceAny, layout: proto::MemLayo
                     pages_demand: SenderMetrics::get(&metrics.pages_demand),
                     pages_zero: SenderMetrics::get(&metrics.pages_zero),
                     requests: SenderMetrics::get(&metrics.requests),
+                    push_yields: SenderMetrics::get(&metrics.push_yields),
                     push_time_ms: ns_ms(r.stats.push_ns),
                     push_gbps: gbps(r.stats.pages_pushed * layout.page_size().bytes(), r.stats.push_ns),
                     recoveries: r.recoveries,
