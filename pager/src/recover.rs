@@ -104,6 +104,8 @@ pub(crate) fn accept_bulk(
             return Err(PagerError::Timeout { what: "bulk connection hello", after: hello_within });
         }
     }
+    // Its ACKs yield to the requests on the control connection.
+    bulk.mark_as_bulk();
     Ok((bulk, bs))
 }
 
@@ -135,6 +137,29 @@ mod tests {
         let slice = Instant::now() + Duration::from_millis(50);
         let r = accept_bulk(listener, 7, &layout, slice, Duration::from_secs(5));
         assert!(r.is_ok(), "{:?}", r.err());
+        client.join().unwrap();
+    }
+
+    /// The destination's listener marks what it accepts urgent (a control
+    /// connection's requests); a bulk connection, once its hello says so,
+    /// carries the bulk marks (DSCP LE, priority 1).
+    #[test]
+    fn an_accepted_bulk_connection_takes_the_bulk_marks() {
+        let opts = TcpOptions { marking: transport::tcp::Marking::Urgent, ..TcpOptions::default() };
+        let l = TcpListen::bind("127.0.0.1:0", opts).unwrap();
+        let addr = l.local_addr().to_string();
+        let client = std::thread::spawn(move || {
+            let mut c = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap();
+            c.send(&Msg::BulkHello { version: wire::VERSION, session: 7, streams: 1 }).unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let layout = MemLayout::single(PageSize::Size4K, 1 << 20).unwrap();
+        let (bulk, _) =
+            accept_bulk(&l, 7, &layout, Instant::now() + Duration::from_secs(5), Duration::from_secs(5)).unwrap();
+        use nix::sys::socket::{getsockopt, sockopt};
+        let fd = bulk.readiness();
+        assert_eq!(getsockopt(&fd, sockopt::Ipv4Tos).unwrap(), 0x04);
+        assert_eq!(getsockopt(&fd, sockopt::Priority).unwrap(), 1);
         client.join().unwrap();
     }
 }

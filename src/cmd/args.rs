@@ -188,7 +188,8 @@ pub struct MigrationOpts {
     /// Mark the control connection, which carries the demand replies, DSCP
     /// EF (socket priority 6) and the push's connections DSCP LE (priority
     /// 1), so that queues which tell them apart (a host's qdisc, a
-    /// network's) serve demand first; `off` leaves the marks alone.
+    /// network's) serve demand first; `off` leaves the marks alone (under
+    /// `migrate`, on both sides).
     #[arg(long, value_enum, default_value = "on")]
     pub dscp: Switch,
     /// After switchover, how long (seconds) a broken link may stay broken
@@ -269,6 +270,12 @@ pub struct DestArgs {
     /// Give up if no source connects within this many seconds.
     #[arg(long, default_value_t = 60)]
     pub accept_timeout_s: u64,
+    /// Mark the control connection, which carries the fault requests, DSCP
+    /// EF (socket priority 6) and the bulk connections, which carry only
+    /// their acknowledgements this way, DSCP LE (priority 1), as the source
+    /// marks its side; `off` leaves the marks alone.
+    #[arg(long, value_enum, default_value = "on")]
+    pub dscp: Switch,
     /// After switchover, how long (seconds) to wait for a source whose
     /// link broke to reconnect before giving up; 0 disables recovery.
     #[arg(long, default_value_t = 300)]

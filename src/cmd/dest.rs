@@ -12,7 +12,7 @@ use pager::vmm::{VmmGuest, VmmListener, VmmPeer};
 use pager::{PagerConfig, PagerMetrics};
 use proto::session::DestExpect;
 use proto::wire::{GuestKind, Mode};
-use transport::tcp::{TcpListen, TcpOptions};
+use transport::tcp::{Marking, TcpListen, TcpOptions};
 
 use super::args::{DestArgs, PopulateArg, VmmOnFailure, prefetch_of, read_key};
 use super::migrate::die_with_parent;
@@ -51,8 +51,12 @@ pub fn dest(args: &DestArgs) -> Result<i32> {
     let prepared_bytes = prepared.as_ref().map_or(0, |p| p.layout().len_bytes());
     let prepared = RefCell::new(prepared);
     let prepare_took = std::cell::Cell::new(None::<Duration>);
-    let listener = TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, ..TcpOptions::default() })
-        .with_context(|| format!("listening on {}", args.listen))?;
+    // Every connection is marked urgent as accepted (the first message says
+    // what it is); the bulk ones then take the bulk marks.
+    let marking = if args.dscp == super::args::Switch::On { Marking::Urgent } else { Marking::None };
+    let listener =
+        TcpListen::bind(&args.listen, TcpOptions { send_timeout: peer_timeout, marking, ..TcpOptions::default() })
+            .with_context(|| format!("listening on {}", args.listen))?;
     if args.announce {
         println!("LISTENING {}", listener.local_addr());
         std::io::stdout().flush()?;

@@ -123,6 +123,8 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             &args.migration.peer_timeout_ms.to_string(),
             "--recover-timeout",
             &args.migration.recover_timeout.to_string(),
+            "--dscp",
+            if args.migration.dscp == super::args::Switch::On { "on" } else { "off" },
         ])
         .args(args.dest.to_args())
         .args(args.transport.to_args())

@@ -318,6 +318,12 @@ pub trait Conn: Send {
         let _ = bytes_per_s;
         false
     }
+
+    /// This connection carries bulk traffic: if its packets are marked (a
+    /// listener marks what it accepts as urgent, before the first message
+    /// says which connection it is), they take the bulk marks. Nothing for
+    /// an unmarked connection, or where the transport has no marks.
+    fn mark_as_bulk(&mut self) {}
 }
 
 /// The path as a TCP sender sees it.

@@ -75,9 +75,32 @@ impl Marking {
     }
 }
 
+/// Mark `stream`'s packets (nothing for [`Marking::None`]).
+fn mark(stream: &TcpStream, marking: Marking) -> std::io::Result<()> {
+    let Some((dscp, priority)) = marking.dscp_and_priority() else {
+        return Ok(());
+    };
+    let tos = libc::c_int::from(dscp) << 2;
+    match stream.local_addr() {
+        Ok(SocketAddr::V4(_)) => set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos)?,
+        Ok(SocketAddr::V6(_)) => {
+            set_int_opt(stream.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?;
+            // An IPv4-mapped peer's packets are IPv4: they take
+            // IP_TOS (refused for a pure IPv6 socket, which is fine).
+            let _ = set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos);
+        }
+        // No address to tell the family by: left unmarked.
+        Err(_) => {}
+    }
+    // After IP_TOS, which sets a priority of its own.
+    set_int_opt(stream.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, priority)
+}
+
 /// A framed TCP connection.
 pub struct TcpConn {
     stream: TcpStream,
+    /// How its packets are marked.
+    marking: Marking,
     rb: RecvBuf,
     scratch: Vec<u8>,
     page_size: Option<PageSize>,
@@ -127,22 +150,7 @@ impl TcpConn {
             let v = libc::c_int::try_from(lowat).unwrap_or(libc::c_int::MAX);
             set_int_opt(stream.as_fd(), libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, v)?;
         }
-        if let Some((dscp, priority)) = opts.marking.dscp_and_priority() {
-            let tos = libc::c_int::from(dscp) << 2;
-            match stream.local_addr() {
-                Ok(SocketAddr::V4(_)) => set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos)?,
-                Ok(SocketAddr::V6(_)) => {
-                    set_int_opt(stream.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_TCLASS, tos)?;
-                    // An IPv4-mapped peer's packets are IPv4: they take
-                    // IP_TOS (refused for a pure IPv6 socket, which is fine).
-                    let _ = set_int_opt(stream.as_fd(), libc::IPPROTO_IP, libc::IP_TOS, tos);
-                }
-                // No address to tell the family by: left unmarked.
-                Err(_) => {}
-            }
-            // After IP_TOS, which sets a priority of its own.
-            set_int_opt(stream.as_fd(), libc::SOL_SOCKET, libc::SO_PRIORITY, priority)?;
-        }
+        mark(&stream, opts.marking)?;
         if let Some(rate) = opts.max_pacing_rate {
             let len = libc::socklen_t::try_from(std::mem::size_of::<u64>()).expect("small");
             // SAFETY: as in `set_int_opt`; the kernel reads a u64 when given 8 bytes.
@@ -161,6 +169,7 @@ impl TcpConn {
         }
         Ok(TcpConn {
             stream,
+            marking: opts.marking,
             rb: RecvBuf::new(opts.recv_buf),
             scratch: Vec::with_capacity(64 * 1024),
             page_size: None,
@@ -609,6 +618,12 @@ impl Conn for TcpConn {
         r == 0
     }
 
+    fn mark_as_bulk(&mut self) {
+        if self.marking != Marking::None && mark(&self.stream, Marking::Bulk).is_ok() {
+            self.marking = Marking::Bulk;
+        }
+    }
+
     fn bytes_received(&self) -> u64 {
         self.received
     }
@@ -741,6 +756,23 @@ mod tests {
             let fd = c.readiness();
             assert_eq!(int_opt(fd, libc::IPPROTO_IP, libc::IP_TOS), tos, "{marking:?}");
             assert_eq!(int_opt(fd, libc::SOL_SOCKET, libc::SO_PRIORITY), priority, "{marking:?}");
+        }
+    }
+
+    #[test]
+    fn a_marking_listener_marks_what_it_accepts_urgent_until_it_turns_out_bulk() {
+        for (marking, urgent, bulk) in [(Marking::Urgent, (0xb8, 6), (0x04, 1)), (Marking::None, (0, 0), (0, 0))] {
+            let l = TcpListen::bind("127.0.0.1:0", TcpOptions { marking, ..TcpOptions::default() }).unwrap();
+            let addr = l.local_addr().to_string();
+            let _c = TcpConn::connect(&addr, Duration::from_secs(5), &TcpOptions::default()).unwrap();
+            let mut a = l.accept(Instant::now() + Duration::from_secs(5)).unwrap();
+            let got = |a: &TcpConn| {
+                let fd = a.readiness();
+                (int_opt(fd, libc::IPPROTO_IP, libc::IP_TOS), int_opt(fd, libc::SOL_SOCKET, libc::SO_PRIORITY))
+            };
+            assert_eq!(got(&a), urgent, "{marking:?} as accepted");
+            a.mark_as_bulk();
+            assert_eq!(got(&a), bulk, "{marking:?} after mark_as_bulk");
         }
     }
 
