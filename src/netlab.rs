@@ -320,26 +320,27 @@ impl NetLab {
     }
 
     /// Measure the link (through a relay when it adds delay), correcting
-    /// the relay's delay once by its own overhead. Returns the median round
-    /// trip and one TCP stream's rate in Gbit/s.
-    pub fn measure(&mut self) -> Result<(Duration, f64)> {
-        let mut rtt = self.measure_rtt(true)?;
+    /// the relay's delay once by its own overhead.
+    pub fn measure(&mut self) -> Result<LinkMeasure> {
+        let mut rtt = self.measure_rtt(true, None)?;
         if let Some(target) = self.spec.rtt.filter(|d| !d.is_zero()) {
             // What the relay adds beyond the bare link should be `target`.
-            let base = self.measure_rtt(false)?;
+            let base = self.measure_rtt(false, None)?;
             let added = rtt.saturating_sub(base);
             if added > target {
                 self.one_way = self.one_way.saturating_sub((added - target) / 2);
-                rtt = self.measure_rtt(true)?;
+                rtt = self.measure_rtt(true, None)?;
             }
         }
+        let rtt_idle = self.measure_rtt(true, Some(IDLE_GAP))?;
         let gbit = self.measure_rate()?;
-        Ok((rtt, gbit))
+        Ok(LinkMeasure { rtt, rtt_idle, gbit })
     }
 
-    /// Median of 200 one-byte TCP ping-pongs from the source namespace
-    /// (through the relay if `relay`).
-    fn measure_rtt(&mut self, relay: bool) -> Result<Duration> {
+    /// Median of one-byte TCP ping-pongs from the source namespace (through
+    /// the relay if `relay`): 200 back to back, or, with a `gap` between
+    /// them, 50 (each then finds the CPUs idle, as a guest's rare fault does).
+    fn measure_rtt(&mut self, relay: bool, gap: Option<Duration>) -> Result<Duration> {
         let (port, server) = self.probe_server(true)?;
         let to = self.route(port, relay)?;
         let src = self.src_ns.clone();
@@ -348,9 +349,13 @@ impl NetLab {
             let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
             s.set_nodelay(true)?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut v = Vec::with_capacity(200);
+            let n = if gap.is_some() { 50 } else { 200 };
+            let mut v = Vec::with_capacity(n + 20);
             let mut b = [0u8; 1];
-            for _ in 0..220 {
+            for _ in 0..n + 20 {
+                if let Some(g) = gap {
+                    std::thread::sleep(g);
+                }
                 let t = Instant::now();
                 s.write_all(&b)?;
                 s.read_exact(&mut b)?;
@@ -486,6 +491,23 @@ fn shape_prio(ns: &str, dev: &str, bps: u64) -> Result<()> {
         "0xb8", "0xfc", "flowid", "1:10",
     ])
 }
+
+/// What the lab measured of its link before a run.
+#[derive(Clone, Copy, Debug)]
+pub struct LinkMeasure {
+    /// Median round trip of back-to-back small messages.
+    pub rtt: Duration,
+    /// Median round trip of small messages `IDLE_GAP` apart: on a virtual
+    /// machine each then pays the wake-ups of CPUs that went idle, as a
+    /// guest's rare fault does.
+    pub rtt_idle: Duration,
+    /// One TCP stream's rate, Gbit/s.
+    pub gbit: f64,
+}
+
+/// The gap between the idle round-trip probes (a guest faulting 100 times
+/// a second).
+const IDLE_GAP: Duration = Duration::from_millis(10);
 
 /// Chunks a relay holds per direction before it stops reading.
 const RELAY_QUEUE_BYTES: usize = 16 << 20;

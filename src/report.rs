@@ -198,6 +198,11 @@ pub struct LinkReport {
     /// Measured before the run: median TCP round trip of a small message
     /// between the two hosts, microseconds.
     pub measured_rtt_us: f64,
+    /// Measured before the run: median round trip of small messages 10 ms
+    /// apart, microseconds. Each finds the CPUs idle, as a guest's rare
+    /// fault does; inside a virtual machine it pays their wake-ups, which
+    /// back-to-back messages do not.
+    pub measured_rtt_idle_us: f64,
     /// Measured before the run: one TCP stream's rate, Gbit/s.
     pub measured_gbit: f64,
     /// A `:prio` link: bytes the source's queue served in its urgent class

@@ -183,6 +183,7 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
     // (a sleep never ends early), and tbf never lets a stream past its rate
     // by much. Loose bounds that only a broken link would miss.
     assert!(r.link.measured_rtt_us >= 150.0, "the relay adds its delay: {:?}", r.link);
+    assert!(r.link.measured_rtt_idle_us >= 150.0, "spaced probes cross the relay too: {:?}", r.link);
     assert!(r.link.measured_gbit > 0.0 && r.link.measured_gbit < 2.0, "tbf shapes the link: {:?}", r.link);
     // The push was paced below the link (TCP's own pacing: a rate cap the
     // kernel enforces, checked loosely).

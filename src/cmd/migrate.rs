@@ -91,13 +91,14 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
         ..LinkReport::default()
     };
     if let Some(lab) = &mut lab {
-        let (rtt, gbit) = lab.measure().context("measuring the lab's link")?;
-        link_report.measured_rtt_us = rtt.as_secs_f64() * 1e6;
-        link_report.measured_gbit = gbit;
+        let m = lab.measure().context("measuring the lab's link")?;
+        link_report.measured_rtt_us = m.rtt.as_secs_f64() * 1e6;
+        link_report.measured_rtt_idle_us = m.rtt_idle.as_secs_f64() * 1e6;
+        link_report.measured_gbit = m.gbit;
         if !args.quiet {
             eprintln!(
-                "postcopy: link {}: round trip {:.1} us, one TCP stream {:.2} Gbit/s (measured)",
-                args.link, link_report.measured_rtt_us, gbit
+                "postcopy: link {}: round trip {:.1} us ({:.1} us 10 ms apart), one TCP stream {:.2} Gbit/s (measured)",
+                args.link, link_report.measured_rtt_us, link_report.measured_rtt_idle_us, m.gbit
             );
         }
     }
