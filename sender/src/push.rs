@@ -89,6 +89,10 @@ const BUSY_FOR: Duration = Duration::from_millis(20);
 const SAMPLE_WINDOW: Duration = Duration::from_millis(25);
 /// How long a bandwidth maximum stands before a lower sample replaces it.
 const BW_WINDOW: Duration = Duration::from_secs(2);
+/// The slowest a stream is ever paced, bytes/s: an estimate taken while the
+/// link stalled must not hold the push near nothing (it would take seconds
+/// of 1/32 steps to grow back).
+const MIN_PACE: u64 = 1 << 20;
 
 /// Yields the bottleneck to demand replies, for every push stream at once:
 /// while the guest faults (a request was served in the last `BUSY_FOR`),
@@ -240,7 +244,7 @@ impl Governor {
         let per = match share {
             Some(s) if st.bw_max > 0 => {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-                let y = (st.bw_max as f64 * s) as u64 / streams;
+                let y = ((st.bw_max as f64 * s) as u64 / streams).max(MIN_PACE);
                 Some(self.base.map_or(y, |b| b.min(y)))
             }
             _ => self.base,
