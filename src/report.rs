@@ -141,8 +141,8 @@ pub struct PostcopyReport {
     pub paused_ms: f64,
     /// Destination: bulk connections (push streams) on the first link.
     pub push_streams: u64,
-    /// Source: how often the push governor set a pace that yields the
-    /// link to demand (0: it never yielded, or yielding is off).
+    /// Source: how often the push governor began pacing the push, to leave
+    /// the bottleneck's queue to demand (0: it never did, or yielding is off).
     pub push_yields: u64,
 }
 

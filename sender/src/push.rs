@@ -24,7 +24,7 @@ use crate::metrics::SenderMetrics;
 pub(crate) const NO_HINT: u64 = u64::MAX;
 
 /// Where the demand server wants each push stream to restart, and a count
-/// of requests served (each stream's governor sees the guest faulting).
+/// of requests served (the push governor sees the guest faulting).
 /// With several streams (`--push-streams`) each pushes its own stripe of
 /// the pages, and a hint goes to the stripe it falls in.
 pub(crate) struct Hints {
@@ -89,9 +89,9 @@ const BUSY_FOR: Duration = Duration::from_millis(20);
 const SAMPLE_WINDOW: Duration = Duration::from_millis(25);
 /// How long a bandwidth maximum stands before a lower sample replaces it.
 const BW_WINDOW: Duration = Duration::from_secs(2);
-/// The slowest a stream is ever paced, bytes/s: an estimate taken while the
-/// link stalled must not hold the push near nothing (it would take seconds
-/// of 1/32 steps to grow back).
+/// The slowest the push is ever paced (all streams together), bytes/s: an
+/// estimate taken while the link stalled must not hold it near nothing (it
+/// would take seconds of 1/32 steps to grow back).
 const MIN_PACE: u64 = 1 << 20;
 
 /// Yields the bottleneck to demand replies, for every push stream at once:
@@ -158,7 +158,9 @@ impl Governor {
     /// A governor over `streams` connections.
     pub(crate) fn new(share: f64, base: Option<u64>, streams: usize) -> Arc<Governor> {
         let now = Instant::now();
-        let lanes = vec![LaneSample { pushing: true, ..LaneSample::default() }; streams.max(1)];
+        // A stream counts from its first tick: stream 0 scans for zero pages
+        // first, and the others must not wait for it to be paced.
+        let lanes = vec![LaneSample::default(); streams.max(1)];
         Arc::new(Governor {
             share,
             base,
@@ -181,7 +183,8 @@ impl Governor {
 
     /// A demand request was served.
     fn demand(&self, now: Instant) {
-        self.state.lock().last_demand = Some(now);
+        let mut st = self.state.lock();
+        st.last_demand = st.last_demand.max(Some(now));
     }
 
     /// Correct the estimate from what the streams last measured (false:
@@ -195,17 +198,18 @@ impl Governor {
         // The streams cross the same queue: their mean round trip is its
         // delay (the largest of several noisy ones would read queueing
         // into noise), the smallest minimum the path's.
-        let (mut rate, mut rtt_sum, mut min, mut n) = (0u64, 0u64, u32::MAX, 0u64);
+        // (TCP reports ~0 as the minimum before its first sample.)
+        let (mut rate, mut rtt_sum, mut min, mut n) = (0u64, 0u64, u64::MAX, 0u64);
         for l in st.lanes.iter().filter(|l| l.pushing) {
             rate += l.rate.unwrap_or(0);
             rtt_sum += u64::from(l.rtt_us);
-            min = min.min(l.min_rtt_us);
+            min = min.min(u64::from(l.min_rtt_us));
             n += 1;
         }
-        if n == 0 {
+        if n == 0 || min >= u64::from(u32::MAX) {
             return false;
         }
-        let rtt = u32::try_from(rtt_sum / n).unwrap_or(u32::MAX);
+        let rtt = rtt_sum / n;
         let busy = st.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
         tracing::trace!(rate, rtt, min, bw = st.bw_max, total = ?st.total, busy, "push governor");
         match st.total {
@@ -233,7 +237,8 @@ impl Governor {
         true
     }
 
-    /// The pace for each stream now, and whether that is yielding.
+    /// The pace for each stream now (counting each time the push starts
+    /// being paced).
     fn want(&self, st: &mut GovState, now: Instant, metrics: &SenderMetrics) -> Option<u64> {
         let busy = st.last_demand.is_some_and(|t| now.duration_since(t) < BUSY_FOR);
         // Idle after the guest has faulted once, the push runs at the whole
@@ -244,18 +249,16 @@ impl Governor {
         let per = match share {
             Some(s) if st.bw_max > 0 => {
                 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, clippy::cast_precision_loss)]
-                let y = ((st.bw_max as f64 * s) as u64 / streams).max(MIN_PACE);
+                let y = ((st.bw_max as f64 * s) as u64).max(MIN_PACE) / streams;
                 Some(self.base.map_or(y, |b| b.min(y)))
             }
             _ => self.base,
         };
         let total = if per == self.base { None } else { per.map(|p| p * streams) };
-        if total != st.total {
-            if total.is_some() {
-                SenderMetrics::add(&metrics.push_yields, 1);
-            }
-            st.total = total;
+        if st.total.is_none() && total.is_some() {
+            SenderMetrics::add(&metrics.push_yields, 1);
         }
+        st.total = total;
         per
     }
 }
@@ -286,6 +289,7 @@ impl Lane {
         }
         let want = {
             let mut st = self.gov.state.lock();
+            st.lanes[self.index].pushing = true;
             if let Some(s) = sample {
                 st.lanes[self.index] = s;
                 if st.decided.is_none_or(|t| now.duration_since(t) >= SAMPLE_WINDOW) && self.gov.decide(&mut st, now) {
@@ -578,5 +582,48 @@ mod tests {
         drop(b);
         a.tick(&mut pa, ms(153), &m);
         assert_eq!(pa.pace, Some(before * 2));
+    }
+
+    #[test]
+    fn the_governor_decides_on_every_pushing_stream_and_only_those() {
+        let m = SenderMetrics::default();
+        let path = || Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Both streams push, only one has measured: no estimate yet (one
+        // stream's 80 MB/s is not the path's), so a fault does not pace.
+        let gov = Governor::new(0.75, None, 2);
+        let (mut a, mut b) = (gov.lane(0), gov.lane(1));
+        let (mut pa, mut pb) = (path(), path());
+        a.tick(&mut pa, ms(0), &m);
+        b.tick(&mut pb, ms(0), &m);
+        pa.advance(2_000_000, 100);
+        a.tick(&mut pa, ms(25), &m);
+        a.demand(ms(26));
+        a.tick(&mut pa, ms(26), &m);
+        assert_eq!(pa.pace, None, "paced on one stream's share of the path");
+        // A stream that has not started (stream 0 scans for zero pages
+        // first) holds nothing up: the one pushing is paced on its own.
+        let gov = Governor::new(0.75, None, 2);
+        let mut a = gov.lane(0);
+        let _b = gov.lane(1);
+        let mut pa = path();
+        a.tick(&mut pa, ms(0), &m);
+        pa.advance(2_000_000, 100);
+        a.tick(&mut pa, ms(25), &m);
+        a.demand(ms(26));
+        a.tick(&mut pa, ms(26), &m);
+        assert_eq!(pa.pace, Some(60_000_000));
+        // An estimate taken while the link all but stalled (40 KB/s) does
+        // not pace the push below the floor.
+        let gov = Governor::new(0.75, None, 1);
+        let mut a = gov.lane(0);
+        let mut pa = path();
+        a.tick(&mut pa, ms(0), &m);
+        pa.advance(1_000, 100);
+        a.tick(&mut pa, ms(25), &m);
+        a.demand(ms(26));
+        a.tick(&mut pa, ms(26), &m);
+        assert_eq!(pa.pace, Some(MIN_PACE));
     }
 }
