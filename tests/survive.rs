@@ -49,6 +49,11 @@ struct Run {
 }
 
 fn migrate_through(name: &str, guest: &str, mode: &str, rules: Vec<Rule>) -> (Run, u64) {
+    migrate_through_with(name, guest, mode, rules, &[])
+}
+
+/// As [`migrate_through`], the source taking `extra` options too.
+fn migrate_through_with(name: &str, guest: &str, mode: &str, rules: Vec<Rule>, extra: &[&str]) -> (Run, u64) {
     let d = scratch(name);
     let (dest_report, src_report) = (d.join("dest.json"), d.join("src.json"));
     let (dest, addr) = spawn_dest(&dest_report);
@@ -58,7 +63,9 @@ fn migrate_through(name: &str, guest: &str, mode: &str, rules: Vec<Rule>) -> (Ru
         .args(["--mode", mode, "--push-run", "64"])
         .args(if mode == "hybrid" { &["--postcopy-after", "1"][..] } else { &[] })
         .args(["--peer-timeout-ms", "1000", "--recover-timeout", "30"])
-        .args(["--run-before-ms", "200", "--run-after-ms", "300", "--report"])
+        .args(["--run-before-ms", "200", "--run-after-ms", "300"])
+        .args(extra)
+        .arg("--report")
         .arg(&src_report)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -204,4 +211,25 @@ fn hybrid_survives_a_cut_during_switchover_and_the_push() {
         vec![r(Dir::ToDest, PAGES, PUSH, 30, true, Action::Reset)],
     );
     assert_recovered("hybrid push cut", &run, fired, 1);
+}
+
+/// With several push streams a reset mid-push cuts every connection; the
+/// sides reconnect (with one stream, as after any broken link) and every
+/// page still arrives.
+#[test]
+fn several_push_streams_survive_resets_mid_push() {
+    let _g = SERIAL.lock();
+    let r = |dir, tag, kind, nth, after, action| Rule { dir, tag, kind, nth, after, action };
+    let (run, fired) = migrate_through_with(
+        "streams_push_cut",
+        "workload",
+        "postcopy",
+        vec![
+            r(Dir::ToDest, PAGES, PUSH, 40, true, Action::Reset),
+            r(Dir::ToDest, PAGES, PUSH, 300, true, Action::Reset),
+        ],
+        &["--push-streams", "3"],
+    );
+    assert_recovered("streams push cut", &run, fired, 2);
+    assert_eq!(run.dest.postcopy.push_streams, 3, "the first link carried three streams");
 }
