@@ -61,6 +61,9 @@ const ROWS: &[Row] = &[
     ("link", |r| if r.link.name.is_empty() { "loopback".into() } else { r.link.name.clone() }),
     ("push paced to Gbit/s", |r| if r.push_rate_gbit > 0.0 { f1(r.push_rate_gbit) } else { "-".into() }),
     ("link rtt us (measured)", |r| if r.link.measured_rtt_us > 0.0 { f1(r.link.measured_rtt_us) } else { "-".into() }),
+    ("link rtt us, probes 10 ms apart", |r| {
+        if r.link.measured_rtt_idle_us > 0.0 { f1(r.link.measured_rtt_idle_us) } else { "-".into() }
+    }),
     ("total ms", |r| f1(r.total_time_ms)),
     ("postcopy ms", |r| f1(r.postcopy.time_ms)),
     ("downtime ms", |r| format!("{:.2}", r.downtime_ms)),

@@ -282,6 +282,7 @@ const METRICS: &[Metric] = &[
     ("push_gbps", |r| r.postcopy.push_gbps),
     ("gb_transferred", |r| r.bytes_transferred as f64 / 1e9),
     ("link_rtt_us", |r| r.link.measured_rtt_us),
+    ("link_rtt_idle_us", |r| r.link.measured_rtt_idle_us),
 ];
 
 /// The summary's Markdown columns (a subset of [`METRICS`]).
