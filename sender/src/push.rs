@@ -103,9 +103,10 @@ const MIN_PACE: u64 = 1 << 20;
 /// whole estimate (before it, at the configured rate). While paced, round
 /// trips well above the path's minimum (queueing, on any stream) lower the
 /// estimate by a sixteenth, and deliveries that keep up with the pace
-/// without queueing raise it by a thirty-second, so an estimate taken too
-/// early (slow start, a burst) neither holds the push down nor lets it fill
-/// the queue for good.
+/// without queueing raise it (by a thirty-second up to what the path took
+/// unpaced, by a 128th past it), so an estimate taken too early (slow
+/// start, a burst) neither holds the push down nor lets it fill the queue
+/// for good.
 ///
 /// One governor for all streams, not one each: streams that share a
 /// bottleneck each measure only their share of it, and a stream that
@@ -230,7 +231,12 @@ impl Governor {
                 if rtt > 2 * min + 100 {
                     st.bw_max = (st.bw_max - st.bw_max / 16).max(st.bw_ref / 4);
                 } else if rate >= pace - pace / 10 && rtt <= clear {
-                    st.bw_max += (st.bw_max / 32).max(st.bw_ref / 64);
+                    // Back to what the path took unpaced in big steps (a
+                    // queue that came and went lowered it), past it in
+                    // small ones: the pace climbs to the link and a step
+                    // past it builds a queue for a whole window.
+                    let step = if st.bw_max < st.bw_ref { st.bw_max / 32 } else { st.bw_max / 128 };
+                    st.bw_max += step.max(st.bw_ref / 256);
                 }
             }
         }
@@ -625,5 +631,28 @@ mod tests {
         a.demand(ms(26));
         a.tick(&mut pa, ms(26), &m);
         assert_eq!(pa.pace, Some(MIN_PACE));
+    }
+
+    #[test]
+    fn past_what_the_path_took_unpaced_the_estimate_grows_in_small_steps() {
+        let m = SenderMetrics::default();
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut g = Governor::new(0.75, None, 1).lane(0);
+        let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
+        // Unpaced: 100 MB/s.
+        for i in 0..=4 {
+            p.advance(2_500_000, 100);
+            g.tick(&mut p, ms(25 * i), &m);
+        }
+        g.demand(ms(101));
+        g.tick(&mut p, ms(101), &m);
+        assert_eq!(p.pace, Some(75_000_000));
+        // Keeping up without queueing, the guest idle again: the estimate
+        // grows by a 128th (a 32nd would put the pace 3 % past the link
+        // for a whole window), and the push runs at all of it.
+        p.advance(2_500_000, 100);
+        g.tick(&mut p, ms(130), &m);
+        assert_eq!(p.pace, Some(100_000_000 + 100_000_000 / 128));
     }
 }
