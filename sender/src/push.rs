@@ -123,7 +123,7 @@ pub(crate) struct Governor {
 struct GovState {
     bw_max: u64,
     /// The estimate as last measured unpaced: the paced estimate never
-    /// falls below a quarter of it, and grows by at least a 64th of it, so
+    /// falls below a quarter of it, and grows by at least a 256th of it, so
     /// round trips that stay high for reasons of their own (cross traffic,
     /// a busy CPU) cannot walk it down to nothing.
     bw_ref: u64,
