@@ -2,7 +2,7 @@
 //! peer sends makes it allocate more than it was told to accept, an
 //! unauthenticated hello allocates nothing, a peer that leaves while memory
 //! is prepared stops that work, and a migration that cannot fit on this host
-//! says so before allocating.
+//! says so before allocating; what it accepts carries its DSCP marks.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -200,4 +200,40 @@ fn a_slow_preparation_keeps_the_source_waiting_with_keepalives() {
     assert_eq!(o.report.accepted.layout.n_pages(), 4096);
     drop(o.guest.finish());
     drop(src_guest.into_workload().stop());
+}
+
+/// The TOS byte `ss` reports for the destination's end of the connection
+/// `client` holds to it (its local port is the destination's peer port).
+fn dest_side_tos(client: &TcpStream) -> Option<u8> {
+    let port = client.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args(["-tnH", "--tos", "state", "established", "dport", "=", &format!(":{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // `tos:0xb8`, or `tos:0` unmarked.
+    let tos = text.split_whitespace().find_map(|w| w.strip_prefix("tos:"))?;
+    u8::from_str_radix(tos.trim_start_matches("0x"), 16).ok()
+}
+
+/// The destination marks the connection fault requests leave on DSCP EF
+/// (the TOS byte 0xb8) as it accepts it, and leaves it alone with `--dscp
+/// off`: read off the destination's own socket with `ss`.
+#[test]
+fn the_destination_marks_its_control_connection_unless_told_not_to() {
+    if std::process::Command::new("ss").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: no ss command (iproute2) to read socket marks with");
+        return;
+    }
+    for (dscp, want) in [("on", 0xb8), ("off", 0)] {
+        let (mut dest, addr) = spawn_dest(&["--dscp", dscp]);
+        let mut s = TcpStream::connect(&addr).unwrap();
+        // Once the server hello arrives the destination holds the socket.
+        let mut server_hello = [0u8; 36];
+        s.read_exact(&mut server_hello).unwrap();
+        let tos = dest_side_tos(&s);
+        let _ = dest.kill();
+        let _ = dest.wait();
+        assert_eq!(tos, Some(want), "--dscp {dscp}");
+    }
 }
