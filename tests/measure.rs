@@ -156,13 +156,34 @@ fn netns_available() -> Result<(), String> {
     Ok(())
 }
 
-#[test]
-fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
+/// The lab tests one at a time, or `None` (said) where namespaces cannot
+/// be made.
+fn lab_ready() -> Option<parking_lot::MutexGuard<'static, ()>> {
     if let Err(why) = netns_available() {
         eprintln!("SKIPPED: network namespaces cannot be created here: {why}");
-        return;
+        return None;
     }
-    let _g = SERIAL.lock();
+    Some(SERIAL.lock())
+}
+
+/// A 64 MiB migration across the lab with `args`, which must end clean;
+/// its report.
+fn lab_migrate(report: &Path, args: &[&str]) -> Report {
+    let mut c = bin();
+    c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "100", "--run-after-ms", "100"])
+        .args(args)
+        .arg("--report")
+        .arg(report);
+    let out = run_limited(c, Duration::from_secs(120));
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let r = Report::read(report).unwrap();
+    assert!(r.clean(), "{args:?}: {:?} {:?}", r.error, r.guest.problems);
+    r
+}
+
+#[test]
+fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
+    let Some(_g) = lab_ready() else { return };
     let d = scratch("netns");
     let report = d.join("veth.json");
     let mut c = bin();
@@ -277,22 +298,10 @@ fn two_host_lab_shapes_delays_carries_a_migration_and_cleans_up() {
 /// crosses the urgent class; with them off, nothing does.
 #[test]
 fn marked_demand_crosses_the_urgent_class_of_a_prio_link() {
-    if let Err(why) = netns_available() {
-        eprintln!("SKIPPED: network namespaces cannot be created here: {why}");
-        return;
-    }
-    let _g = SERIAL.lock();
+    let Some(_g) = lab_ready() else { return };
     let d = scratch("prio");
     for dscp in ["on", "off"] {
-        let report = d.join(format!("{dscp}.json"));
-        let mut c = bin();
-        c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "100", "--run-after-ms", "100"])
-            .args(["--link", "veth:1gbit:100us:prio", "--dscp", dscp, "--report"])
-            .arg(&report);
-        let out = run_limited(c, Duration::from_secs(120));
-        assert!(out.status.success(), "{dscp}: {}", String::from_utf8_lossy(&out.stderr));
-        let r = Report::read(&report).unwrap();
-        assert!(r.clean(), "{dscp}: {:?} {:?}", r.error, r.guest.problems);
+        let r = lab_migrate(&d.join(format!("{dscp}.json")), &["--link", "veth:1gbit:100us:prio", "--dscp", dscp]);
         let urgent = r.link.urgent_bytes.expect("a prio link counts its urgent class");
         if dscp == "on" {
             assert!(r.postcopy.pages_demand > 0, "the guest faulted");
@@ -314,21 +323,12 @@ fn marked_demand_crosses_the_urgent_class_of_a_prio_link() {
 /// arrives, and nothing has to be asked for again.
 #[test]
 fn several_push_streams_yield_a_shaped_link_together() {
-    if let Err(why) = netns_available() {
-        eprintln!("SKIPPED: network namespaces cannot be created here: {why}");
-        return;
-    }
-    let _g = SERIAL.lock();
+    let Some(_g) = lab_ready() else { return };
     let d = scratch("streams");
-    let report = d.join("streams.json");
-    let mut c = bin();
-    c.args(["migrate", "--quiet", "--mem", "64M", "--run-before-ms", "100", "--run-after-ms", "100"])
-        .args(["--link", "veth:1gbit:100us", "--push-streams", "3", "--access-rate", "2000", "--report"])
-        .arg(&report);
-    let out = run_limited(c, Duration::from_secs(120));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let r = Report::read(&report).unwrap();
-    assert!(r.clean(), "{:?} {:?}", r.error, r.guest.problems);
+    let r = lab_migrate(
+        &d.join("streams.json"),
+        &["--link", "veth:1gbit:100us", "--push-streams", "3", "--access-rate", "2000"],
+    );
     assert_eq!(r.postcopy.push_streams, 3);
     let p = &r.postcopy;
     assert!(p.faults > 0, "the guest faulted");
