@@ -105,9 +105,13 @@ fn assert_recovered(name: &str, r: &Run, fired: u64, at_least: u64) {
     assert!(r.dest.postcopy.paused_ms > 0.0 && r.src.postcopy.paused_ms > 0.0, "{name}");
 }
 
+/// A relay rule, positionally.
+fn r(dir: Dir, tag: u8, kind: Option<u8>, nth: u64, after: bool, action: Action) -> Rule {
+    Rule { dir, tag, kind, nth, after, action }
+}
+
 /// Cuts after switchover, each in a place of its own.
 fn post_switchover_cases() -> Vec<(&'static str, Vec<Rule>, u64)> {
-    let r = |dir, tag, kind, nth, after, action| Rule { dir, tag, kind, nth, after, action };
     vec![
         (
             // The switchover reaches the destination, the link dies before the
@@ -175,7 +179,6 @@ fn vm_guest_survives_cuts_after_switchover() {
 #[test]
 fn hybrid_survives_a_cut_during_switchover_and_the_push() {
     let _g = SERIAL.lock();
-    let r = |dir, tag, kind, nth, after, action| Rule { dir, tag, kind, nth, after, action };
     // The Switchover frame is lost with the link (reset before it is
     // forwarded): the destination holds the guest state, not the switchover;
     // the source is in doubt, asks, is told "not switched", and resumes the
@@ -219,7 +222,6 @@ fn hybrid_survives_a_cut_during_switchover_and_the_push() {
 #[test]
 fn several_push_streams_survive_resets_mid_push() {
     let _g = SERIAL.lock();
-    let r = |dir, tag, kind, nth, after, action| Rule { dir, tag, kind, nth, after, action };
     let (run, fired) = migrate_through_with(
         "streams_push_cut",
         "workload",
