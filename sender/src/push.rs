@@ -429,6 +429,11 @@ mod tests {
     }
 
     impl Path {
+        /// A path of 100 us round trips, nothing acknowledged yet, unpaced.
+        fn new() -> Path {
+            Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None }
+        }
+
         fn advance(&mut self, bytes: u64, rtt_us: u32) {
             self.info.bytes_acked += bytes;
             self.info.rtt_us = rtt_us;
@@ -487,7 +492,7 @@ mod tests {
     fn the_push_yields_while_the_guest_faults_and_tracks_the_path() {
         let m = SenderMetrics::default();
         let mut g = Governor::new(0.75, None, 1).lane(0);
-        let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
+        let mut p = Path::new();
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // Idle: unpaced, measuring 100 MB/s (2.5 MB per 25 ms).
@@ -530,7 +535,7 @@ mod tests {
         assert!(p.pace.unwrap() >= 25_000_000, "{:?}", p.pace);
         // Never faster than the configured rate.
         let mut g = Governor::new(0.75, Some(10_000_000), 1).lane(0);
-        let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: Some(10_000_000) };
+        let mut p = Path { pace: Some(10_000_000), ..Path::new() };
         for i in 0..=2 {
             p.advance(2_500_000, 100);
             g.tick(&mut p, ms(25 * i), &m);
@@ -551,8 +556,7 @@ mod tests {
         let m = SenderMetrics::default();
         let gov = Governor::new(0.75, None, 2);
         let (mut a, mut b) = (gov.lane(0), gov.lane(1));
-        let path = || Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
-        let (mut pa, mut pb) = (path(), path());
+        let (mut pa, mut pb) = (Path::new(), Path::new());
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // Unpaced, the link split unevenly: 80 and 20 MB/s (2 and 0.5 MB
@@ -593,14 +597,13 @@ mod tests {
     #[test]
     fn the_governor_decides_on_every_pushing_stream_and_only_those() {
         let m = SenderMetrics::default();
-        let path = || Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         // Both streams push, only one has measured: no estimate yet (one
         // stream's 80 MB/s is not the path's), so a fault does not pace.
         let gov = Governor::new(0.75, None, 2);
         let (mut a, mut b) = (gov.lane(0), gov.lane(1));
-        let (mut pa, mut pb) = (path(), path());
+        let (mut pa, mut pb) = (Path::new(), Path::new());
         a.tick(&mut pa, ms(0), &m);
         b.tick(&mut pb, ms(0), &m);
         pa.advance(2_000_000, 100);
@@ -613,7 +616,7 @@ mod tests {
         let gov = Governor::new(0.75, None, 2);
         let mut a = gov.lane(0);
         let _b = gov.lane(1);
-        let mut pa = path();
+        let mut pa = Path::new();
         a.tick(&mut pa, ms(0), &m);
         pa.advance(2_000_000, 100);
         a.tick(&mut pa, ms(25), &m);
@@ -624,7 +627,7 @@ mod tests {
         // not pace the push below the floor.
         let gov = Governor::new(0.75, None, 1);
         let mut a = gov.lane(0);
-        let mut pa = path();
+        let mut pa = Path::new();
         a.tick(&mut pa, ms(0), &m);
         pa.advance(1_000, 100);
         a.tick(&mut pa, ms(25), &m);
@@ -639,7 +642,7 @@ mod tests {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut g = Governor::new(0.75, None, 1).lane(0);
-        let mut p = Path { info: PathInfo { rtt_us: 100, min_rtt_us: 100, bytes_acked: 0 }, pace: None };
+        let mut p = Path::new();
         // Unpaced: 100 MB/s.
         for i in 0..=4 {
             p.advance(2_500_000, 100);
