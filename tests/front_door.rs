@@ -34,11 +34,17 @@ fn hello(len_bytes: u64) -> Vec<u8> {
     .to_frame()
 }
 
-/// Connect, read the server hello, send `hello`; returns the stream.
-fn say_hello(addr: &str, hello: &[u8]) -> TcpStream {
+/// Connect and read the server hello; returns the stream.
+fn greeted(addr: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();
     let mut server_hello = [0u8; 36];
     s.read_exact(&mut server_hello).unwrap();
+    s
+}
+
+/// Connect, read the server hello, send `hello`; returns the stream.
+fn say_hello(addr: &str, hello: &[u8]) -> TcpStream {
+    let mut s = greeted(addr);
     s.write_all(hello).unwrap();
     s
 }
@@ -227,10 +233,8 @@ fn the_destination_marks_its_control_connection_unless_told_not_to() {
     }
     for (dscp, want) in [("on", 0xb8), ("off", 0)] {
         let (mut dest, addr) = spawn_dest(&["--dscp", dscp]);
-        let mut s = TcpStream::connect(&addr).unwrap();
         // Once the server hello arrives the destination holds the socket.
-        let mut server_hello = [0u8; 36];
-        s.read_exact(&mut server_hello).unwrap();
+        let s = greeted(&addr);
         let tos = dest_side_tos(&s);
         let _ = dest.kill();
         let _ = dest.wait();

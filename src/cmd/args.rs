@@ -732,7 +732,7 @@ impl GuestOpts {
 }
 
 /// The command-line spelling of a value-enum value.
-fn name_of(v: &impl ValueEnum) -> String {
+pub(crate) fn name_of(v: &impl ValueEnum) -> String {
     v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
 }
 

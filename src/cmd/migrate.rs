@@ -124,9 +124,8 @@ pub fn migrate(args: &MigrateArgs) -> Result<i32> {
             &args.migration.peer_timeout_ms.to_string(),
             "--recover-timeout",
             &args.migration.recover_timeout.to_string(),
-            "--dscp",
-            if args.migration.dscp == super::args::Switch::On { "on" } else { "off" },
         ])
+        .args(["--dscp".to_string(), super::args::name_of(&args.migration.dscp)])
         .args(args.dest.to_args())
         .args(args.transport.to_args())
         .args(if args.no_prepare { Vec::new() } else { args.guest.prepare_args() })
